@@ -1,0 +1,187 @@
+"""Channel analysis: values forward, coupling groups, liveness backward -> a removal plan.
+
+One forward sweep applies each node's rule (``rules.lookup``): the rule returns the
+node's :class:`ChanInfo`, couples channel ids that must share a fate (residual add,
+BatchNorm, grouped conv), records weighted reads (``read``) and freezes channels it
+cannot follow (``freeze``). Then :meth:`Analysis.plan` decides, per coupling group:
+
+* **unused**: no kept reader reads any member with a non-zero weight -> delete;
+* **constant**: every member position is ``const`` -> fold into readers, delete;
+* otherwise, or when frozen (graph outputs, ops without a rule) -> keep.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import fx
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from .coupling import Groups
+from .errors import UnsupportedOpError
+from .rules import lookup
+from .trace import fetch_attr
+from .values import META_KEY, ChanInfo
+
+__all__ = ["Analysis", "Plan"]
+
+
+@dataclass
+class Plan:
+    """What to delete: ``removed[root]`` per channel-group root, with the reason per root."""
+
+    root_of: np.ndarray
+    removed: np.ndarray
+    unused: np.ndarray
+    frozen_nodes: list[str] = field(default_factory=list)
+
+    def removed_at(self, info: Optional[ChanInfo]) -> np.ndarray:
+        """Bool mask of removed positions of ``info`` (all False for an untracked tensor)."""
+        if info is None:
+            return np.zeros(0, bool)
+        return self.removed[self.root_of[info.ids]]
+
+    def keep(self, info: ChanInfo) -> np.ndarray:
+        return ~self.removed_at(info)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.removed.any())
+
+
+class Analysis:
+    """State shared by the rules during the forward sweep (see module docstring)."""
+
+    def __init__(self, gm: fx.GraphModule, strict: bool = False, drop_inputs: bool = True):
+        self.gm, self.strict, self.drop_inputs = gm, strict, drop_inputs
+        self.groups = Groups()
+        self.edges: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.unknown: list[str] = []
+        self._probe_cache: dict[str, Any] = {}
+
+    # ---- queries used by rules -------------------------------------------------------------
+    @staticmethod
+    def info(a: Any) -> Optional[ChanInfo]:
+        return a.meta.get(META_KEY) if isinstance(a, fx.Node) else None
+
+    @staticmethod
+    def shape(a: Any) -> Optional[tuple[int, ...]]:
+        tm = a.meta.get("tensor_meta") if isinstance(a, fx.Node) else None
+        return tuple(int(s) for s in tm.shape) if isinstance(tm, TensorMetadata) else None
+
+    def tensor(self, a: Any) -> Optional[torch.Tensor]:
+        """The constant tensor behind a ``get_attr`` node (None for anything computed)."""
+        if isinstance(a, fx.Node) and a.op == "get_attr":
+            t = fetch_attr(self.gm, a.target)
+            return t.detach() if isinstance(t, torch.Tensor) else None
+        return None
+
+    def module(self, node: fx.Node) -> torch.nn.Module:
+        return self.gm.get_submodule(node.target)
+
+    # ---- facts recorded by rules -----------------------------------------------------------
+    def fresh(self, n: int) -> np.ndarray:
+        return self.groups.fresh(n)
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.groups.union(a, b)
+
+    def freeze(self, *items: Any) -> None:
+        """Keep every channel of the given infos / nodes (nested lists allowed)."""
+        for it in items:
+            if isinstance(it, ChanInfo):
+                self.groups.freeze(it.ids)
+            elif isinstance(it, fx.Node):
+                if it.meta.get(META_KEY) is not None:
+                    self.groups.freeze(it.meta[META_KEY].ids)
+            elif isinstance(it, (list, tuple)):
+                self.freeze(*it)
+            elif isinstance(it, dict):
+                self.freeze(*it.values())
+
+    def read(self, src: ChanInfo, out_ids: np.ndarray, nz: np.ndarray) -> None:
+        """A weighted op reads ``src``; ``nz[o, i]``: output position o reads input position i."""
+        self.edges.append((src.ids, out_ids, np.asarray(nz, bool)))
+
+    def evaluate(self, node: fx.Node, replace: dict[fx.Node, Any]) -> Optional[torch.Tensor]:
+        """Run ``node``'s own op on probe values (float64): the op's meaning is its value rule.
+
+        ``replace`` maps argument nodes to probes; other ``get_attr`` args are fetched. Returns
+        None when some argument is neither (a computed tensor): the caller must treat it dynamic.
+        """
+
+        def sub(a: Any) -> Any:
+            if a in replace:
+                return replace[a]
+            t = self.tensor(a)
+            if t is None:
+                raise LookupError
+            return t.double() if t.is_floating_point() else t
+
+        try:
+            args = fx.node.map_aggregate(node.args, lambda a: sub(a) if isinstance(a, fx.Node) else a)
+            kwargs = fx.node.map_aggregate(node.kwargs, lambda a: sub(a) if isinstance(a, fx.Node) else a)
+            with torch.no_grad():
+                if node.op == "call_function":
+                    out = node.target(*args, **kwargs)
+                elif node.op == "call_method":
+                    out = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:
+                    out = self._probe_module(node)(*args, **kwargs)
+        except LookupError:
+            return None
+        return out if isinstance(out, torch.Tensor) else None
+
+    def _probe_module(self, node: fx.Node) -> torch.nn.Module:
+        if node.target not in self._probe_cache:
+            import copy
+
+            self._probe_cache[node.target] = copy.deepcopy(self.module(node)).double().eval()
+        return self._probe_cache[node.target]
+
+    # ---- the sweep ---------------------------------------------------------------------------
+    def run(self) -> "Analysis":
+        for node in self.gm.graph.nodes:
+            found = lookup(node, self.gm)
+            if found is None:
+                if self.strict:
+                    raise UnsupportedOpError(
+                        f"no sqr_fx rule for node {node.format_node()} (target {node.target!r}); "
+                        "add one in sqr_fx/rules/ or pass strict=False to keep its channels"
+                    )
+                self.unknown.append(node.name)
+                self.freeze(list(node.args), dict(node.kwargs))
+                out = None
+            else:
+                r, args = found
+                try:
+                    out = r.analyze(node, self, args)
+                except Exception as e:  # noqa: BLE001 - re-raise with the node named
+                    raise type(e)(f"{e}\n  while analysing node {node.format_node()} (rule {r.family!r})") from e
+            node.meta[META_KEY] = out
+        return self
+
+    def plan(self) -> Plan:
+        root_of, frozen = self.groups.resolve()
+        n = len(root_of)
+        nonconst = np.zeros(n, bool)
+        for node in self.gm.graph.nodes:
+            i = node.meta.get(META_KEY)
+            if i is not None:
+                nonconst[root_of[i.ids[~i.const]]] = True
+        used = frozen.copy()
+        changed = True
+        while changed:  # backward liveness over weighted reads, to a fixpoint
+            changed = False
+            for src, out_ids, nz in self.edges:
+                live_rows = used[root_of[out_ids]]
+                if not live_rows.any():
+                    continue
+                read_roots = root_of[src[nz[live_rows].any(0)]]
+                if not used[read_roots].all():
+                    used[read_roots] = True
+                    changed = True
+        removed = ~frozen & (~used | ~nonconst)
+        return Plan(root_of, removed, ~used, list(self.unknown))

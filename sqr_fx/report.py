@@ -1,0 +1,73 @@
+"""The per-layer report of a minimize run: what was removed, why, and what it saved."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["LayerRow", "MinimizeReport"]
+
+
+@dataclass
+class LayerRow:
+    """One weighted layer (Linear / Conv), named by its weight's attribute path."""
+
+    name: str
+    op: str
+    shape_before: tuple[int, ...]
+    shape_after: tuple[int, ...] = ()
+    out_unused: int = 0
+    out_const: int = 0
+    in_unused: int = 0
+    in_const: int = 0
+    params_before: int = 0
+    params_after: int = 0
+
+
+@dataclass
+class MinimizeReport:
+    """Returned as ``result.sqr_report``; ``print(report)`` shows the per-layer table."""
+
+    frontend: str
+    rows: list[LayerRow] = field(default_factory=list)
+    rounds: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    floats_before: int = 0
+    floats_after: int = 0
+    input_features_dropped: int = 0
+    frozen_ops: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        """Deployable-size ratio (stored floats before / after)."""
+        return self.floats_before / max(self.floats_after, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ratio"] = self.ratio
+        return d
+
+    def __str__(self) -> str:
+        head = ("layer", "op", "weight before", "weight after", "out unused", "out const", "in unused",
+                "in const", "params before", "params after")
+        body = [
+            (r.name, r.op, "x".join(map(str, r.shape_before)), "x".join(map(str, r.shape_after)) or "-",
+             r.out_unused, r.out_const, r.in_unused, r.in_const, r.params_before, r.params_after)
+            for r in self.rows
+        ]
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *body)] if body else [len(h) for h in head]
+        fmt = lambda row: "  ".join(str(x).rjust(w) if i > 1 else str(x).ljust(w)  # noqa: E731
+                                    for i, (x, w) in enumerate(zip(row, widths)))
+        lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]
+        lines.append(
+            f"traced with {self.frontend}; {self.rounds} round(s) to the fixpoint in {self.seconds:.2f} s; "
+            f"parameters {self.params_before:,} -> {self.params_after:,}; stored floats "
+            f"{self.floats_before:,} -> {self.floats_after:,} ({self.ratio:.2f}x smaller)"
+        )
+        if self.input_features_dropped:
+            lines.append(f"{self.input_features_dropped} input feature(s) never read: gathered away inside the graph")
+        if self.frozen_ops:
+            shown = ", ".join(self.frozen_ops[:8]) + (" ..." if len(self.frozen_ops) > 8 else "")
+            lines.append(f"ops without a rule (their channels kept): {shown}")
+        return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""Apply a removal plan: build a NEW graph and a new root module, never touching the input.
+
+The rewrite walks the old graph in order with an old-node -> new-node map (``env``).
+A node whose rule has a ``rewrite`` emits its replacement (sliced weights, folded
+constants, rewritten sizes); every other node is copied as is, which is exact because
+its rule only admitted it when its function does not depend on the removed channels'
+count. Tensors are cloned into the new module: training the result never writes into
+the original model.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from .analysis import Plan
+from .rules import lookup
+from .trace import fetch_attr
+from .values import META_KEY, ChanInfo
+
+__all__ = ["Rewriter", "rewrite"]
+
+_KEEP_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
+
+
+class Rewriter:
+    """Helpers the rules' ``rewrite`` functions use to emit the new graph."""
+
+    def __init__(self, gm: fx.GraphModule, plan: Plan):
+        self.old, self.plan = gm, plan
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, Any] = {}
+        self.attrs: dict[str, tuple[torch.Tensor, bool]] = {}
+        self.modules: dict[str, nn.Module] = {}
+        self._n = 0
+
+    # ---- reading the old graph ---------------------------------------------------------------
+    @staticmethod
+    def info(a: Any) -> Optional[ChanInfo]:
+        return a.meta.get(META_KEY) if isinstance(a, fx.Node) else None
+
+    def tensor(self, a: Any) -> Optional[torch.Tensor]:
+        if isinstance(a, fx.Node) and a.op == "get_attr":
+            t = fetch_attr(self.old, a.target)
+            return t.detach() if isinstance(t, torch.Tensor) else t
+        return None
+
+    def keep(self, info: Optional[ChanInfo], n: Optional[int] = None) -> np.ndarray:
+        """Kept positions of ``info`` (all of ``n`` when untracked)."""
+        if info is None:
+            return np.ones(n if n is not None else 0, bool)
+        return self.plan.keep(info)
+
+    # ---- emitting the new graph --------------------------------------------------------------
+    def arg(self, a: Any) -> Any:
+        return fx.node.map_arg(a, lambda n: self.env[n])
+
+    def copy(self, node: fx.Node) -> fx.Node:
+        if node.op == "call_module" and node.target not in self.modules:
+            self.modules[node.target] = copy.deepcopy(self.old.get_submodule(node.target))
+        return self.graph.node_copy(node, lambda n: self.env[n])
+
+    def emit_like(self, node: fx.Node, args, new: dict[str, Any]) -> fx.Node:
+        """Re-emit ``node``'s call with some arguments replaced (others mapped to the new graph)."""
+        a, kw = args.rebuild({k: v for k, v in new.items()})
+        a = tuple(v if k in new else self.arg(v) for k, v in zip(args.names, a)) + tuple(
+            self.arg(v) for v in a[len(args.names):]
+        )
+        kw = {k: (v if k in new else self.arg(v)) for k, v in kw.items()}
+        return self.graph.create_node(node.op, node.target, a, kw, name=node.name)
+
+    def attr(self, target: str, value: Any) -> fx.Node:
+        """A ``get_attr`` on a clone of ``value`` (a Parameter when the original target was one)."""
+        orig = None
+        try:
+            orig = fetch_attr(self.old, target)
+        except AttributeError:
+            pass
+        is_param = isinstance(orig, nn.Parameter) or (orig is None and isinstance(value, torch.Tensor)
+                                                      and target.endswith(("weight", "bias")))
+        if isinstance(value, torch.Tensor):
+            value = value.detach().clone().contiguous()
+        self.attrs[target] = (value, is_param)
+        return self.graph.get_attr(target)
+
+    def buffer(self, hint: str, value: torch.Tensor) -> fx.Node:
+        """A new constant tensor (folded kernel, gather index) stored as a buffer."""
+        self._n += 1
+        name = f"sqr_fx_{hint}_{self._n}".replace(".", "_")
+        self.attrs[name] = (value.detach().clone(), False)
+        return self.graph.get_attr(name)
+
+    def index_select(self, x: fx.Node, dim: int, idx: np.ndarray, hint: str) -> fx.Node:
+        index = self.buffer(hint, torch.as_tensor(np.asarray(idx), dtype=torch.long))
+        return self.graph.call_function(torch.index_select, (x, dim, index))
+
+    # ---- driving --------------------------------------------------------------------------------
+    def run(self) -> fx.GraphModule:
+        for node in self.old.graph.nodes:
+            found = lookup(node, self.old)
+            r = found[0] if found else None
+            if r is not None and r.rewrite is not None:
+                new = r.rewrite(node, self, found[1])
+            else:
+                new = self.copy(node)
+            if isinstance(new, fx.Node):
+                new.meta = {k: node.meta[k] for k in _KEEP_META if k in node.meta}
+            self.env[node] = new
+        root = nn.Module()
+        for name, mod in self.modules.items():
+            _install(root, name, mod, buffer=False)
+        for name, (value, is_param) in self.attrs.items():
+            obj = nn.Parameter(value, requires_grad=value.is_floating_point()) if (
+                is_param and isinstance(value, torch.Tensor)) else value
+            _install(root, name, obj, buffer=not is_param)
+        gm = fx.GraphModule(root, self.graph, class_name=type(self.old).__name__)
+        gm.graph.eliminate_dead_code()  # needs the owning module for its purity checks
+        live = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        for name in self.attrs:
+            if name not in live:
+                *path, leaf = name.split(".")
+                owner = gm.get_submodule(".".join(path)) if path else gm
+                if hasattr(owner, leaf):
+                    delattr(owner, leaf)
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        return gm.train(self.old.training)
+
+
+def _install(root: nn.Module, qualname: str, obj: Any, buffer: bool) -> None:
+    *path, leaf = qualname.split(".")
+    mod = root
+    for p in path:
+        if not hasattr(mod, p):
+            mod.add_module(p, nn.Module())
+        mod = getattr(mod, p)
+    if isinstance(obj, nn.Module):
+        mod.add_module(leaf, obj)
+    elif isinstance(obj, nn.Parameter):
+        mod.register_parameter(leaf, obj)
+    elif buffer and isinstance(obj, torch.Tensor):
+        mod.register_buffer(leaf, obj)
+    else:
+        setattr(mod, leaf, obj)
+
+
+def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+    """A new GraphModule computing ``gm``'s function without the channels ``plan`` removes."""
+    return Rewriter(gm, plan).run()

@@ -1,0 +1,98 @@
+"""The one rules table: op target -> rule, keyed by op meaning across both front ends.
+
+A rule is registered right after it is defined (``@rule(family, targets...)``). One
+family (``linear``, ``conv``, ``pointwise`` ...) shares one rule whether the graph
+came from ``symbolic_trace`` (``F.relu``, ``nn.ReLU``, method ``"relu"``) or from
+``torch.export`` (``aten.relu.default``). ``lookup`` never guesses: an op with no
+entry gets ``None`` and the analysis freezes every channel it touches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from torch import fx, nn
+
+__all__ = ["OpRule", "Args", "RULES", "rule", "method", "lookup"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """Key of a ``call_method`` target (``x.relu()`` -> ``Method("relu")``)."""
+
+    name: str
+
+
+def method(name: str) -> Method:
+    return Method(name)
+
+
+@dataclass
+class OpRule:
+    """``analyze(node, A, args)`` returns the output ChanInfo (or None: untracked) and records
+    couplings/reads/freezes on ``A``; ``rewrite(node, R, args)`` emits the new node, or is None
+    when copying the node unchanged is exact whatever was removed around it."""
+
+    family: str
+    analyze: Callable[..., Any]
+    rewrite: Optional[Callable[..., Any]] = None
+    names: dict[Any, tuple[str, ...]] = field(default_factory=dict)
+
+
+class Args:
+    """A node's arguments by name (positional names per target), for reading and rebuilding."""
+
+    def __init__(self, node: fx.Node, names: tuple[str, ...]):
+        self.node, self.names = node, names
+        self.values: dict[str, Any] = dict(zip(names, node.args))
+        self.values.update(node.kwargs)
+        self.extra_args = tuple(node.args[len(names):])
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.values.get(name, default)
+
+    def rebuild(self, mapped: dict[str, Any]) -> tuple[tuple, dict]:
+        """Original call layout with some arguments replaced (``mapped`` holds already-new values)."""
+        args = [mapped.get(n, v) for n, v in zip(self.names, self.node.args)] + list(self.extra_args)
+        kwargs = {k: mapped.get(k, v) for k, v in self.node.kwargs.items()}
+        for k, v in mapped.items():
+            if k not in self.names[: len(self.node.args)] and k not in kwargs:
+                kwargs[k] = v
+        return tuple(args), kwargs
+
+
+RULES: dict[Any, OpRule] = {}
+
+
+def rule(family: str, *targets: Any, names: tuple[str, ...] = ("input",), rewrite=None, per_target=None):
+    """Register ``fn`` as the analysis rule of ``targets``; ``per_target`` overrides argument names."""
+
+    def deco(fn):
+        r = OpRule(family, fn, rewrite)
+        for t in targets:
+            if t is None:
+                continue
+            r.names[t] = (per_target or {}).get(t, names)
+            RULES[t] = r
+        return fn
+
+    return deco
+
+
+def lookup(node: fx.Node, root: nn.Module) -> Optional[tuple[OpRule, Args]]:
+    """The rule for ``node`` with its arguments by name, or None when the op has no rule."""
+    if node.op == "call_function":
+        key: Any = node.target
+    elif node.op == "call_method":
+        key = Method(node.target)
+    elif node.op == "call_module":
+        key = type(root.get_submodule(node.target))
+    else:
+        key = node.op  # placeholder / get_attr / output
+    r = RULES.get(key)
+    if r is None:
+        return None
+    return r, Args(node, r.names[key])

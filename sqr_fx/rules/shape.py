@@ -1,0 +1,298 @@
+"""Graph interface and layout ops: where channels enter, leave, move and get re-indexed.
+
+* graph inputs carry fresh ids (an input feature no layer reads is gathered away);
+  graph outputs freeze what they return (outputs keep their shapes);
+* ``cat`` on the channel axis concatenates index spaces; on another axis it couples;
+* ``flatten``/``view``/``reshape`` that merge the channel axis with the dims after it
+  repeat each channel id over its block of features (a conv channel -> H*W Linear columns);
+* pooling and reductions over other axes keep channel j in place;
+* slicing the channel axis selects ids (rewritten as an ``index_select`` on kept positions);
+* reading a tensor's size along the channel axis freezes it (the number would change).
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..values import ChanInfo
+from .registry import method, rule
+
+aten = torch.ops.aten
+
+
+def _norm_dim(d: int, nd: int) -> int:
+    return d + nd if d < 0 else d
+
+
+# ---- graph interface --------------------------------------------------------------------------
+def _placeholder_rewrite(node, R, a):
+    new = R.copy(node)
+    info = R.info(node)
+    if info is None or R.keep(info).all():
+        return new
+    return R.index_select(new, info.dim, np.flatnonzero(R.keep(info)), f"{node.name}_kept")
+
+
+@rule("placeholder", "placeholder", names=(), rewrite=_placeholder_rewrite)
+def placeholder(node, A, a):
+    """Graph inputs keep their shape; an input channel that nothing reads is gathered away."""
+    s = A.shape(node)
+    if s is None or len(s) not in (2, 4, 5):
+        return None
+    info = ChanInfo.dynamic(1, A.fresh(s[1]))
+    if not A.drop_inputs:
+        A.freeze(info)
+    return info
+
+
+def _get_attr_rewrite(node, R, a):
+    t = R.tensor(node)
+    info = R.info(node)
+    if info is not None and isinstance(t, torch.Tensor):
+        t = t.index_select(info.dim, torch.as_tensor(np.flatnonzero(R.keep(info)), dtype=torch.long))
+    return R.attr(node.target, t)
+
+
+@rule("get_attr", "get_attr", names=(), rewrite=_get_attr_rewrite)
+def get_attr(node, A, a):
+    """Parameters get channel ids from the op that reads them (see ``binary``)."""
+    return None
+
+
+@rule("output", "output", names=())
+def output(node, A, a):
+    """Graph outputs keep their shapes: everything returned is frozen."""
+    A.freeze(list(node.args))
+    return None
+
+
+# ---- concatenation ----------------------------------------------------------------------------
+@rule("cat", torch.cat, torch.concat, aten.cat.default, names=("tensors", "dim"))
+def cat(node, A, a):
+    """cat on the channel axis: ids concatenate; on another axis: channel j of every part is one."""
+    parts = list(a["tensors"])
+    infos, shapes = [A.info(p) for p in parts], [A.shape(p) for p in parts]
+    out_shape = A.shape(node)
+    if out_shape is None or any(i is None for i in infos) or any(s is None for s in shapes):
+        A.freeze(parts)
+        return None
+    d = _norm_dim(int(a.get("dim", 0)), len(out_shape))
+    if all(i.dim == d for i in infos):
+        return ChanInfo.concat(infos, d)
+    if all(i.dim == infos[0].dim for i in infos):
+        first = infos[0]
+        const = np.logical_and.reduce([i.const for i in infos])
+        for i in infos[1:]:
+            A.union(first.ids, i.ids)
+            const &= i.value == first.value  # a constant only if every part holds the same one
+        return ChanInfo(first.dim, first.ids, const, np.where(const, first.value, 0.0))
+    A.freeze(parts)
+    return None
+
+
+# ---- flatten / view / reshape -----------------------------------------------------------------
+def _reshape_map(in_shape, out_shape, info: ChanInfo):
+    """(out_dim, inner) when the reshape keeps channel blocks intact, else None.
+
+    With P = prod(in[:c]): the channel axis maps to out dim k when prod(out[:k]) == P and
+    out[k] == C * prod(in[c+1:c+1+m]) for some m: each channel becomes a contiguous block of
+    ``inner`` positions. Any other reshape mixes channels across dims and is not followed.
+    """
+    c, C = info.dim, in_shape[info.dim]
+    P = math.prod(in_shape[:c])
+    acc = 1
+    for k, size in enumerate(out_shape):
+        if acc == P:
+            inner = 1
+            for m in range(c + 1, len(in_shape) + 1):
+                if size == C * inner:
+                    return k, inner
+                if m < len(in_shape):
+                    inner *= in_shape[m]
+            return None
+        acc *= size
+        if acc > P:
+            return None
+    return None
+
+
+def _reshaped(node, A, x):
+    src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
+    if src is None or s_in is None or s_out is None:
+        A.freeze(src)
+        return None
+    m = _reshape_map(s_in, s_out, src)
+    if m is None:
+        A.freeze(src)
+        return None
+    k, inner = m
+    out = src.repeat(inner) if inner > 1 else src
+    return out.with_dim(k)
+
+
+@rule("flatten", torch.flatten, method("flatten"), aten.flatten.using_ints, nn.Flatten,
+      method("squeeze"), method("unsqueeze"), torch.squeeze, torch.unsqueeze,
+      *[getattr(aten.squeeze, o) for o in aten.squeeze.overloads()],
+      *[getattr(aten.unsqueeze, o) for o in aten.unsqueeze.overloads()])
+def flatten(node, A, a):
+    """Shape-only re-indexing with no channel sizes in its arguments: copied as is."""
+    return _reshaped(node, A, node.args[0] if node.args else a["input"])
+
+
+def _view_rewrite(node, R, a):
+    """view/reshape hold literal sizes: the channel axis' entry becomes the kept width."""
+    out_info, src = R.info(node), R.info(node.args[0])
+    if out_info is None or R.keep(out_info).all():
+        return R.copy(node)
+    sizes = list(node.args[1:]) if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else list(node.args[1])
+    if sizes[out_info.dim] != -1:
+        sizes[out_info.dim] = int(R.keep(out_info).sum())
+    return R.graph.call_function(torch.reshape, (R.arg(node.args[0]), tuple(R.arg(s) for s in sizes)))
+
+
+@rule("view", method("view"), method("reshape"), torch.reshape, aten.view.default, aten.reshape.default,
+      aten._unsafe_view.default, rewrite=_view_rewrite)
+def view(node, A, a):
+    """Followed when it keeps channel blocks intact; sizes given by nodes on the channel axis freeze."""
+    out = _reshaped(node, A, node.args[0])
+    if out is not None:
+        sizes = list(node.args[1:]) if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else list(node.args[1])
+        if len(sizes) != len(A.shape(node)) or isinstance(sizes[out.dim], fx.Node):
+            A.freeze(out)
+            return None
+    return out
+
+
+# ---- slicing ----------------------------------------------------------------------------------
+def _slice_rewrite(node, R, a):
+    out_info, src = R.info(node), R.info(node.args[0])
+    if out_info is None or (R.keep(src).all() and R.keep(out_info).all()):
+        return R.copy(node)
+    pos = node.meta["sqr_fx.slice_pos"]
+    rank = np.cumsum(R.keep(src)) - 1
+    idx = rank[pos[R.keep(out_info)]]
+    x = R.arg(node.args[0])
+    if node.target is operator.getitem:
+        index = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
+        index[src.dim] = slice(None)
+        x = R.graph.call_function(operator.getitem, (x, tuple(index)))
+    return R.index_select(x, out_info.dim, idx, f"{node.name}_idx")
+
+
+@rule("slice", operator.getitem, aten.slice.Tensor, names=("input", "index"), rewrite=_slice_rewrite)
+def getitem(node, A, a):
+    """x[..., a:b:s, ...] on the channel axis keeps the selected ids (other axes: unchanged)."""
+    x = node.args[0]
+    src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
+    if src is None or s_in is None or s_out is None:
+        A.freeze(src)
+        return None
+    if node.target is operator.getitem:
+        idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if not all(isinstance(i, slice) and all(not isinstance(v, fx.Node) for v in (i.start, i.stop, i.step))
+                   for i in idx) or len(idx) > len(s_in):
+            A.freeze(src)
+            return None
+        sl = idx[src.dim] if src.dim < len(idx) else slice(None)
+    else:
+        d = _norm_dim(int(node.args[1]) if len(node.args) > 1 else 0, len(s_in))
+        args = list(node.args[2:5]) + [None] * (3 - len(node.args[2:5]))
+        if any(isinstance(v, fx.Node) for v in args):
+            A.freeze(src)
+            return None
+        sl = slice(*args) if d == src.dim else slice(None)
+    pos = np.arange(s_in[src.dim])[sl]
+    node.meta["sqr_fx.slice_pos"] = pos
+    return src.take(pos)
+
+
+# ---- pooling and reductions -------------------------------------------------------------------
+_POOL = [F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+         F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d, F.avg_pool2d,
+         F.avg_pool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+         nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+         aten.max_pool2d.default, aten.max_pool1d.default, aten.max_pool3d.default, aten.avg_pool2d.default,
+         aten.avg_pool1d.default, aten.avg_pool3d.default, aten.adaptive_avg_pool2d.default,
+         aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool3d.default, aten.adaptive_max_pool2d.default,
+         aten._adaptive_avg_pool2d.default]
+
+
+def _avg_pads(node, A) -> bool:
+    """avg pooling whose windows can include padding or cut-off borders: constants become static."""
+    name = getattr(node.target, "__name__", str(node.target)) if node.op != "call_module" else type(A.module(node)).__name__
+    if "avg" not in name.lower() or "adaptive" in name.lower():
+        return False
+    if node.op == "call_module":
+        m = A.module(node)
+        pad, ceil = m.padding, m.ceil_mode
+    else:
+        pad = node.kwargs.get("padding", node.args[3] if len(node.args) > 3 else 0)
+        ceil = node.kwargs.get("ceil_mode", node.args[4] if len(node.args) > 4 else False)
+    pads = pad if isinstance(pad, (list, tuple)) else [pad]
+    return any(int(p) != 0 for p in pads) or bool(ceil)
+
+
+@rule("pool", *_POOL)
+def pool(node, A, a):
+    """Spatial pooling keeps channel j in place; max/adaptive-avg of a constant is the constant."""
+    x = node.args[0]
+    src = A.info(x)
+    if src is None or src.dim != 1 or A.shape(node) is None:
+        A.freeze(src)
+        return None
+    if _avg_pads(node, A):
+        return ChanInfo(src.dim, src.ids, np.zeros(len(src), bool), np.zeros(len(src)))
+    return src
+
+
+@rule("reduce", torch.mean, method("mean"), aten.mean.dim, torch.amax, method("amax"), aten.amax.default,
+      torch.sum, method("sum"), aten.sum.dim_IntList)
+def reduce(node, A, a):
+    """mean/amax over axes other than the channel axis keep channel j; sum makes it size-dependent."""
+    x = node.args[0]
+    src, s_in = A.info(x), A.shape(x)
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if src is None or s_in is None or dims is None or A.shape(node) is None:
+        A.freeze(src)
+        return None
+    dims = [_norm_dim(int(d), len(s_in)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    if src.dim in dims:
+        A.freeze(src)
+        return None
+    new_dim = src.dim if keep else src.dim - sum(d < src.dim for d in dims)
+    is_sum = "sum" in str(getattr(node.target, "__name__", node.target))
+    const = np.zeros(len(src), bool) if is_sum else src.const
+    return ChanInfo(new_dim, src.ids, const, np.where(const, src.value, 0.0))
+
+
+# ---- shape reads ------------------------------------------------------------------------------
+@rule("size", method("size"), aten.sym_size.int, getattr)
+def size(node, A, a):
+    """Reading the channel axis' size (or the whole shape) freezes it: the number would change."""
+    x = node.args[0] if node.args else None
+    src = A.info(x)
+    if src is None:
+        return None
+    d = node.args[1] if len(node.args) > 1 and node.target is not getattr else node.kwargs.get("dim")
+    if d is None or _norm_dim(int(d), len(A.shape(x) or ())) == src.dim:
+        A.freeze(src)
+    return None
+
+
+try:  # torch.export's input-shape guard: reads shapes of graph inputs, which never change
+    from torch.export._unlift import GuardsFn as _GuardsFn
+except ImportError:  # pragma: no cover - older torch
+    _GuardsFn = None
+
+
+@rule("shape_guard", method("dim"), _GuardsFn)
+def shape_guard(node, A, a):
+    """Reads only the rank / the graph inputs' shapes: no channel is affected."""
+    return None

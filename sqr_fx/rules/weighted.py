@@ -1,0 +1,187 @@
+"""Linear and convolution: the ops that read channels through weights and fold constants.
+
+Identities (W: weights, b: bias, c_j: constant value of removed input channel j):
+
+* unused input j (``W[:, j] == 0`` on every kept row): ``W x = W[:, K] x[K]``.
+* constant input j, Linear / conv without padding: ``W x + b = W[:, K] x[K] + (b + sum_j c_j W[:, j].sum())``.
+* constant input j, zero-padded conv: border outputs see padding, so a scalar bias is wrong.
+  ``conv(x, W) = conv(x[K], W[:, K]) + conv(1_map, sum_j c_j W[:, j])`` with ``1_map`` an all-ones
+  single-channel image of the LIVE input size: exact at every resolution.
+* grouped conv (groups > 1): channels of one group are coupled (input and output), so a
+  group is deleted whole and never needs a fold.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from ..values import ChanInfo
+from .registry import rule
+
+aten = torch.ops.aten
+
+__all__ = ["ones_map"]
+
+
+def ones_map(x: torch.Tensor, batch: bool = False) -> torch.Tensor:
+    """All-ones single-channel tensor with ``x``'s spatial size (batch 1, or x's batch)."""
+    n = x.shape[0] if batch else 1
+    return x.new_ones((n, 1) + tuple(x.shape[2:]))
+
+
+torch.fx.wrap("ones_map")
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
+
+
+def _row_values(nz: np.ndarray, wsum: np.ndarray, bias: np.ndarray, src: ChanInfo | None, exact_const: bool):
+    """Output channels that are constant: every input they read is zero, or const when ``exact_const``."""
+    n_out = nz.shape[0]
+    if src is None:
+        const = ~nz.any(1)
+        return const, np.where(const, bias, 0.0)
+    ok_in = src.const if exact_const else src.zero
+    const = ~(nz & ~ok_in[None, :]).any(1)
+    value = bias + (wsum * np.where(src.const, src.value, 0.0)[None, :]).sum(1)
+    return const, np.where(const, value, 0.0)[:n_out]
+
+
+def _weighted_analyze(node: fx.Node, A, a, *, conv: bool) -> ChanInfo | None:
+    x, W = a["input"], A.tensor(a["weight"])
+    out_shape, x_shape = A.shape(node), A.shape(x)
+    if W is None or out_shape is None or x_shape is None:  # weight computed at run time: no rule applies
+        A.freeze(list(node.args), dict(node.kwargs))
+        return None
+    b = A.tensor(a.get("bias"))
+    bias = _np(b) if b is not None else np.zeros(W.shape[0])
+    src = A.info(x)
+    dim = 1 if conv else len(out_shape) - 1
+    groups = int(a.get("groups", 1)) if conv else 1
+    nzw = (W != 0).flatten(2).any(-1) if conv else (W != 0)
+    wsum = _np(W.flatten(2).sum(-1) if conv else W)
+    padded = conv and _has_padding(a.get("padding", 0))
+    if src is not None and src.dim != (1 if conv else len(x_shape) - 1):
+        A.freeze(src)
+        src = None
+    if groups == 1:
+        out_ids = A.fresh(W.shape[0])
+        if src is not None:
+            A.read(src, out_ids, _np(nzw) != 0)
+        const, value = _row_values(_np(nzw) != 0, wsum, bias, src, exact_const=not padded)
+        return ChanInfo(dim, out_ids, const, value)
+    # grouped conv: couple every input and output channel of each conv group
+    if src is None:
+        return ChanInfo.dynamic(dim, _frozen(A, W.shape[0]))
+    cin_g, cout_g = W.shape[1], W.shape[0] // groups
+    out_ids = np.empty(W.shape[0], np.int64)
+    const = np.zeros(W.shape[0], bool)
+    value = np.zeros(W.shape[0])
+    for g in range(groups):
+        ins, outs = slice(g * cin_g, (g + 1) * cin_g), slice(g * cout_g, (g + 1) * cout_g)
+        gin = src.ids[ins]
+        A.union(gin[:1].repeat(len(gin)), gin)
+        out_ids[outs] = gin[0]
+        sub = src.take(ins)
+        c, v = _row_values(_np(nzw[outs]) != 0, wsum[outs], bias[outs], sub, exact_const=not padded)
+        const[outs], value[outs] = c, v
+    return ChanInfo(dim, out_ids, const, value)
+
+
+def _frozen(A, n: int) -> np.ndarray:
+    ids = A.fresh(n)
+    A.groups.freeze(ids)
+    return ids
+
+
+def _has_padding(p: Any) -> bool:
+    if isinstance(p, str):
+        return p != "valid"
+    if isinstance(p, (list, tuple)):
+        return any(int(v) != 0 for v in p)
+    return int(p) != 0
+
+
+def _weighted_rewrite(node: fx.Node, R, a, *, conv: bool) -> fx.Node:
+    W = R.tensor(a["weight"])
+    b = R.tensor(a.get("bias"))
+    out_info, src = R.info(node), R.info(a["input"])
+    keep_out = R.keep(out_info, W.shape[0])
+    groups = int(a.get("groups", 1)) if conv else 1
+    Wn, bn = W, b
+    correction = None
+    if groups == 1 and src is not None:
+        keep_in = R.keep(src, W.shape[1])
+        fold = ~keep_in & src.const & (src.value != 0)
+        Wn = W[:, torch.as_tensor(keep_in)]
+        if fold.any():
+            c = torch.as_tensor(src.value[fold], dtype=torch.float64)
+            K = torch.einsum("oi...,i->o...", W[:, torch.as_tensor(fold)].double(), c)
+            if conv and _has_padding(a.get("padding", 0)):
+                correction = K.unsqueeze(1).to(W.dtype)
+            else:
+                extra = K.flatten(1).sum(1) if conv else K
+                bn = (b.double() if b is not None else torch.zeros(W.shape[0], dtype=torch.float64)) + extra
+                bn = bn.to(W.dtype)
+        if not keep_in.any() and conv:  # torch conv cannot take 0 input channels: bias + ones-map term only
+            return _const_conv(node, R, a, W, bn, keep_out, correction)
+    elif groups > 1:
+        groups = int(keep_out.sum()) // (W.shape[0] // groups)
+    ko = torch.as_tensor(keep_out)
+    new = {"weight": R.attr(a["weight"].target, Wn[ko])}
+    if bn is not None:
+        new["bias"] = R.attr(a["bias"].target if isinstance(a.get("bias"), fx.Node) else f"{a['weight'].target}_bias", bn[ko])
+    if conv and groups != int(a.get("groups", 1)):
+        new["groups"] = groups
+    new["input"] = R.arg(a["input"])
+    out = R.emit_like(node, a, new)
+    if correction is not None:
+        out = _add_correction(node, R, a, out, new["input"], correction[ko], batch=False)
+    return out
+
+
+def _add_correction(node, R, a, out, x_new, K, batch: bool) -> fx.Node:
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[K.dim() - 2]
+    ones = R.graph.call_function(ones_map, (x_new, batch))
+    kern = R.buffer(f"{node.name}_const_kernel", K)
+    corr = R.graph.call_function(
+        fn, (ones, kern, None, a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1), 1)
+    )
+    return R.graph.call_function(torch.add, (out, corr))
+
+
+def _const_conv(node, R, a, W, bn, keep_out, correction) -> fx.Node:
+    """Every input channel was removed: output = bias (+ ones-map term), shaped like the conv's."""
+    ko = torch.as_tensor(keep_out)
+    x_new = R.arg(a["input"])
+    K = correction if correction is not None else torch.zeros((W.shape[0], 1) + tuple(W.shape[2:]), dtype=W.dtype)
+    out = R.graph.call_function(
+        {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[K.dim() - 2],
+        (R.graph.call_function(ones_map, (x_new, True)), R.buffer(f"{node.name}_const_kernel", K[ko]),
+         None if bn is None else R.attr(f"{a['weight'].target}_bias", bn[ko]),
+         a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1), 1),
+    )
+    return out
+
+
+@rule("linear", torch.nn.functional.linear, aten.linear.default, names=("input", "weight", "bias"),
+      rewrite=lambda n, R, a: _weighted_rewrite(n, R, a, conv=False))
+def linear(node, A, a):
+    """y = x W^T + b; output feature o is const when every input it reads is const."""
+    return _weighted_analyze(node, A, a, conv=False)
+
+
+_CONV_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+@rule("conv", F.conv1d, F.conv2d, F.conv3d, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+      names=_CONV_NAMES, rewrite=lambda n, R, a: _weighted_rewrite(n, R, a, conv=True))
+def conv(node, A, a):
+    """Zero-padded conv: output o is const only when its inputs are zero (borders see padding),
+    or const when there is no padding."""
+    return _weighted_analyze(node, A, a, conv=True)

@@ -1,0 +1,177 @@
+"""nn.Module -> functional torch.fx GraphModule with shapes: the pass's front end.
+
+Two tracers, one graph dialect downstream:
+
+* ``torch.fx.symbolic_trace`` gives torch-level targets (modules, ``F.*``, methods);
+* ``torch.export.export(...).module()`` gives aten-level targets (``aten.conv2d`` ...),
+  used when symbolic tracing fails (Hugging Face transformers 5.x, data-dependent Python).
+
+Weighted leaf modules (Linear, ConvNd, BatchNorm, LayerNorm) are then rewritten into
+their functional form with ``get_attr`` parameters, so one rules table keyed by op
+meaning serves both front ends and the rewrite only ever slices ``get_attr`` tensors.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import TiedWeightsError, TraceError, TrainingModeError, UnsupportedDtypeError
+
+__all__ = ["to_graph", "fetch_attr", "propagate_shapes", "check_model"]
+
+# modules whose forward differs between train() and eval()
+_TRAIN_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.RReLU)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def fetch_attr(root: nn.Module, target: str) -> Any:
+    """Resolve a dotted ``get_attr`` target on ``root``."""
+    obj: Any = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def check_model(model: nn.Module) -> None:
+    """Clear errors for inputs the exact rewrite cannot take (training mode, dtypes)."""
+    if model.training:
+        culprits = [n for n, m in model.named_modules() if m.training and isinstance(m, _TRAIN_SENSITIVE)]
+        if culprits:
+            raise TrainingModeError(
+                "model is in training mode and these modules compute a different function in "
+                f"training mode: {culprits[:5]}{' ...' if len(culprits) > 5 else ''}. "
+                "minimize() preserves the eval-mode function: call model.eval() first."
+            )
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and t.dtype not in _FLOAT_DTYPES:
+            raise UnsupportedDtypeError(f"tensor {name!r} has dtype {t.dtype}")
+        if t.is_complex() or t.is_quantized:
+            raise UnsupportedDtypeError(f"tensor {name!r} has dtype {t.dtype}; only real floating tensors are supported")
+
+
+def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    auto = torch.export.Dim.AUTO
+    dyn = tuple({d: auto for d in range(x.dim())} if isinstance(x, torch.Tensor) else None for x in example_inputs)
+    try:
+        ep = torch.export.export(model, example_inputs, dynamic_shapes=dyn)
+    except Exception:  # noqa: BLE001 - fall back to a static export
+        ep = torch.export.export(model, example_inputs)
+    return ep.module()
+
+
+def _functional(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace weighted leaf modules by functional calls on ``get_attr`` parameters."""
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        build = _FUNCTIONALIZE.get(type(mod))
+        if build is None or len(node.args) != 1 or node.kwargs:
+            continue
+        spec = build(mod)
+        if spec is None:
+            continue
+        fn, params, extra = spec
+        with g.inserting_before(node):
+            pnodes = [g.get_attr(f"{node.target}.{p}") if getattr(mod, p, None) is not None else None for p in params]
+            new = g.call_function(fn, (node.args[0], *pnodes, *extra))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+    g.lint()
+    gm.recompile()
+    return gm
+
+
+def _conv(mod: nn.Module):
+    if mod.padding_mode != "zeros":
+        return None
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[mod.weight.dim() - 2]
+    return fn, ("weight", "bias"), (mod.stride, mod.padding, mod.dilation, mod.groups)
+
+
+def _bn(mod: nn.Module):
+    if not mod.track_running_stats or mod.running_mean is None:
+        return None  # batch statistics even in eval: no rule, the op stays frozen
+    return F.batch_norm, ("running_mean", "running_var", "weight", "bias"), (False, 0.0, mod.eps)
+
+
+_FUNCTIONALIZE: dict[type, Callable[[nn.Module], Any]] = {
+    nn.Linear: lambda m: (F.linear, ("weight", "bias"), ()),
+    nn.Conv1d: _conv,
+    nn.Conv2d: _conv,
+    nn.Conv3d: _conv,
+    nn.BatchNorm1d: _bn,
+    nn.BatchNorm2d: _bn,
+    nn.BatchNorm3d: _bn,
+}
+
+
+def _unwrap_parametrizations(model: nn.Module) -> nn.Module:
+    """Bake ``torch.nn.utils.prune`` / ``parametrize`` masks into plain dense tensors (on a copy)."""
+    from torch.nn.utils import parametrize, prune
+
+    for mod in model.modules():
+        for hook in list(getattr(mod, "_forward_pre_hooks", {}).values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(mod, hook._tensor_name)
+        if parametrize.is_parametrized(mod):
+            for name in list(mod.parametrizations.keys()):
+                parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
+    return model
+
+
+def _check_tied(gm: fx.GraphModule) -> None:
+    users: dict[int, list[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            t = fetch_attr(gm, node.target)
+            if isinstance(t, torch.Tensor) and t.dim() >= 1:
+                users.setdefault(id(t), []).append(node.target)
+    tied = [names for names in users.values() if len(names) > 1]
+    if tied:
+        raise TiedWeightsError(
+            f"parameter(s) read by more than one op: {tied[:3]}. Slicing a tied weight for one reader "
+            "would change the others; untie them (e.g. copy.deepcopy the shared module) or keep them dense."
+        )
+
+
+def to_graph(model: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, str]:
+    """Trace a private copy of ``model`` to a functional GraphModule; return it and the tracer used.
+
+    ``model`` is never modified. A ``GraphModule`` is copied, not re-traced.
+    """
+    check_model(model)
+    model = _unwrap_parametrizations(copy.deepcopy(model))
+    if isinstance(model, fx.GraphModule):
+        gm, frontend = model, "fx"
+    else:
+        try:
+            gm, frontend = fx.symbolic_trace(model), "fx"
+        except Exception as fx_err:  # noqa: BLE001 - any tracer failure means: try export
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    gm, frontend = _export(model, example_inputs), "export"
+            except Exception as ex_err:  # noqa: BLE001
+                raise TraceError(
+                    f"could not trace {type(model).__name__}: torch.fx.symbolic_trace failed with "
+                    f"{type(fx_err).__name__}: {fx_err}; torch.export.export failed with "
+                    f"{type(ex_err).__name__}: {str(ex_err)[:500]}"
+                ) from ex_err
+    gm = _functional(gm)
+    _check_tied(gm)
+    return gm, frontend
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Record every node's output shape/dtype in ``node.meta['tensor_meta']``."""
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
