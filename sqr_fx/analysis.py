@@ -101,6 +101,13 @@ class Analysis:
             elif isinstance(it, dict):
                 self.freeze(*it.values())
 
+    def attach(self, param: Any, dim: int, ids: np.ndarray) -> None:
+        """A per-channel ``get_attr`` tensor joins the group ``ids`` along ``dim``: sliced with it."""
+        t = self.tensor(param)
+        if t is not None:
+            n = len(ids)
+            param.meta[META_KEY] = ChanInfo(dim, ids, np.ones(n, bool), np.zeros(n))
+
     def read(self, src: ChanInfo, out_ids: np.ndarray, nz: np.ndarray) -> None:
         """A weighted op reads ``src``; ``nz[o, i]``: output position o reads input position i."""
         self.edges.append((src.ids, out_ids, np.asarray(nz, bool)))
@@ -167,10 +174,12 @@ class Analysis:
         root_of, frozen = self.groups.resolve()
         n = len(root_of)
         nonconst = np.zeros(n, bool)
+        present = np.zeros(n, bool)  # roots that some tensor of the graph actually carries
         for node in self.gm.graph.nodes:
             i = node.meta.get(META_KEY)
             if i is not None:
                 nonconst[root_of[i.ids[~i.const]]] = True
+                present[root_of[i.ids]] = True
         used = frozen.copy()
         changed = True
         while changed:  # backward liveness over weighted reads, to a fixpoint
@@ -183,5 +192,5 @@ class Analysis:
                 if not used[read_roots].all():
                     used[read_roots] = True
                     changed = True
-        removed = ~frozen & (~used | ~nonconst)
+        removed = present & ~frozen & (~used | ~nonconst)
         return Plan(root_of, removed, ~used, list(self.unknown))

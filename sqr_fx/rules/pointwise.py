@@ -93,13 +93,15 @@ def batch_norm(node: fx.Node, A, a) -> ChanInfo | None:
     """Eval BatchNorm is per channel affine: const(c) -> const(gamma (c - mean)/sqrt(var + eps) + beta).
     Its per-channel tensors are members of the channel group and are sliced with it."""
     x, src = a["input"], A.info(a["input"])
-    if a.get("training", False) or src is None or src.dim != 1 or isinstance(node.meta.get("tensor_meta"), tuple):
+    if a.get("training", False) or src is None or src.dim != 1 or A.shape(node) is None:
         A.freeze(src)
         return None
     params = [a.get(k) for k in ("running_mean", "running_var", "weight", "bias")]
     if any(p is not None and A.tensor(p) is None for p in params):
         A.freeze(src)
         return None
+    for p in params:
+        A.attach(p, 0, src.ids)
     return _mapped_values(node, A, x, src)
 
 
@@ -190,3 +192,22 @@ def _param_info(o: fx.Node, A, dim: int) -> ChanInfo | None:
     info = ChanInfo(dim, A.fresh(t.shape[dim]), const, np.where(const, rows[:, 0].numpy(), 0.0))
     o.meta["sqr_fx.chan"] = info
     return info
+
+
+try:
+    from torchvision.ops import stochastic_depth as _stochastic_depth
+    from torchvision.ops import StochasticDepth as _StochasticDepth
+except ImportError:  # pragma: no cover - torchvision is a dependency, but keep the core importable
+    _stochastic_depth = _StochasticDepth = None
+
+
+@rule("stochastic_depth", _stochastic_depth, _StochasticDepth)
+def stochastic_depth(node: fx.Node, A, a) -> ChanInfo | None:
+    """Identity when not training (the only mode minimize admits); random otherwise: frozen."""
+    training = node.kwargs.get("training", node.args[3] if len(node.args) > 3 else None)
+    if node.op == "call_module":
+        training = A.module(node).training
+    if training:
+        A.freeze(list(node.args))
+        return None
+    return pointwise(node, A, a)

@@ -296,3 +296,12 @@ except ImportError:  # pragma: no cover - older torch
 def shape_guard(node, A, a):
     """Reads only the rank / the graph inputs' shapes: no channel is affected."""
     return None
+
+
+from .weighted import ones_map as _ones_map  # noqa: E402
+
+
+@rule("shape_read", _ones_map)
+def ones_map_rule(node, A, a):
+    """The folded-constant correction's all-ones map reads only batch and spatial sizes."""
+    return None
