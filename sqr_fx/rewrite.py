@@ -32,6 +32,7 @@ class Rewriter:
     def __init__(self, gm: fx.GraphModule, plan: Plan):
         self.old, self.plan = gm, plan
         self.graph = fx.Graph()
+        self.graph._codegen = copy.deepcopy(gm.graph._codegen)  # export's pytree in/out handling
         self.env: dict[fx.Node, Any] = {}
         self.attrs: dict[str, tuple[torch.Tensor, bool]] = {}
         self.modules: dict[str, nn.Module] = {}
