@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import TiedWeightsError, TraceError, TrainingModeError, UnsupportedDtypeError
+from .errors import SqrFxError, TiedWeightsError, TraceError, TrainingModeError, UnsupportedDtypeError
 
 __all__ = ["to_graph", "fetch_attr", "propagate_shapes", "check_model"]
 
@@ -123,9 +123,24 @@ def _unwrap_parametrizations(model: nn.Module) -> nn.Module:
             if isinstance(hook, prune.BasePruningMethod):
                 prune.remove(mod, hook._tensor_name)
         if parametrize.is_parametrized(mod):
-            for name in list(mod.parametrizations.keys()):
-                parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
+            # not parametrize.remove_parametrizations: it deletes the property from the class,
+            # which the copy shares with the user's original module
+            values = {n: getattr(mod, n).detach().clone() for n in mod.parametrizations.keys()}
+            mod.__class__ = mod.__class__.__bases__[0]
+            del mod._modules["parametrizations"]
+            for n, v in values.items():
+                mod.register_parameter(n, nn.Parameter(v))
     return model
+
+
+def _private_copy(model: nn.Module) -> nn.Module:
+    """deepcopy that also takes non-leaf tensor attributes (``prune`` leaves ``weight = orig * mask``)."""
+    memo: dict[int, Any] = {}
+    for mod in model.modules():
+        for v in vars(mod).values():
+            if isinstance(v, torch.Tensor) and not v.is_leaf:
+                memo[id(v)] = v.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def _check_tied(gm: fx.GraphModule) -> None:
@@ -149,7 +164,7 @@ def to_graph(model: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, s
     ``model`` is never modified. A ``GraphModule`` is copied, not re-traced.
     """
     check_model(model)
-    model = _unwrap_parametrizations(copy.deepcopy(model))
+    model = _unwrap_parametrizations(_private_copy(model))
     if isinstance(model, fx.GraphModule):
         gm, frontend = model, "fx"
     else:
@@ -173,5 +188,15 @@ def to_graph(model: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, s
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Record every node's output shape/dtype in ``node.meta['tensor_meta']``."""
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as e:  # noqa: BLE001 - the user's inputs do not fit the model
+        raise SqrFxError(
+            f"the model does not run on example_inputs ({_describe(example_inputs)}): {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+
+
+def _describe(inputs: tuple) -> str:
+    return ", ".join(f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
