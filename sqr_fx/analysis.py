@@ -58,6 +58,7 @@ class Analysis:
         self.gm, self.strict, self.drop_inputs = gm, strict, drop_inputs
         self.groups = Groups()
         self.edges: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.stat_reads: list[ChanInfo] = []
         self.unknown: list[str] = []
         self._probe_cache: dict[str, Any] = {}
 
@@ -111,6 +112,11 @@ class Analysis:
     def read(self, src: ChanInfo, out_ids: np.ndarray, nz: np.ndarray) -> None:
         """A weighted op reads ``src``; ``nz[o, i]``: output position o reads input position i."""
         self.edges.append((src.ids, out_ids, np.asarray(nz, bool)))
+
+    def need_const(self, src: ChanInfo) -> None:
+        """A statistic over the channel axis (LayerNorm's mean and variance) reads ``src``: a channel
+        may leave it only when its value there is a known constant, which the rewrite compensates."""
+        self.stat_reads.append(src)
 
     def evaluate(self, node: fx.Node, replace: dict[fx.Node, Any]) -> Optional[torch.Tensor]:
         """Run ``node``'s own op on probe values (float64): the op's meaning is its value rule.
@@ -180,6 +186,8 @@ class Analysis:
             if i is not None:
                 nonconst[root_of[i.ids[~i.const]]] = True
                 present[root_of[i.ids]] = True
+        for src in self.stat_reads:  # removable only where the statistic can be compensated
+            frozen[root_of[src.ids[~src.const]]] = True
         used = frozen.copy()
         changed = True
         while changed:  # backward liveness over weighted reads, to a fixpoint

@@ -75,13 +75,16 @@ def _functional(gm: fx.GraphModule) -> fx.GraphModule:
         build = _FUNCTIONALIZE.get(type(mod))
         if build is None or len(node.args) != 1 or node.kwargs:
             continue
-        spec = build(mod)
-        if spec is None:
-            continue
-        fn, params, extra = spec
         with g.inserting_before(node):
-            pnodes = [g.get_attr(f"{node.target}.{p}") if getattr(mod, p, None) is not None else None for p in params]
-            new = g.call_function(fn, (node.args[0], *pnodes, *extra))
+            params = {p: g.get_attr(f"{node.target}.{p}") if getattr(mod, p, None) is not None else None
+                      for p in ("weight", "bias", "running_mean", "running_var")}
+            call = build(mod, node.args[0], params)
+            if call is None:
+                for p in params.values():
+                    if p is not None:
+                        g.erase_node(p)
+                continue
+            new = g.call_function(*call)
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         g.erase_node(node)
@@ -90,27 +93,30 @@ def _functional(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _conv(mod: nn.Module):
+def _conv(mod: nn.Module, x: fx.Node, p: dict):
     if mod.padding_mode != "zeros":
         return None
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[mod.weight.dim() - 2]
-    return fn, ("weight", "bias"), (mod.stride, mod.padding, mod.dilation, mod.groups)
+    return fn, (x, p["weight"], p["bias"], mod.stride, mod.padding, mod.dilation, mod.groups)
 
 
-def _bn(mod: nn.Module):
+def _bn(mod: nn.Module, x: fx.Node, p: dict):
     if not mod.track_running_stats or mod.running_mean is None:
         return None  # batch statistics even in eval: no rule, the op stays frozen
-    return F.batch_norm, ("running_mean", "running_var", "weight", "bias"), (False, 0.0, mod.eps)
+    return F.batch_norm, (x, p["running_mean"], p["running_var"], p["weight"], p["bias"], False, 0.0, mod.eps)
 
 
-_FUNCTIONALIZE: dict[type, Callable[[nn.Module], Any]] = {
-    nn.Linear: lambda m: (F.linear, ("weight", "bias"), ()),
+_FUNCTIONALIZE: dict[type, Callable[..., Any]] = {
+    nn.Linear: lambda m, x, p: (F.linear, (x, p["weight"], p["bias"])),
     nn.Conv1d: _conv,
     nn.Conv2d: _conv,
     nn.Conv3d: _conv,
     nn.BatchNorm1d: _bn,
     nn.BatchNorm2d: _bn,
     nn.BatchNorm3d: _bn,
+    nn.LayerNorm: lambda m, x, p: (F.layer_norm, (x, tuple(m.normalized_shape), p["weight"], p["bias"], m.eps)),
+    nn.Embedding: lambda m, x, p: None if m.max_norm is not None else (
+        F.embedding, (x, p["weight"], m.padding_idx, None, 2.0, m.scale_grad_by_freq, m.sparse)),
 }
 
 

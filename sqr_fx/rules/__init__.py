@@ -1,10 +1,11 @@
 """The rules table. Importing this package registers every op family's rule in ``RULES``.
 
 Families and where they live: ``weighted`` (linear, conv), ``pointwise`` (activations,
-dropout, BatchNorm, broadcasting binary ops), ``shape`` (graph interface, cat, flatten,
+dropout, BatchNorm, broadcasting binary ops), ``norm`` (LayerNorm/RMSNorm with
+compensation, embeddings), ``shape`` (graph interface, cat, flatten,
 view, slicing, pooling, reductions, shape reads).
 """
-from . import pointwise, shape, weighted  # noqa: F401  (registration side effect)
+from . import norm, pointwise, shape, weighted  # noqa: F401  (registration side effect)
 from .registry import RULES, Args, OpRule, lookup, method, rule
 
 __all__ = ["RULES", "Args", "OpRule", "lookup", "method", "rule"]

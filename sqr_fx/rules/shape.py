@@ -43,7 +43,8 @@ def _placeholder_rewrite(node, R, a):
 def placeholder(node, A, a):
     """Graph inputs keep their shape; an input channel that nothing reads is gathered away."""
     s = A.shape(node)
-    if s is None or len(s) not in (2, 4, 5):
+    tm = node.meta.get("tensor_meta")
+    if s is None or len(s) not in (2, 4, 5) or not tm.dtype.is_floating_point:
         return None
     info = ChanInfo.dynamic(1, A.fresh(s[1]))
     if not A.drop_inputs:
@@ -167,6 +168,62 @@ def view(node, A, a):
             A.freeze(out)
             return None
     return out
+
+
+# ---- permutations and broadcasting views -------------------------------------------------------
+try:
+    from torchvision.ops.misc import Permute as _Permute
+except ImportError:  # pragma: no cover
+    _Permute = None
+
+
+@rule("permute", torch.permute, method("permute"), aten.permute.default, _Permute, torch.transpose,
+      method("transpose"), aten.transpose.int, method("t"), torch.t, aten.t.default, torch.movedim,
+      method("movedim"))
+def permute(node, A, a):
+    """A permutation of axes moves the channel axis; positions along it are untouched."""
+    x = node.args[0]
+    src, s_in = A.info(x), A.shape(x)
+    if src is None or s_in is None or A.shape(node) is None:
+        A.freeze(src)
+        return None
+    nd = len(s_in)
+    if node.op == "call_module":
+        perm = list(A.module(node).dims)
+    elif node.target in (torch.transpose, aten.transpose.int, torch.movedim) or node.target in ("transpose", "movedim"):
+        d0, d1 = (_norm_dim(int(v), nd) for v in node.args[1:3])
+        if node.target in (torch.movedim, "movedim"):
+            order = [d for d in range(nd) if d != d0]
+            order.insert(d1, d0)
+            perm = order
+        else:
+            perm = list(range(nd))
+            perm[d0], perm[d1] = perm[d1], perm[d0]
+    elif node.target in ("t", torch.t, aten.t.default):
+        perm = list(range(nd))[::-1]
+    else:
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        perm = [_norm_dim(int(d), nd) for d in dims]
+    return src.with_dim(perm.index(src.dim))
+
+
+@rule("expand", method("expand"), aten.expand.default, method("expand_as"))
+def expand(node, A, a):
+    """Broadcast along other axes keeps channel j; a literal size on the channel axis would freeze."""
+    x = node.args[0]
+    src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
+    if src is None or s_in is None or s_out is None:
+        A.freeze(src)
+        return None
+    dim = src.dim + len(s_out) - len(s_in)
+    if node.target == "expand_as":
+        A.freeze(node.args[1])  # its channels set this tensor's width
+        return src.with_dim(dim)
+    sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    if s_out[dim] != len(src) or sizes[dim] != -1:
+        A.freeze(src)
+        return None
+    return src.with_dim(dim)
 
 
 # ---- slicing ----------------------------------------------------------------------------------

@@ -1,0 +1,116 @@
+"""LayerNorm / RMSNorm over the channel axis, and embeddings: the residual-stream rules.
+
+A LayerNorm reads every channel of its input through the mean and the variance, so a
+channel may leave it only when its input there is a known constant ``c_j``; the
+rewrite then emits :func:`~sqr_fx.layers.compensated_layer_norm`, which keeps the full
+layer's statistics exactly (docs/compensated_layernorm.md). Its OUTPUT channel j still
+varies per token, ``y_j = gamma_j (c_j - mu) / sigma + beta_j``, so the group goes only
+when every reader ignores it, or ``gamma_j == 0`` (then ``y_j = beta_j`` is a constant and
+folds into the readers like any other).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from ..layers import compensated_layer_norm, compensated_rms_norm, removed_stats
+from ..values import ChanInfo
+from .registry import rule
+
+aten = torch.ops.aten
+
+
+def _norm_analyze(node: fx.Node, A, a, *, has_bias: bool) -> ChanInfo | None:
+    x = a["input"]
+    src, s = A.info(x), A.shape(x)
+    ns = a.get("normalized_shape")
+    if src is None or s is None or src.dim != len(s) - 1 or (ns is not None and len(ns) != 1):
+        A.freeze(src)
+        return None
+    w = a.get("weight")
+    b = a.get("bias") if has_bias else None
+    for p in (w, b):
+        if p is not None:
+            if A.tensor(p) is None:
+                A.freeze(src)
+                return None
+            A.attach(p, 0, src.ids)
+    A.need_const(src)
+    n = len(src)
+    if w is None:
+        return ChanInfo.dynamic(src.dim, src.ids)
+    const = (A.tensor(w) == 0).cpu().numpy().astype(bool)
+    value = A.tensor(b).double().cpu().numpy() if b is not None else np.zeros(n)
+    return ChanInfo(src.dim, src.ids, const, np.where(const, value, 0.0))
+
+
+def _merged_stats(old_r: int, old_mean: torch.Tensor, old_m2: torch.Tensor, values: np.ndarray):
+    """Mean and centred sum of squares of the union of two removed sets (Chan et al.)."""
+    m_new, m2_new = removed_stats(torch.as_tensor(values))
+    r_new = len(values)
+    if old_r == 0:
+        return m_new, m2_new
+    r = old_r + r_new
+    delta = m_new - old_mean.double()
+    return old_mean.double() + delta * r_new / r, old_m2.double() + m2_new + delta**2 * old_r * r_new / r
+
+
+def _norm_rewrite(node: fx.Node, R, a, *, rms: bool) -> fx.Node:
+    src = R.info(a["input"])
+    keep = R.keep(src)
+    if src is None or keep.all():
+        return R.copy(node)
+    compensated = node.target in (compensated_layer_norm, compensated_rms_norm)
+    n = int(a["n"]) if compensated else len(src)
+    old_r = n - len(src)
+    removed = src.value[~keep]
+    x, w = R.arg(a["input"]), R.arg(a.get("weight"))
+    eps = a.get("eps")
+    if rms:
+        old = R.tensor(a["removed_sumsq"]).double() if compensated else torch.zeros((), dtype=torch.float64)
+        sumsq = R.buffer(f"{node.name}_removed_sumsq", old + float((removed**2).sum()))
+        return R.graph.call_function(compensated_rms_norm, (x, w, n, sumsq, eps))
+    if compensated:
+        mean, m2 = _merged_stats(old_r, R.tensor(a["removed_mean"]), R.tensor(a["removed_m2"]), removed)
+    else:
+        mean, m2 = removed_stats(torch.as_tensor(removed))
+    return R.graph.call_function(compensated_layer_norm, (
+        x, w, R.arg(a.get("bias")), n, R.buffer(f"{node.name}_removed_mean", mean),
+        R.buffer(f"{node.name}_removed_m2", m2), 1e-5 if eps is None else eps))
+
+
+@rule("layer_norm", F.layer_norm, aten.layer_norm.default, compensated_layer_norm,
+      names=("input", "normalized_shape", "weight", "bias", "eps"),
+      per_target={compensated_layer_norm: ("input", "weight", "bias", "n", "removed_mean", "removed_m2", "eps")},
+      rewrite=lambda n, R, a: _norm_rewrite(n, R, a, rms=False))
+def layer_norm(node, A, a):
+    """LayerNorm over the channel axis: channel j couples input and output; input j must be const."""
+    return _norm_analyze(node, A, a, has_bias=True)
+
+
+@rule("rms_norm", getattr(F, "rms_norm", None), getattr(aten, "rms_norm", None) and aten.rms_norm.default,
+      compensated_rms_norm, names=("input", "normalized_shape", "weight", "eps"),
+      per_target={compensated_rms_norm: ("input", "weight", "n", "removed_sumsq", "eps")},
+      rewrite=lambda n, R, a: _norm_rewrite(n, R, a, rms=True))
+def rms_norm(node, A, a):
+    """RMSNorm: rms^2 = (sum_K x^2 + sum_R c^2) / N; same coupling as LayerNorm."""
+    return _norm_analyze(node, A, a, has_bias=False)
+
+
+@rule("embedding", F.embedding, aten.embedding.default, names=("input", "weight"),
+      per_target={aten.embedding.default: ("weight", "input")})
+def embedding(node, A, a):
+    """Row lookup: output channel j is column j of the table, const when that column is constant."""
+    W = A.tensor(a["weight"])
+    s = A.shape(node)
+    if W is None or s is None or W.dim() != 2:
+        A.freeze(list(node.args))
+        return None
+    A.freeze(a["input"])  # token indices, not channels
+    ids = A.fresh(W.shape[1])
+    A.attach(a["weight"], 1, ids)
+    cols = W.double()
+    const = (cols == cols[:1]).all(0).cpu().numpy()
+    return ChanInfo(len(s) - 1, ids, const, np.where(const, cols[0].cpu().numpy(), 0.0))
