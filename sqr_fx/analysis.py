@@ -22,7 +22,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from .coupling import Groups
 from .errors import UnsupportedOpError
 from .rules import lookup
-from .trace import fetch_attr
+from .trace import fetch_attr, tied_targets
 from .values import META_KEY, ChanInfo
 
 __all__ = ["Analysis", "Plan"]
@@ -61,6 +61,7 @@ class Analysis:
         self.stat_reads: list[ChanInfo] = []
         self.unknown: list[str] = []
         self._probe_cache: dict[str, Any] = {}
+        self.tied = tied_targets(gm)
 
     # ---- queries used by rules -------------------------------------------------------------
     @staticmethod
@@ -73,8 +74,9 @@ class Analysis:
         return tuple(int(s) for s in tm.shape) if isinstance(tm, TensorMetadata) else None
 
     def tensor(self, a: Any) -> Optional[torch.Tensor]:
-        """The constant tensor behind a ``get_attr`` node (None for anything computed)."""
-        if isinstance(a, fx.Node) and a.op == "get_attr":
+        """The constant tensor behind a ``get_attr`` node (None for anything computed, and for a
+        tied tensor: slicing it for one reader would change the others, so rules treat it as opaque)."""
+        if isinstance(a, fx.Node) and a.op == "get_attr" and a.target not in self.tied:
             t = fetch_attr(self.gm, a.target)
             return t.detach() if isinstance(t, torch.Tensor) else None
         return None

@@ -98,8 +98,9 @@ def minimize(
             falling back to ``torch.export``) or a ``torch.fx.GraphModule``. Masks may be
             zeros in the weights, ``torch.nn.utils.prune`` or ``parametrize`` masks.
         example_inputs: a tuple of example inputs; drives shape propagation only.
-        strict: raise :class:`~sqr_fx.UnsupportedOpError` naming the first op with no rule,
-            instead of keeping (freezing) the channels it touches.
+        strict: raise :class:`~sqr_fx.UnsupportedOpError` naming the first op with no rule
+            (and :class:`~sqr_fx.TiedWeightsError` for a tensor read by several ops), instead of
+            keeping (freezing) the channels they touch.
         drop_inputs: gather away input features no layer reads (graph inputs keep their shape).
         verbose: print the per-layer report.
 
@@ -117,7 +118,7 @@ def minimize(
     """
     t0 = time.perf_counter()
     example_inputs = _check_inputs(example_inputs)
-    gm, frontend = to_graph(model, example_inputs)
+    gm, frontend = to_graph(model, example_inputs, strict=strict)
     rows: dict[str, LayerRow] = {}
     for node, a in _weighted_nodes(gm):
         shape, n = _layer_params(gm, a)
@@ -130,6 +131,7 @@ def minimize(
         analysis = Analysis(gm, strict=strict, drop_inputs=drop_inputs).run()
         plan = analysis.plan()
         frozen = plan.frozen_nodes
+        report.tied_tensors = sorted(analysis.tied)
         if not plan.any:
             break
         report.input_features_dropped += _record(gm, plan, rows)

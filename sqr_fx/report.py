@@ -36,6 +36,7 @@ class MinimizeReport:
     floats_after: int = 0
     input_features_dropped: int = 0
     frozen_ops: list[str] = field(default_factory=list)
+    tied_tensors: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -70,4 +71,6 @@ class MinimizeReport:
         if self.frozen_ops:
             shown = ", ".join(self.frozen_ops[:8]) + (" ..." if len(self.frozen_ops) > 8 else "")
             lines.append(f"ops without a rule (their channels kept): {shown}")
+        if self.tied_tensors:
+            lines.append(f"tied tensors kept whole (still tied): {', '.join(self.tied_tensors)}")
         return "\n".join(lines)

@@ -37,6 +37,7 @@ class Rewriter:
         self.attrs: dict[str, tuple[torch.Tensor, bool]] = {}
         self.modules: dict[str, nn.Module] = {}
         self._n = 0
+        self._aliases: dict[int, str] = {}
 
     # ---- reading the old graph ---------------------------------------------------------------
     @staticmethod
@@ -87,6 +88,15 @@ class Rewriter:
         self.attrs[target] = (value, is_param)
         return self.graph.get_attr(target)
 
+    def alias(self, node: fx.Node) -> fx.Node:
+        """An unchanged ``get_attr``: a tensor read under several names (tied) stays ONE tensor."""
+        raw = fetch_attr(self.old, node.target)
+        first = self._aliases.setdefault(id(raw), node.target)
+        if first != node.target:
+            self.attrs[node.target] = self.attrs[first]
+            return self.graph.get_attr(node.target)
+        return self.attr(node.target, raw.detach() if isinstance(raw, torch.Tensor) else raw)
+
     def buffer(self, hint: str, value: torch.Tensor) -> fx.Node:
         """A new constant tensor (folded kernel, gather index) stored as a buffer."""
         self._n += 1
@@ -113,10 +123,12 @@ class Rewriter:
         root = nn.Module()
         for name, mod in self.modules.items():
             _install(root, name, mod, buffer=False)
+        made: dict[int, Any] = {}
         for name, (value, is_param) in self.attrs.items():
-            obj = nn.Parameter(value, requires_grad=value.is_floating_point()) if (
-                is_param and isinstance(value, torch.Tensor)) else value
-            _install(root, name, obj, buffer=not is_param)
+            if id(value) not in made:  # aliases (tied tensors) share one object
+                made[id(value)] = nn.Parameter(value, requires_grad=value.is_floating_point()) if (
+                    is_param and isinstance(value, torch.Tensor)) else value
+            _install(root, name, made[id(value)], buffer=not is_param)
         gm = fx.GraphModule(root, self.graph, class_name=type(self.old).__name__)
         gm.graph.eliminate_dead_code()  # needs the owning module for its purity checks
         live = {n.target for n in gm.graph.nodes if n.op == "get_attr"}

@@ -149,22 +149,23 @@ def _private_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _check_tied(gm: fx.GraphModule) -> None:
-    users: dict[int, list[str]] = {}
+def tied_targets(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """``get_attr`` targets whose tensor is read by more than one op, mapped to all its names."""
+    users: dict[int, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             t = fetch_attr(gm, node.target)
             if isinstance(t, torch.Tensor) and t.dim() >= 1:
-                users.setdefault(id(t), []).append(node.target)
-    tied = [names for names in users.values() if len(names) > 1]
-    if tied:
-        raise TiedWeightsError(
-            f"parameter(s) read by more than one op: {tied[:3]}. Slicing a tied weight for one reader "
-            "would change the others; untie them (e.g. copy.deepcopy the shared module) or keep them dense."
-        )
+                users.setdefault(id(t), []).append(node)
+    tied: dict[str, list[str]] = {}
+    for nodes in users.values():
+        if sum(len(n.users) for n in nodes) > 1:
+            names = sorted({n.target for n in nodes})
+            tied.update({n: names for n in names})
+    return tied
 
 
-def to_graph(model: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, str]:
+def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> tuple[fx.GraphModule, str]:
     """Trace a private copy of ``model`` to a functional GraphModule; return it and the tracer used.
 
     ``model`` is never modified. A ``GraphModule`` is copied, not re-traced.
@@ -188,7 +189,13 @@ def to_graph(model: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, s
                     f"{type(ex_err).__name__}: {str(ex_err)[:500]}"
                 ) from ex_err
     gm = _functional(gm)
-    _check_tied(gm)
+    tied = tied_targets(gm)
+    if strict and tied:
+        raise TiedWeightsError(
+            f"parameter(s) read by more than one op: {sorted(set(map(tuple, tied.values())))[:3]}. Slicing a "
+            "tied weight for one reader would change the others; without strict=True they are kept whole "
+            "(and stay tied), with every channel they touch."
+        )
     return gm, frontend
 
 

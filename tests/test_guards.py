@@ -224,17 +224,48 @@ def test_training_mode_is_a_clear_error():
     minimize(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), (torch.randn(4, 3),))  # no train-sensitive module
 
 
-def test_tied_weights_are_a_clear_error():
-    class Tied(nn.Module):
+class Tied(nn.Module):
+    """One Linear applied twice, its row 0 dead: slicing it for one call would break the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
+        with torch.no_grad():
+            self.l.weight[0], self.l.bias[0] = 0, 0
+
+    def forward(self, x):
+        return self.head(self.l(torch.relu(self.l(x))))
+
+
+def test_guard_tied_weights_are_kept_whole_and_stay_tied():
+    m = Tied().eval()
+    s = minimize(m, (torch.randn(2, 3),))
+    assert _width(s, "l.weight") == (3, 3)
+    assert sum(p.numel() for p in s.parameters()) == sum(p.numel() for p in m.parameters())
+    _same(m, s, (4, 3))
+
+
+def test_tied_weights_in_strict_mode_are_a_clear_error():
+    with pytest.raises(sqr_fx.TiedWeightsError, match="l.weight"):
+        minimize(Tied().eval(), (torch.randn(2, 3),), strict=True)
+
+
+def test_tied_embedding_stays_one_parameter():
+    class LM(nn.Module):
         def __init__(self):
             super().__init__()
-            self.l = nn.Linear(3, 3)
+            self.emb, self.mid = nn.Embedding(7, 4), nn.Linear(4, 4)
+            self.out = nn.Linear(4, 7, bias=False)
+            self.out.weight = self.emb.weight  # tied input/output embedding
 
-        def forward(self, x):
-            return self.l(self.l(x))
+        def forward(self, ids):
+            return self.out(torch.relu(self.mid(self.emb(ids))))
 
-    with pytest.raises(sqr_fx.TiedWeightsError, match="l.weight"):
-        minimize(Tied().eval(), (torch.randn(2, 3),))
+    m = LM().eval()
+    ids = torch.randint(0, 7, (2, 5))
+    s = minimize(m, (ids,))
+    assert len(list(s.parameters())) == 3  # emb/out weight once, mid weight and bias
+    check_equivalence(m, s, (torch.randint(0, 7, (3, 9)),), rtol=1e-10, atol=1e-12)
 
 
 def test_untraceable_model_is_a_clear_error():

@@ -53,10 +53,10 @@ def placeholder(node, A, a):
 
 
 def _get_attr_rewrite(node, R, a):
-    t = R.tensor(node)
     info = R.info(node)
-    if info is not None and isinstance(t, torch.Tensor):
-        t = t.index_select(info.dim, torch.as_tensor(np.flatnonzero(R.keep(info)), dtype=torch.long))
+    if info is None or R.keep(info).all():
+        return R.alias(node)
+    t = R.tensor(node).index_select(info.dim, torch.as_tensor(np.flatnonzero(R.keep(info)), dtype=torch.long))
     return R.attr(node.target, t)
 
 

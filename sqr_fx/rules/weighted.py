@@ -108,6 +108,8 @@ def _has_padding(p: Any) -> bool:
 
 
 def _weighted_rewrite(node: fx.Node, R, a, *, conv: bool) -> fx.Node:
+    if R.info(node) is None:  # the analysis declined this op and froze what it touches
+        return R.copy(node)
     W = R.tensor(a["weight"])
     b = R.tensor(a.get("bias"))
     out_info, src = R.info(node), R.info(a["input"])
