@@ -25,7 +25,7 @@ from .values import META_KEY
 
 __all__ = ["minimize"]
 
-_WEIGHTED = ("linear", "conv")
+_WEIGHTED = ("linear", "conv", "addmm")
 
 
 def _check_inputs(example_inputs: Sequence[Any]) -> tuple:

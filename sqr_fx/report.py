@@ -72,5 +72,5 @@ class MinimizeReport:
             shown = ", ".join(self.frozen_ops[:8]) + (" ..." if len(self.frozen_ops) > 8 else "")
             lines.append(f"ops without a rule (their channels kept): {shown}")
         if self.tied_tensors:
-            lines.append(f"tied tensors kept whole (still tied): {', '.join(self.tied_tensors)}")
+            lines.append(f"tensors read by several ops (tied), kept whole: {', '.join(self.tied_tensors)}")
         return "\n".join(lines)

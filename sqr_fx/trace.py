@@ -173,7 +173,7 @@ def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> t
     check_model(model)
     model = _unwrap_parametrizations(_private_copy(model))
     if isinstance(model, fx.GraphModule):
-        gm, frontend = model, "fx"
+        gm, frontend = model, "GraphModule"
     else:
         try:
             gm, frontend = fx.symbolic_trace(model), "fx"

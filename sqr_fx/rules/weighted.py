@@ -52,8 +52,12 @@ def _row_values(nz: np.ndarray, wsum: np.ndarray, bias: np.ndarray, src: ChanInf
     return const, np.where(const, value, 0.0)[:n_out]
 
 
-def _weighted_analyze(node: fx.Node, A, a, *, conv: bool) -> ChanInfo | None:
-    x, W = a["input"], A.tensor(a["weight"])
+def _weight(t: torch.Tensor | None, transposed: bool) -> torch.Tensor | None:
+    return t.t() if t is not None and transposed else t
+
+
+def _weighted_analyze(node: fx.Node, A, a, *, conv: bool, transposed: bool = False) -> ChanInfo | None:
+    x, W = a["input"], _weight(A.tensor(a["weight"]), transposed)
     out_shape, x_shape = A.shape(node), A.shape(x)
     if W is None or out_shape is None or x_shape is None:  # weight computed at run time: no rule applies
         A.freeze(list(node.args), dict(node.kwargs))
@@ -63,7 +67,7 @@ def _weighted_analyze(node: fx.Node, A, a, *, conv: bool) -> ChanInfo | None:
     src = A.info(x)
     dim = 1 if conv else len(out_shape) - 1
     groups = int(a.get("groups", 1)) if conv else 1
-    nzw = (W != 0).flatten(2).any(-1) if conv else (W != 0)
+    nzw = ((W != 0).flatten(2).any(-1) if conv else (W != 0)).cpu().numpy()
     wsum = _np(W.flatten(2).sum(-1) if conv else W)
     padded = conv and _has_padding(a.get("padding", 0))
     if src is not None and src.dim != (1 if conv else len(x_shape) - 1):
@@ -72,8 +76,8 @@ def _weighted_analyze(node: fx.Node, A, a, *, conv: bool) -> ChanInfo | None:
     if groups == 1:
         out_ids = A.fresh(W.shape[0])
         if src is not None:
-            A.read(src, out_ids, _np(nzw) != 0)
-        const, value = _row_values(_np(nzw) != 0, wsum, bias, src, exact_const=not padded)
+            A.read(src, out_ids, nzw)
+        const, value = _row_values(nzw, wsum, bias, src, exact_const=not padded)
         return ChanInfo(dim, out_ids, const, value)
     # grouped conv: couple every input and output channel of each conv group
     if src is None:
@@ -88,7 +92,7 @@ def _weighted_analyze(node: fx.Node, A, a, *, conv: bool) -> ChanInfo | None:
         A.union(gin[:1].repeat(len(gin)), gin)
         out_ids[outs] = gin[0]
         sub = src.take(ins)
-        c, v = _row_values(_np(nzw[outs]) != 0, wsum[outs], bias[outs], sub, exact_const=not padded)
+        c, v = _row_values(nzw[outs], wsum[outs], bias[outs], sub, exact_const=not padded)
         const[outs], value[outs] = c, v
     return ChanInfo(dim, out_ids, const, value)
 
@@ -107,10 +111,10 @@ def _has_padding(p: Any) -> bool:
     return int(p) != 0
 
 
-def _weighted_rewrite(node: fx.Node, R, a, *, conv: bool) -> fx.Node:
+def _weighted_rewrite(node: fx.Node, R, a, *, conv: bool, transposed: bool = False) -> fx.Node:
     if R.info(node) is None:  # the analysis declined this op and froze what it touches
         return R.copy(node)
-    W = R.tensor(a["weight"])
+    W = _weight(R.tensor(a["weight"]), transposed)
     b = R.tensor(a.get("bias"))
     out_info, src = R.info(node), R.info(a["input"])
     keep_out = R.keep(out_info, W.shape[0])
@@ -135,7 +139,7 @@ def _weighted_rewrite(node: fx.Node, R, a, *, conv: bool) -> fx.Node:
     elif groups > 1:
         groups = int(keep_out.sum()) // (W.shape[0] // groups)
     ko = torch.as_tensor(keep_out)
-    new = {"weight": R.attr(a["weight"].target, Wn[ko])}
+    new = {"weight": R.attr(a["weight"].target, _weight(Wn[ko], transposed))}
     if bn is not None:
         new["bias"] = R.attr(a["bias"].target if isinstance(a.get("bias"), fx.Node) else f"{a['weight'].target}_bias", bn[ko])
     if conv and groups != int(a.get("groups", 1)):
@@ -176,6 +180,16 @@ def _const_conv(node, R, a, W, bn, keep_out, correction) -> fx.Node:
 def linear(node, A, a):
     """y = x W^T + b; output feature o is const when every input it reads is const."""
     return _weighted_analyze(node, A, a, conv=False)
+
+
+@rule("addmm", torch.addmm, aten.addmm.default, names=("bias", "input", "weight"),
+      rewrite=lambda n, R, a: _weighted_rewrite(n, R, a, conv=False, transposed=True))
+def addmm(node, A, a):
+    """bias + x @ W (GPT-2's Conv1D, Linear after export decompositions): Linear with W transposed."""
+    if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1 or len(node.args) > 3:
+        A.freeze(list(node.args))
+        return None
+    return _weighted_analyze(node, A, a, conv=False, transposed=True)
 
 
 _CONV_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")

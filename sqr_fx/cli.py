@@ -1,0 +1,79 @@
+"""Command line: ``python -m sqr_fx squeeze-release --recipe mnist-fc`` and ``python -m sqr_fx demo``.
+
+``squeeze-release`` runs a recipe end to end (see :mod:`sqr_fx.recipes`) and writes
+``<out>/<recipe>.json`` (the per-cycle history) and ``<out>/<recipe>.png`` (size vs accuracy).
+
+>>> main(["squeeze-release", "--recipe", "digits-fc", "--out", "/tmp/sqr", "--no-progress"])  # doctest: +SKIP
+0
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser with the ``squeeze-release`` and ``demo`` subcommands."""
+    from .recipes import RECIPES
+
+    parser = argparse.ArgumentParser(prog="python -m sqr_fx", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sr = sub.add_parser("squeeze-release", help="run a Squeeze-Release recipe end to end")
+    sr.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+    sr.add_argument("--out", default="sqr_results", help="output folder (default: %(default)s)")
+    sr.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    sr.add_argument("--cycles", type=int, help="number of cycles (schedules cut or extended)")
+    sr.add_argument("--epochs", type=int, help="free-training epochs per cycle (overrides the schedule)")
+    sr.add_argument("--finetune-epochs", type=int, help="masked fine-tuning epochs per cycle")
+    sr.add_argument("--amount", type=float, help="pruning amount per cycle (overrides the schedule)")
+    sr.add_argument("--scope", choices=("global", "layer"))
+    sr.add_argument("--release-scale", type=float, help="release noise std / pruning threshold")
+    sr.add_argument("--seed", type=int)
+    sr.add_argument("--arch", choices=("small", "tiny"), help="fashion-convnext: ConvNeXt size")
+    sr.add_argument("--limit-train", type=int, help="use only the first N training samples")
+    sr.add_argument("--baselines", action="store_true",
+                    help="also train the dense and iterative-magnitude-pruning baselines")
+    sr.add_argument("--threads", type=int, help="torch.set_num_threads")
+    sr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_parser("demo", help="minimize a pruned model and print the report")
+    return parser
+
+
+def _squeeze_release(args: argparse.Namespace) -> int:
+    import torch
+
+    from .recipes import get_recipe, run_recipe
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    overrides = {"cycles": args.cycles, "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
+                 "amount": args.amount, "scope": args.scope, "release_scale": args.release_scale,
+                 "seed": args.seed}
+    if args.recipe == "fashion-convnext":
+        overrides.update(arch=args.arch or "small", limit_train=args.limit_train)
+    elif args.arch or args.limit_train:
+        print("error: --arch/--limit-train apply to fashion-convnext only", file=sys.stderr)
+        return 2
+    recipe = get_recipe(args.recipe, **{k: v for k, v in overrides.items() if v is not None})
+    _, history = run_recipe(recipe, args.out, device=args.device, progress=not args.no_progress,
+                            baselines=("dense", "imp") if args.baselines else ())
+    print(history)
+    print(f"wrote {args.out}/{recipe.name}.json and {args.out}/{recipe.name}.png")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m sqr_fx`` and the ``sqr-fx`` script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from . import demo  # written with the core; imported only when asked for
+
+        result = demo.main()
+        return int(result) if isinstance(result, int) else 0
+    return _squeeze_release(args)

