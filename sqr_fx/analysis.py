@@ -36,6 +36,7 @@ class Plan:
     removed: np.ndarray
     unused: np.ndarray
     frozen_nodes: list[str] = field(default_factory=list)
+    local_changes: list[str] = field(default_factory=list)
 
     def removed_at(self, info: Optional[ChanInfo]) -> np.ndarray:
         """Bool mask of removed positions of ``info`` (all False for an untracked tensor)."""
@@ -48,7 +49,8 @@ class Plan:
 
     @property
     def any(self) -> bool:
-        return bool(self.removed.any())
+        """Something to rewrite: channel groups to remove, or an op that shrinks inside itself."""
+        return bool(self.removed.any()) or bool(self.local_changes)
 
 
 class Analysis:
@@ -59,6 +61,7 @@ class Analysis:
         self.groups = Groups()
         self.edges: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.stat_reads: list[ChanInfo] = []
+        self.local: list[str] = []
         self.unknown: list[str] = []
         self._probe_cache: dict[str, Any] = {}
         self.tied = tied_targets(gm)
@@ -119,6 +122,10 @@ class Analysis:
         """A statistic over the channel axis (LayerNorm's mean and variance) reads ``src``: a channel
         may leave it only when its value there is a known constant, which the rewrite compensates."""
         self.stat_reads.append(src)
+
+    def local_change(self, node: fx.Node) -> None:
+        """``node`` can shrink inside itself (attention heads) even if no channel group goes."""
+        self.local.append(node.name)
 
     def evaluate(self, node: fx.Node, replace: dict[fx.Node, Any]) -> Optional[torch.Tensor]:
         """Run ``node``'s own op on probe values (float64): the op's meaning is its value rule.
@@ -203,4 +210,4 @@ class Analysis:
                     used[read_roots] = True
                     changed = True
         removed = present & ~frozen & (~used | ~nonconst)
-        return Plan(root_of, removed, ~used, list(self.unknown))
+        return Plan(root_of, removed, ~used, list(self.unknown), list(self.local))

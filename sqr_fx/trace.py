@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .attention import functionalize_mha
 from .errors import SqrFxError, TiedWeightsError, TraceError, TrainingModeError, UnsupportedDtypeError
 
 __all__ = ["to_graph", "fetch_attr", "propagate_shapes", "check_model"]
@@ -72,6 +73,9 @@ def _functional(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.MultiheadAttention):
+            functionalize_mha(gm, node, mod)
+            continue
         build = _FUNCTIONALIZE.get(type(mod))
         if build is None or len(node.args) != 1 or node.kwargs:
             continue

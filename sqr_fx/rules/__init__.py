@@ -2,10 +2,10 @@
 
 Families and where they live: ``weighted`` (linear, conv), ``pointwise`` (activations,
 dropout, BatchNorm, broadcasting binary ops), ``norm`` (LayerNorm/RMSNorm with
-compensation, embeddings), ``shape`` (graph interface, cat, flatten,
+compensation, embeddings), ``attention`` (self-attention per head), ``shape`` (graph interface, cat, flatten,
 view, slicing, pooling, reductions, shape reads).
 """
-from . import norm, pointwise, shape, weighted  # noqa: F401  (registration side effect)
+from . import attention, norm, pointwise, shape, weighted  # noqa: F401  (registration side effect)
 from .registry import RULES, Args, OpRule, lookup, method, rule
 
 __all__ = ["RULES", "Args", "OpRule", "lookup", "method", "rule"]

@@ -1,0 +1,77 @@
+"""Self-attention in the canonical form the minimize pass can shrink per head.
+
+``nn.MultiheadAttention`` (self-attention: query is key is value, no masks) is rewritten by
+the tracer into one call of :func:`self_attention` whose projections are plain ``get_attr``
+tensors. Per-head widths are read off the tensor shapes, so the same call expresses a
+minimized block whose heads have fewer query/key dims (``d_qk``) and value dims (``d_v``)
+than the original; the softmax scale stays the ORIGINAL ``1/sqrt(head_dim)``.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+__all__ = ["self_attention", "functionalize_mha"]
+
+
+@torch.fx.wrap
+def self_attention(x: Tensor, q_weight: Tensor, q_bias: Tensor, k_weight: Tensor, k_bias: Tensor,
+                   v_weight: Tensor, v_bias: Tensor, out_weight: Tensor, out_bias: Optional[Tensor],
+                   num_heads: int, scale: float, batch_first: bool = True) -> Tensor:
+    """Multi-head self-attention with explicit projections (any per-head widths).
+
+    >>> E, H = 8, 2
+    >>> mha = torch.nn.MultiheadAttention(E, H, batch_first=True).eval()
+    >>> x = torch.randn(3, 5, E)
+    >>> wq, wk, wv = mha.in_proj_weight.chunk(3); bq, bk, bv = mha.in_proj_bias.chunk(3)
+    >>> y = self_attention(x, wq, bq, wk, bk, wv, bv, mha.out_proj.weight, mha.out_proj.bias, H, (E // H) ** -0.5)
+    >>> torch.allclose(y, mha(x, x, x, need_weights=False)[0], atol=1e-6)
+    True
+    """
+    if not batch_first:
+        x = x.transpose(0, 1)
+    b, t = x.shape[0], x.shape[1]
+    q = F.linear(x, q_weight, q_bias).view(b, t, num_heads, -1).transpose(1, 2)
+    k = F.linear(x, k_weight, k_bias).view(b, t, num_heads, -1).transpose(1, 2)
+    v = F.linear(x, v_weight, v_bias).view(b, t, num_heads, -1).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    out = F.linear(o.transpose(1, 2).reshape(b, t, -1), out_weight, out_bias)
+    return out if batch_first else out.transpose(0, 1)
+
+
+def functionalize_mha(gm: fx.GraphModule, node: fx.Node, mod: nn.MultiheadAttention) -> bool:
+    """Replace a self-attention ``call_module`` by :func:`self_attention`; False when it does not apply
+    (cross-attention, masks, attention weights used, separate q/k/v widths, bias_k/v, zero_attn)."""
+    args = list(node.args) + [None] * (3 - len(node.args))
+    q, k, v = (node.kwargs.get(n, a) for n, a in zip(("query", "key", "value"), args[:3]))
+    extra = {n: val for n, val in node.kwargs.items() if n not in ("query", "key", "value")}
+    masks_off = all(extra.get(n) is None for n in ("key_padding_mask", "attn_mask")) and not extra.get("is_causal")
+    # used only as ``out, _ = mha(x, x, x)``: the attention weights are never read
+    weights_unused = all(u.target is operator.getitem and (u.args[1] == 0 or not u.users) for u in node.users)
+    if not (q is k is v and masks_off and weights_unused and mod._qkv_same_embed_dim and mod.bias_k is None
+            and not mod.add_zero_attn and len(node.args) <= 3):
+        return False
+    E, H = mod.embed_dim, mod.num_heads
+    wq, wk, wv = mod.in_proj_weight.detach().chunk(3)
+    b = mod.in_proj_bias.detach() if mod.in_proj_bias is not None else torch.zeros(3 * E, dtype=wq.dtype)
+    bq, bk, bv = b.chunk(3)
+    tensors = {"q_weight": wq, "q_bias": bq, "k_weight": wk, "k_bias": bk, "v_weight": wv, "v_bias": bv}
+    for name, t in tensors.items():
+        mod.register_parameter(f"sqr_fx_{name}", nn.Parameter(t.clone()))
+    g = gm.graph
+    with g.inserting_before(node):
+        attrs = [g.get_attr(f"{node.target}.sqr_fx_{n}") for n in tensors]
+        ow = g.get_attr(f"{node.target}.out_proj.weight")
+        ob = g.get_attr(f"{node.target}.out_proj.bias") if mod.out_proj.bias is not None else None
+        new = g.call_function(self_attention, (q, *attrs, ow, ob, H, float((E // H) ** -0.5), mod.batch_first))
+    new.meta = dict(node.meta)
+    for u in list(node.users):
+        if u.args[1] == 0:
+            u.replace_all_uses_with(new)
+        g.erase_node(u)
+    g.erase_node(node)
+    return True
