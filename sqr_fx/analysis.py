@@ -182,8 +182,22 @@ class Analysis:
                     out = r.analyze(node, self, args)
                 except Exception as e:  # noqa: BLE001 - re-raise with the node named
                     raise type(e)(f"{e}\n  while analysing node {node.format_node()} (rule {r.family!r})") from e
+            if out is not None and self._mutates_shared_input(node):
+                # x.relu_() with x read elsewhere: x's recorded values are stale after the op
+                self.freeze(out, node.args[0])
             node.meta[META_KEY] = out
         return self
+
+    def _mutates_shared_input(self, node: fx.Node) -> bool:
+        x = node.args[0] if node.args else None
+        if not isinstance(x, fx.Node) or len(x.users) <= 1:
+            return False
+        if node.op == "call_method":
+            return node.target.endswith("_")
+        if node.op == "call_module":
+            return bool(getattr(self.module(node), "inplace", False))
+        name = getattr(node.target, "__name__", "")
+        return name.startswith("__i") or name.endswith("_") or bool(node.kwargs.get("inplace", False))
 
     def plan(self) -> Plan:
         root_of, frozen = self.groups.resolve()

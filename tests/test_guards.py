@@ -296,3 +296,25 @@ def test_input_is_never_mutated_and_output_owns_its_tensors():
 def test_inputs_that_do_not_fit_are_a_clear_error():
     with pytest.raises(sqr_fx.SqrFxError, match=r"does not run on example_inputs \(\(2, 7\)"):
         minimize(nn.Linear(3, 2).eval(), (torch.randn(2, 7),))
+
+
+class InPlace(nn.Module):
+    """relu_ overwrites h, which another reader also reads: h's recorded constant -1 is stale."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 2)
+        with torch.no_grad():
+            self.a.weight[0], self.a.bias[0] = 0, -1.0
+
+    def forward(self, x):
+        h = self.a(x)
+        y = torch.relu_(h)
+        return self.b(y) + self.c(h)
+
+
+def test_guard_in_place_op_on_a_shared_tensor_freezes():
+    m = InPlace().eval()
+    s = minimize(m, (torch.randn(2, 3),))
+    assert _width(s, "a.weight") == (4, 3)
+    _same(m, s, (5, 3))
