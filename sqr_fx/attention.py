@@ -62,6 +62,7 @@ def functionalize_mha(gm: fx.GraphModule, node: fx.Node, mod: nn.MultiheadAttent
     tensors = {"q_weight": wq, "q_bias": bq, "k_weight": wk, "k_bias": bk, "v_weight": wv, "v_bias": bv}
     for name, t in tensors.items():
         mod.register_parameter(f"sqr_fx_{name}", nn.Parameter(t.clone()))
+    del mod.in_proj_weight, mod.in_proj_bias  # (a private copy) now held as the six tensors above
     g = gm.graph
     with g.inserting_before(node):
         attrs = [g.get_attr(f"{node.target}.sqr_fx_{n}") for n in tensors]

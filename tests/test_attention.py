@@ -99,3 +99,33 @@ def test_guard_cross_attention_and_used_weights_are_not_converted(kw):
     assert not any(n.target is self_attention for n in s.graph.nodes)
     assert s.sqr_report.params_after == s.sqr_report.params_before
     _same(m, s)
+
+
+def test_vit_stream_channels_heads_and_mlp_units_go():
+    """A small torchvision ViT: class token + positional embedding + LayerNorms + attention + MLP."""
+    import torchvision
+
+    torch.manual_seed(0)
+    m = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64,
+                                             mlp_dim=128, num_classes=10).double().eval()
+    J = [0, 1, 2]  # stream channels every writer leaves constant and every LayerNorm reader ignores
+    with torch.no_grad():
+        nn.init.normal_(m.heads.head.weight)  # torchvision initializes the head to zero
+        m.conv_proj.weight[J], m.conv_proj.bias[J] = 0, 0
+        m.class_token[..., J], m.encoder.pos_embedding[..., J] = 0.0, 0.25
+        for layer in m.encoder.layers:
+            a = layer.self_attention
+            a.in_proj_weight[:, J] = 0
+            a.in_proj_weight[2 * 64: 2 * 64 + 16] = 0  # head 0's values are constants
+            a.out_proj.weight[J], a.out_proj.bias[J] = 0, 0
+            layer.mlp[0].weight[:, J] = 0
+            layer.mlp[0].weight[:40] = 0  # dead MLP units (constant gelu(bias))
+            layer.mlp[3].weight[J], layer.mlp[3].bias[J] = 0, 0
+        m.heads.head.weight[:, J] = 0
+    s = minimize(m, (torch.randn(2, 3, 32, 32, dtype=torch.float64),))
+    p = {k: tuple(v.shape) for k, v in s.named_parameters()}
+    assert p["conv_proj.weight"] == (61, 3, 8, 8)
+    assert p["encoder.layers.encoder_layer_0.self_attention.sqr_fx_v_weight"] == (48, 61)
+    assert p["encoder.layers.encoder_layer_0.mlp.0.weight"] == (88, 61)
+    assert any("compensated_layer_norm" in str(n.target) for n in s.graph.nodes)
+    check_equivalence(m, s, (torch.randn(3, 3, 32, 32, dtype=torch.float64),), rtol=1e-9, atol=1e-10)

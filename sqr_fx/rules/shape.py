@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..values import ChanInfo
+from .pointwise import _param_info
 from .registry import method, rule
 
 aten = torch.ops.aten
@@ -212,6 +213,8 @@ def expand(node, A, a):
     """Broadcast along other axes keeps channel j; a literal size on the channel axis would freeze."""
     x = node.args[0]
     src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
+    if src is None and s_in:  # a learned token (ViT's class token) joins the channels of its last axis
+        src = _param_info(x, A, len(s_in) - 1)
     if src is None or s_in is None or s_out is None:
         A.freeze(src)
         return None
@@ -232,6 +235,8 @@ def _slice_rewrite(node, R, a):
     if out_info is None or (R.keep(src).all() and R.keep(out_info).all()):
         return R.copy(node)
     pos = node.meta["sqr_fx.slice_pos"]
+    if len(pos) == len(src) and (pos == np.arange(len(src))).all():
+        return R.copy(node)  # the channel axis is not sliced: removed channels leave by themselves
     rank = np.cumsum(R.keep(src)) - 1
     idx = rank[pos[R.keep(out_info)]]
     x = R.arg(node.args[0])
@@ -252,11 +257,16 @@ def getitem(node, A, a):
         return None
     if node.target is operator.getitem:
         idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-        if not all(isinstance(i, slice) and all(not isinstance(v, fx.Node) for v in (i.start, i.stop, i.step))
-                   for i in idx) or len(idx) > len(s_in):
+        plain = all((isinstance(i, slice) and all(not isinstance(v, fx.Node) for v in (i.start, i.stop, i.step)))
+                    or (type(i) is int and k != src.dim) for k, i in enumerate(idx))
+        if not plain or len(idx) > len(s_in):
             A.freeze(src)
             return None
         sl = idx[src.dim] if src.dim < len(idx) else slice(None)
+        ints_before = sum(type(i) is int for i in idx[:src.dim])  # x[:, 0] drops an axis before channels
+        pos = np.arange(s_in[src.dim])[sl]
+        node.meta["sqr_fx.slice_pos"] = pos
+        return src.take(pos).with_dim(src.dim - ints_before)
     else:
         d = _norm_dim(int(node.args[1]) if len(node.args) > 1 else 0, len(s_in))
         args = list(node.args[2:5]) + [None] * (3 - len(node.args[2:5]))
@@ -337,7 +347,14 @@ def size(node, A, a):
     src = A.info(x)
     if src is None:
         return None
-    d = node.args[1] if len(node.args) > 1 and node.target is not getattr else node.kwargs.get("dim")
+    if node.target is getattr:
+        # x.shape used only as x.shape[i] for other axes (batch size, sequence length) is harmless
+        if all(u.target is operator.getitem and type(u.args[1]) is int
+               and _norm_dim(u.args[1], len(A.shape(x) or ())) != src.dim for u in node.users):
+            return None
+        A.freeze(src)
+        return None
+    d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     if d is None or _norm_dim(int(d), len(A.shape(x) or ())) == src.dim:
         A.freeze(src)
     return None
