@@ -19,6 +19,7 @@ from .errors import UnsupportedDtypeError
 from .report import LayerRow, MinimizeReport
 from .rewrite import rewrite
 from .rules import lookup
+from .rules.shape import is_input_gather
 from .size import count_parameters, count_stored_floats
 from .trace import fetch_attr, propagate_shapes, to_graph
 from .values import META_KEY
@@ -73,7 +74,8 @@ def _record(gm: fx.GraphModule, plan: Plan, rows: dict[str, LayerRow]) -> int:
         row.in_const += ic
     dropped = 0
     for node in gm.graph.nodes:
-        if node.op == "placeholder" and node.meta.get(META_KEY) is not None:
+        is_input = node.op == "placeholder" or (node.args and is_input_gather(node.args[0]))
+        if is_input and node.meta.get(META_KEY) is not None:
             dropped += int(plan.removed_at(node.meta[META_KEY]).sum())
     return dropped
 

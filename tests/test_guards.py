@@ -318,3 +318,18 @@ def test_guard_in_place_op_on_a_shared_tensor_freezes():
     s = minimize(m, (torch.randn(2, 3),))
     assert _width(s, "a.weight") == (4, 3)
     _same(m, s, (5, 3))
+
+
+def test_minimize_again_extends_its_own_input_gather():
+    m = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        m[0].weight[:, 1] = 0
+    s1 = minimize(m, (torch.randn(3, 6),))
+    with torch.no_grad():  # a later cycle leaves original feature 3 unread as well
+        dict(s1.named_parameters())["0.weight"][:, 2] = 0
+    s2 = minimize(s1, (torch.randn(3, 6),))
+    assert s2.sqr_report.input_features_dropped == 1
+    assert [n.target for n in s2.graph.nodes].count(torch.index_select) == 1  # one gather, not a chain
+    assert dict(s2.named_buffers())["sqr_fx_index_select_idx_1"].tolist() == [0, 2, 4, 5]
+    _same(s1, s2, (5, 6))
+    assert minimize(s2, (torch.randn(3, 6),)).sqr_report.rounds == 0  # a fixpoint

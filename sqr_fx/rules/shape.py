@@ -40,9 +40,18 @@ def _placeholder_rewrite(node, R, a):
     return R.index_select(new, info.dim, np.flatnonzero(R.keep(info)), f"{node.name}_kept")
 
 
+def is_input_gather(x) -> bool:
+    """A graph input read only through ``index_select`` on axis 1: minimize's own input gather."""
+    return isinstance(x, fx.Node) and x.op == "placeholder" and len(x.users) > 0 and all(
+        u.target in (torch.index_select, aten.index_select.default) and u.args[0] is x and u.args[1] == 1
+        for u in x.users)
+
+
 @rule("placeholder", "placeholder", names=(), rewrite=_placeholder_rewrite)
 def placeholder(node, A, a):
     """Graph inputs keep their shape; an input channel that nothing reads is gathered away."""
+    if is_input_gather(node):
+        return None  # its gather carries the channels (see index_select)
     s = A.shape(node)
     tm = node.meta.get("tensor_meta")
     if s is None or len(s) not in (2, 4, 5) or not tm.dtype.is_floating_point:
@@ -232,14 +241,18 @@ def expand(node, A, a):
 # ---- slicing ----------------------------------------------------------------------------------
 def _slice_rewrite(node, R, a):
     out_info, src = R.info(node), R.info(node.args[0])
-    if out_info is None or (R.keep(src).all() and R.keep(out_info).all()):
+    if out_info is None or (R.keep(src, 0).all() and R.keep(out_info).all()):
         return R.copy(node)
     pos = node.meta["sqr_fx.slice_pos"]
+    if src is None:  # the input gather of a graph input, which keeps its shape: select from it directly
+        return R.index_select(R.arg(node.args[0]), out_info.dim, pos[R.keep(out_info)], f"{node.name}_idx")
     if len(pos) == len(src) and (pos == np.arange(len(src))).all():
         return R.copy(node)  # the channel axis is not sliced: removed channels leave by themselves
     rank = np.cumsum(R.keep(src)) - 1
     idx = rank[pos[R.keep(out_info)]]
     x = R.arg(node.args[0])
+    if node.target in _INDEX_SELECT:
+        return R.index_select(x, out_info.dim, idx, f"{node.name}_idx")
     if node.target is operator.getitem:
         index = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
         index[src.dim] = slice(None)
@@ -275,6 +288,31 @@ def getitem(node, A, a):
             return None
         sl = slice(*args) if d == src.dim else slice(None)
     pos = np.arange(s_in[src.dim])[sl]
+    node.meta["sqr_fx.slice_pos"] = pos
+    return src.take(pos)
+
+
+_INDEX_SELECT = (torch.index_select, aten.index_select.default)
+
+
+@rule("index_select", *_INDEX_SELECT, names=("input", "dim", "index"), rewrite=_slice_rewrite)
+def index_select(node, A, a):
+    """A gather along the channel axis with a constant index (minimize's own input gather) selects ids."""
+    x = a["input"]
+    src, s_in, idx = A.info(x), A.shape(x), A.tensor(a["index"])
+    if is_input_gather(x) and idx is not None:  # the gathered features are the graph's input channels
+        pos = idx.cpu().numpy().astype(np.int64)
+        node.meta["sqr_fx.slice_pos"] = pos
+        info = ChanInfo.dynamic(1, A.fresh(len(pos)))
+        if not A.drop_inputs:
+            A.freeze(info)
+        return info
+    if src is None or s_in is None or idx is None or A.shape(node) is None:
+        A.freeze(src)
+        return None
+    if _norm_dim(int(a["dim"]), len(s_in)) != src.dim:
+        return src
+    pos = idx.cpu().numpy().astype(np.int64)
     node.meta["sqr_fx.slice_pos"] = pos
     return src.take(pos)
 
