@@ -59,7 +59,7 @@ class Analysis:
     def __init__(self, gm: fx.GraphModule, strict: bool = False, drop_inputs: bool = True):
         self.gm, self.strict, self.drop_inputs = gm, strict, drop_inputs
         self.groups = Groups()
-        self.edges: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.edges: list[tuple[ChanInfo, np.ndarray, np.ndarray]] = []
         self.stat_reads: list[ChanInfo] = []
         self.local: list[str] = []
         self.unknown: list[str] = []
@@ -116,7 +116,7 @@ class Analysis:
 
     def read(self, src: ChanInfo, out_ids: np.ndarray, nz: np.ndarray) -> None:
         """A weighted op reads ``src``; ``nz[o, i]``: output position o reads input position i."""
-        self.edges.append((src.ids, out_ids, np.asarray(nz, bool)))
+        self.edges.append((src, out_ids, np.asarray(nz, bool)))
 
     def need_const(self, src: ChanInfo) -> None:
         """A statistic over the channel axis (LayerNorm's mean and variance) reads ``src``: a channel
@@ -200,14 +200,14 @@ class Analysis:
         return name.startswith("__i") or name.endswith("_") or bool(node.kwargs.get("inplace", False))
 
     def plan(self) -> Plan:
+        """Decide per group. A group may go when nothing needs it: not frozen, and every kept reader
+        either reads it with zero weight or reads a constant there (which that reader folds)."""
         root_of, frozen = self.groups.resolve()
         n = len(root_of)
-        nonconst = np.zeros(n, bool)
         present = np.zeros(n, bool)  # roots that some tensor of the graph actually carries
         for node in self.gm.graph.nodes:
             i = node.meta.get(META_KEY)
             if i is not None:
-                nonconst[root_of[i.ids[~i.const]]] = True
                 present[root_of[i.ids]] = True
         for src in self.stat_reads:  # removable only where the statistic can be compensated
             frozen[root_of[src.ids[~src.const]]] = True
@@ -219,9 +219,24 @@ class Analysis:
                 live_rows = used[root_of[out_ids]]
                 if not live_rows.any():
                     continue
-                read_roots = root_of[src[nz[live_rows].any(0)]]
+                read_roots = root_of[src.ids[nz[live_rows].any(0)]]
                 if not used[read_roots].all():
                     used[read_roots] = True
                     changed = True
-        removed = present & ~frozen & (~used | ~nonconst)
+        read_dynamic = frozen.copy()
+        for src, out_ids, nz in self.edges:
+            live_rows = used[root_of[out_ids]]
+            if live_rows.any():
+                read_dynamic[root_of[src.ids[nz[live_rows].any(0) & ~src.const]]] = True
+        removed = present & ~read_dynamic
+        self._keep_one_channel(removed, root_of)
         return Plan(root_of, removed, ~used, list(self.unknown), list(self.local))
+
+    def _keep_one_channel(self, removed: np.ndarray, root_of: np.ndarray) -> None:
+        """No tensor loses every channel (torch ops reject zero-width inputs): keep its first group.
+        Keeping a removable group is always exact: a constant one is simply not folded, an unused
+        one is read by no kept reader whatever it holds."""
+        for node in self.gm.graph.nodes:
+            i = node.meta.get(META_KEY)
+            if i is not None and len(i) and removed[root_of[i.ids]].all():
+                removed[root_of[i.ids[0]]] = False
