@@ -26,7 +26,8 @@ _UNARY = [
     "threshold", "dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d",
     "exp", "abs", "neg", "clamp", "clip", "square", "erf", "contiguous", "clone", "detach", "float", "double",
     "half", "bfloat16", "to", "type_as", "relu_", "sigmoid_", "tanh_", "hardtanh_", "leaky_relu_", "elu_",
-    "silu_", "hardswish_", "hardsigmoid_", "clamp_", "clamp_min", "clamp_max", "native_dropout",
+    "silu_", "hardswish_", "hardsigmoid_", "clamp_", "clamp_min", "clamp_max", "native_dropout", "pow",
+    "rsqrt", "sqrt", "log", "sin", "cos", "reciprocal", "sign",
 ]
 _UNARY_MODULES = [
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
@@ -71,11 +72,15 @@ def _mapped_values(node: fx.Node, A, x: fx.Node, src: ChanInfo) -> ChanInfo:
     return out
 
 
-@rule("pointwise", *_targets(_UNARY), *_UNARY_MODULES, aten.dropout.default, aten.alias.default)
+@rule("pointwise", *_targets(_UNARY), *_UNARY_MODULES, aten.dropout.default, aten.alias.default, operator.pow)
 def pointwise(node: fx.Node, A, a) -> ChanInfo | None:
     """y_j = f(x_j): couples x_j and y_j; const(c) -> const(f(c))."""
     x = _first_tensor_arg(node)
     src = A.info(x)
+    others = [v for v in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(v, fx.Node)]
+    if any(A.info(v) is not None or A.tensor(v) is None for v in others if A.shape(v) is not None):
+        A.freeze(src, others)  # a second tensor operand (pow(x, y)): not a one-input channel-wise op
+        return None
     if src is None or A.shape(node) != A.shape(x):
         A.freeze(src)
         return None
