@@ -27,10 +27,9 @@ aten = torch.ops.aten
 __all__ = ["ones_map"]
 
 
-def ones_map(x: torch.Tensor, batch: bool = False) -> torch.Tensor:
-    """All-ones single-channel tensor with ``x``'s spatial size (batch 1, or x's batch)."""
-    n = x.shape[0] if batch else 1
-    return x.new_ones((n, 1) + tuple(x.shape[2:]))
+def ones_map(x: torch.Tensor) -> torch.Tensor:
+    """All-ones single-channel batch-1 tensor with ``x``'s spatial size (broadcast over the batch)."""
+    return x.new_ones((1, 1) + tuple(x.shape[2:]))
 
 
 torch.fx.wrap("ones_map")
@@ -134,8 +133,6 @@ def _weighted_rewrite(node: fx.Node, R, a, *, conv: bool, transposed: bool = Fal
                 extra = K.flatten(1).sum(1) if conv else K
                 bn = (b.double() if b is not None else torch.zeros(W.shape[0], dtype=torch.float64)) + extra
                 bn = bn.to(W.dtype)
-        if not keep_in.any() and conv:  # torch conv cannot take 0 input channels: bias + ones-map term only
-            return _const_conv(node, R, a, W, bn, keep_out, correction)
     elif groups > 1:
         groups = int(keep_out.sum()) // (W.shape[0] // groups)
     ko = torch.as_tensor(keep_out)
@@ -147,32 +144,19 @@ def _weighted_rewrite(node: fx.Node, R, a, *, conv: bool, transposed: bool = Fal
     new["input"] = R.arg(a["input"])
     out = R.emit_like(node, a, new)
     if correction is not None:
-        out = _add_correction(node, R, a, out, new["input"], correction[ko], batch=False)
+        out = _add_correction(node, R, a, out, new["input"], correction[ko])
     return out
 
 
-def _add_correction(node, R, a, out, x_new, K, batch: bool) -> fx.Node:
+def _add_correction(node, R, a, out, x_new, K) -> fx.Node:
+    """out + conv(1_map, K): the folded constants' exact contribution, borders included."""
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[K.dim() - 2]
-    ones = R.graph.call_function(ones_map, (x_new, batch))
+    ones = R.graph.call_function(ones_map, (x_new,))
     kern = R.buffer(f"{node.name}_const_kernel", K)
     corr = R.graph.call_function(
         fn, (ones, kern, None, a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1), 1)
     )
     return R.graph.call_function(torch.add, (out, corr))
-
-
-def _const_conv(node, R, a, W, bn, keep_out, correction) -> fx.Node:
-    """Every input channel was removed: output = bias (+ ones-map term), shaped like the conv's."""
-    ko = torch.as_tensor(keep_out)
-    x_new = R.arg(a["input"])
-    K = correction if correction is not None else torch.zeros((W.shape[0], 1) + tuple(W.shape[2:]), dtype=W.dtype)
-    out = R.graph.call_function(
-        {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[K.dim() - 2],
-        (R.graph.call_function(ones_map, (x_new, True)), R.buffer(f"{node.name}_const_kernel", K[ko]),
-         None if bn is None else R.attr(f"{a['weight'].target}_bias", bn[ko]),
-         a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1), 1),
-    )
-    return out
 
 
 @rule("linear", torch.nn.functional.linear, aten.linear.default, names=("input", "weight", "bias"),
