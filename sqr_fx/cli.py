@@ -28,9 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--cycles", type=int, help="number of cycles (schedules cut or extended)")
     sr.add_argument("--epochs", type=int, help="free-training epochs per cycle (overrides the schedule)")
     sr.add_argument("--finetune-epochs", type=int, help="masked fine-tuning epochs per cycle")
-    sr.add_argument("--amount", type=float, help="pruning amount per cycle (overrides the schedule)")
+    sr.add_argument("--amount", type=float,
+                    help="prune this fraction of the non-zeros every cycle (replaces the sparsity schedule)")
     sr.add_argument("--scope", choices=("global", "layer"))
-    sr.add_argument("--release-scale", type=float, help="release noise std / pruning threshold")
+    sr.add_argument("--release-scale", type=float, help="release noise scale (see sqr_fx.release)")
+    sr.add_argument("--release-reference", choices=("energy", "threshold", "rms"),
+                    help="release calibration (default: energy)")
+    sr.add_argument("--group-lasso", type=float, help="row/column group-lasso weight in the training loop")
     sr.add_argument("--seed", type=int)
     sr.add_argument("--arch", choices=("small", "tiny"), help="fashion-convnext: ConvNeXt size")
     sr.add_argument("--limit-train", type=int, help="use only the first N training samples")
@@ -54,6 +58,7 @@ def _squeeze_release(args: argparse.Namespace) -> int:
         return 2
     overrides = {"cycles": args.cycles, "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
                  "amount": args.amount, "scope": args.scope, "release_scale": args.release_scale,
+                 "release_reference": args.release_reference, "group_lasso": args.group_lasso,
                  "seed": args.seed}
     if args.recipe == "fashion-convnext":
         overrides.update(arch=args.arch or "small", limit_train=args.limit_train)

@@ -141,8 +141,16 @@ class History:
         for i, (name, b) in enumerate(self.baselines.items()):
             ax.plot([b["stored_floats"]], [100 * b["accuracy"]], next(markers, "o"),
                     color=f"C{i + 1}", label=name, markersize=8)
-        ax.set_xscale("log")
-        ax.set_xlabel("deployable size (stored floats, log)")
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        sizes = xs + [b["stored_floats"] for b in self.baselines.values()]
+        log = max(sizes) > 4 * min(sizes)  # a log axis only when the sizes span a real range
+        if log:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
+        ax.set_xlabel("deployable size (stored floats" + (", log)" if log else ")"))
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
@@ -192,7 +200,7 @@ class SqueezeRelease:
                  amount: float | Sequence[float] = 0.8, scope: str = "global",
                  target_sparsity: float | Sequence[float] | None = None,
                  epochs: int | Sequence[int] = 1, finetune_epochs: int | Sequence[int] = 0,
-                 release_scale: float = 0.1, release_reference: str = "threshold",
+                 release_scale: float = 0.1, release_reference: str = "energy",
                  calibration: tuple | None = None, optimizer: OptimizerFactory | None = None,
                  exclude: Sequence[str] = (), release_last: bool = False, verify: bool = True,
                  rtol: float = 1e-4, atol: float = 1e-5, seed: int = 0, progress: bool = True,

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of sqr_fx against its peers: ``python -m benchmarks.run``."""
