@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/python -m sqr_fx demo
 
 test: $(STAMP)
-	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -n 2 -q tests
+	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -n 2 -q --doctest-modules sqr_fx tests
 
 # peers pin other torch versions in their metadata: install them without dependencies
 bench: $(STAMP)

@@ -5,6 +5,7 @@
 >>> small = sqr_fx.minimize(net, (torch.randn(3, 8),))
 >>> _ = sqr_fx.check_equivalence(net, small, (torch.randn(5, 8),))
 """
+from .cycle import History, SqueezeRelease, squeeze_release
 from .equivalence import check_equivalence, max_relative_error
 from .errors import (
     EquivalenceError,
@@ -15,12 +16,23 @@ from .errors import (
     UnsupportedDtypeError,
     UnsupportedOpError,
 )
+from .layers import CompensatedGroupNorm, CompensatedLayerNorm, CompensatedRMSNorm
 from .minimize import minimize
+from .prune import prune
+from .release import release
 from .report import LayerRow, MinimizeReport
 from .size import count_parameters, count_stored_floats
 
 __all__ = [
     "minimize",
+    "prune",
+    "release",
+    "SqueezeRelease",
+    "squeeze_release",
+    "History",
+    "CompensatedLayerNorm",
+    "CompensatedRMSNorm",
+    "CompensatedGroupNorm",
     "check_equivalence",
     "max_relative_error",
     "count_stored_floats",
