@@ -11,8 +11,7 @@ What is checked (docs/compensated_layernorm.md, ../shared/MATH.md "CompensatedLa
 * MLP hidden units that are constant (zero fc1 row) or unread (zero fc2 column) go;
 * attention written with matmul/softmax or scaled_dot_product_attention behind head-split
   reshapes is not followed (its channels are kept): exactness and the stream around it are
-  checked. nn.MultiheadAttention: exactness in the property test; stream channels across it
-  in torchvision's ViT.
+  checked; stream channels also cross nn.MultiheadAttention (property test, torchvision ViT).
 
 Every case compares against the original model in float64 at the traced shape and at
 another batch / sequence length / spatial size. Real models: torchvision ConvNeXt-T, ViT
@@ -351,10 +350,9 @@ def test_random_transformer_blocks_minimize_exactly(case):
     for i, d in enumerate(dead):  # a layer whose units are all dead keeps one (no zero-width tensors)
         assert rows(s, f"blocks.{i}.mlp.fc1.weight") <= max(h - len(d), 1), f"dead MLP units of block {i} kept"
     removable_units = sum(min(len(d), h - 1) for d in dead)
-    # nn.MultiheadAttention: not asserted (frozen in the brief's scope; followed per head since 4f10734)
-    stream_removable = bool(case["stream"]) and case["attention"] != "mha"
-    if case["stream"] and case["attention"] == "mha":
-        event(f"mha: planted stream channels removed={rows(s, 'emb.weight') <= c - len(case['stream'])}")
+    # every kind of attention reads the stream only through Linear q/k/v (nn.MultiheadAttention: its
+    # in_proj, rewritten per head) and writes it through a Linear output projection
+    stream_removable = bool(case["stream"])
     if stream_removable:
         assert rows(s, "emb.weight") <= c - len(case["stream"]), "planted stream channels kept"
         assert compensated_nodes(s), "stream channels left LayerNorms without compensation"
