@@ -81,8 +81,9 @@ def timed_runs(fn: Callable[[], Any], repeats: int, slow_s: float) -> tuple[list
 
 
 @torch.inference_mode()
-def latencies(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: bool = True) -> dict[str, float]:
-    """Median forward latency (seconds) of each model on ``x``.
+def latencies(models: dict[str, nn.Module], x: torch.Tensor, repeats: int,
+              warmup: bool = True) -> dict[str, tuple[float, float]]:
+    """(median, min) forward latency (seconds) of each model on ``x``.
 
     The models are timed interleaved (one run of each, ``repeats`` rounds, after one
     warm-up round unless ``warmup`` is False) so that a load spike from other processes
@@ -96,14 +97,18 @@ def latencies(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmu
             t0 = time.perf_counter()
             m(x)
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
 
 
-@torch.no_grad()
 def flops(model: nn.Module, x: torch.Tensor) -> int:
     """FLOPs of one forward pass as ``torch.utils.flop_counter.FlopCounterMode`` counts them
-    (matmul/conv/attention; elementwise ops are free)."""
-    with FlopCounterMode(display=False) as counter:
+    (matmul/conv/attention; elementwise ops are free).
+
+    Runs with autograd enabled: under ``no_grad`` an eval ``nn.MultiheadAttention`` takes
+    its fused fast path (``_native_multi_head_attention``), which the counter does not
+    see, and the dense ViT would look 2x cheaper than it is.
+    """
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     return int(counter.get_total_flops())
 

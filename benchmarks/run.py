@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--job-timeout", type=float, default=900.0,
                    help="seconds a bench worker may stay silent before it is killed (default 900)")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results, --quick: .../tmp/quick)")
+    p.add_argument("--append", action="store_true",
+                   help="merge into the existing bench.json / coverage.json of --out (replacing the models rerun)")
     p.add_argument("--report-only", action="store_true", help="rebuild summary.md and bench.png from the JSON")
     a = p.parse_args(argv)
     if a.quick:
@@ -226,6 +228,25 @@ def meta(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _save(path: Path, data: dict, append: bool) -> None:
+    """Write ``data``; with ``append``, merge into the file there: records of the models run
+    now replace theirs, and ``meta["runs"]`` lists every run that contributed."""
+    if append and path.exists():
+        old = json.loads(path.read_text())
+        models = {r["model"] for r in data["rows"]}
+        for key in ("rows", "latency"):
+            if key in data:
+                data[key] = [r for r in old.get(key, []) if r["model"] not in models] + data[key]
+        runs = old["meta"].get("runs") or [_run_entry(old["meta"])]
+        data["meta"] = dict(old["meta"], runs=runs + [_run_entry(data["meta"])])
+    path.write_text(json.dumps(data, indent=1))
+
+
+def _run_entry(m: dict) -> dict:
+    keys = ("command", "date", "loadavg_start", "bench_wall_s", "coverage_wall_s")
+    return {k: m[k] for k in keys if k in m}
+
+
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -247,12 +268,12 @@ def main(argv: list[str] | None = None) -> None:
             if not a.no_bench:
                 bench = run_bench(a, bar, log)
                 m["bench_wall_s"] = time.time() - t0
-                (a.out / "bench.json").write_text(json.dumps({"meta": m, **bench}, indent=1))
+                _save(a.out / "bench.json", {"meta": m, **bench}, a.append)
             if cov_names:
                 t1 = time.time()
                 cov = run_coverage(a, bar, log)
-                m["coverage_wall_s"] = time.time() - t1
-                (a.out / "coverage.json").write_text(json.dumps({"meta": m, "rows": cov}, indent=1))
+                m = dict(m, coverage_wall_s=time.time() - t1)
+                _save(a.out / "coverage.json", {"meta": m, "rows": cov}, a.append)
         print(f"done in {time.time() - t0:.0f} s", file=sys.stderr)
     md = report.write(a.out)
     print(md)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import statistics
 import sys
 import time
@@ -42,8 +43,10 @@ def emit(kind: str, payload: Any) -> None:
 
 
 def _reason(e: BaseException) -> str:
-    """First line of the error plus the innermost frame inside the tool (for bug reports)."""
-    msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    """The error (node metadata dumps cut out) plus the innermost frame outside torch."""
+    text = re.sub(r" with meta=\{.*?\}(?=\n|$)", "", str(e).strip(), flags=re.S)
+    text = " / ".join(line.strip() for line in text.splitlines() if line.strip())
+    msg = f"{type(e).__name__}: {text[:450]}"
     frames = [f for f in traceback.extract_tb(e.__traceback__) if "site-packages/torch/" not in f.filename]
     if frames:
         f = frames[-1]
@@ -106,8 +109,9 @@ def _latency(variants: dict[str, nn.Module], name: str, job: dict) -> dict[str, 
         # batch 32 is expensive: no warm-up round (each model already ran once above and
         # the median of the rounds absorbs a slow first call)
         lat = measure.latencies(usable, x, reps, warmup=bs == 1)
-        for k, v in lat.items():
-            out[k][f"bs{bs}_s"] = v
+        for k, (median, fastest) in lat.items():
+            out[k][f"bs{bs}_s"] = median
+            out[k][f"bs{bs}_min_s"] = fastest
         emit("progress", {"step": f"{name} latency bs{bs}"})
     return out
 

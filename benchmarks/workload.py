@@ -51,6 +51,7 @@ DEFAULT_MASKS = ["d25+m50", "d25+m70", "d25+m90"]  # m90 on request: --masks m90
 BENCH_MODELS = [
     "resnet18", "resnet50", "vgg11_bn", "mobilenet_v2", "efficientnet_b0",
     "densenet121", "convnext_tiny", "vit_b_16",
+    "resnext50_32x4d", "regnet_x_400mf",  # grouped (non-depthwise) convolutions
 ]
 QUICK_MODELS = ["resnet18", "mobilenet_v2"]
 # extra graphs for the pass-time-vs-graph-size plot (maxvit_t: ~1,600 nodes)
@@ -115,6 +116,6 @@ def make_inputs(name: str) -> dict[str, torch.Tensor | None]:
     r = TRACE_RES
     return {
         "example": torch.randn(1, 3, r, r, generator=g),
-        "eval": torch.randn(4, 3, r, r, generator=g),
+        "eval": torch.randn(2, 3, r, r, generator=g),
         "eval2": torch.randn(3, 3, SECOND_RES, SECOND_RES, generator=g) if accepts_second_res(name) else None,
     }

@@ -16,6 +16,7 @@ hypothesis example runs well under a second on one core.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -29,7 +30,7 @@ from torch import fx, nn
 __all__ = [
     "ACTIVATIONS", "LayerSpec", "MLPSpec", "ConvSpec", "BlockSpec", "CNNSpec", "PlantSpec", "Site", "Planted",
     "RandomMLP", "RandomCNN", "mlp_specs", "cnn_specs", "build", "plant", "reference_mlp_fixpoint",
-    "linear_weight_shapes", "masked_torchvision",
+    "linear_weight_shapes", "masked_torchvision", "ConvUnit", "conv_specs", "conv_out",
 ]
 
 MAX_WIDTH = 16
@@ -339,7 +340,7 @@ def cnn_specs(draw) -> CNNSpec:
 
 
 class ConvUnit(nn.Module):
-    """conv -> [BatchNorm] -> activation (activation ``identity`` in module form: none)."""
+    """conv -> [BatchNorm] -> activation (none with ``act=False``)."""
 
     def __init__(self, cin: int, cs: ConvSpec, act: bool = True):
         super().__init__()
@@ -671,8 +672,7 @@ def linear_weight_shapes(gm: fx.GraphModule) -> list[tuple[int, int]]:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is F.linear:
             w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
-            shapes.append(tuple(gm.get_parameter(w.target).shape) if w.target in dict(gm.named_parameters())
-                          else tuple(getattr(gm, w.target).shape))
+            shapes.append(tuple(functools.reduce(getattr, w.target.split("."), gm).shape))
     return shapes
 
 

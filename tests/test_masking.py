@@ -70,10 +70,11 @@ def test_global_magnitude_hits_target_and_removes_smallest(target):
             assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("target", [0.3, 0.7])
-def test_global_magnitude_matches_torch_prune(target):
+def test_global_magnitude_matches_torch_prune(target, dtype):
     """The reference framework: prune.global_unstructured + prune.remove zeroes the same weights."""
-    model = _net()
+    model = _net().to(dtype)
     ours = global_magnitude_mask(model, target)
     ref = copy.deepcopy(model)
     params = [(w.module, w.weight) for w in prunable_weights(ref)]

@@ -22,7 +22,6 @@ from helpers import (ACTIVATIONS, ConvSpec, ConvUnit, build, cnn_specs, conv_out
                      mlp_specs, reference_mlp_fixpoint)
 from sqr_fx import check_equivalence, count_parameters, count_stored_floats, minimize
 
-
 RTOL, ATOL = 1e-9, 1e-10
 seeds = st.integers(0, 2**16)
 
@@ -52,8 +51,9 @@ def _cnn_inputs(spec, seed):
     return xs
 
 
-def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def _state(model: torch.nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
+    """Every parameter and buffer: the tensor object's identity and a copy of its values."""
+    return {k: (id(v), v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()}
 
 
 def _storages(module: torch.nn.Module) -> set[int]:
@@ -62,17 +62,18 @@ def _storages(module: torch.nn.Module) -> set[int]:
 
 def _check_purity(model, small, before, x) -> None:
     """The input is unchanged and shares nothing with the output, even after training the output."""
-    after = model.state_dict()
+    after = model.state_dict(keep_vars=True)
     assert after.keys() == before.keys()
-    for k, v in before.items():
-        assert torch.equal(after[k], v), f"minimize modified the input model's {k}"
+    for k, (ident, v) in before.items():
+        assert id(after[k]) == ident, f"minimize replaced the input model's {k}"
+        assert torch.equal(after[k].detach(), v), f"minimize modified the input model's {k}"
     assert not (_storages(model) & _storages(small)), "the result shares tensor storage with the input model"
     params = [p for p in small.parameters() if p.requires_grad and p.numel()]
     if params:
         opt = torch.optim.SGD(params, lr=0.5)
         small(x).square().sum().backward()
         opt.step()
-    for k, v in before.items():
+    for k, (_, v) in before.items():
         assert torch.equal(model.state_dict()[k], v), f"training the result changed the input model's {k}"
 
 
@@ -176,6 +177,11 @@ def test_constant_channels_into_a_padded_conv_are_exact_at_every_size(data, seed
     for i, (b, h, w) in enumerate([(2, *hw), (3, hw[0] + 1, hw[1] + 3), (1, hw[0] + 4, hw[1] + 2)]):
         check_equivalence(model, small, (_randn(b, cin, h, w, seed=seed + i + 1),), rtol=RTOL, atol=ATOL)
     assert small.sqr_report.params_after < small.sqr_report.params_before
+    with torch.no_grad():  # a dead channel's value does not depend on the input
+        value = model[0](torch.zeros(1, cin, *hw, dtype=torch.float64))[0, dead, 0, 0]
+        read = model[1].conv.weight[:, dead].flatten(1).abs().sum(1) != 0
+    if (value != 0).any() and read.any():  # a non-zero constant that a kept reader reads: the ones-map fold
+        assert any(getattr(n.target, "__name__", "") == "ones_map" for n in small.graph.nodes)
 
 
 # ---- a tensor whose every channel is removable ------------------------------------------------------------
