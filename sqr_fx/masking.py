@@ -98,7 +98,9 @@ def global_magnitude_mask(model: nn.Module, sparsity: float, *, exclude: Iterabl
     k = int(round(sparsity * total))
     if k == 0:
         return out
-    scores = torch.cat([t.detach().abs().flatten().float() for t in weights])
+    # rank in the weights' own precision (float64 models stay float64; half ranks as float32)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in weights) else torch.float32
+    scores = torch.cat([t.detach().abs().flatten().to(dtype) for t in weights])
     threshold = torch.kthvalue(scores, k).values
     del scores
     for t in weights:
