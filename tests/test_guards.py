@@ -13,13 +13,7 @@ import sqr_fx
 from sqr_fx import check_equivalence, minimize
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """Float64 makes exactness checks tight; restored so other test modules are unaffected."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 
