@@ -545,6 +545,7 @@ class Planted:
 
     removable: bool = False
     notes: list[str] = field(default_factory=list)
+    site: Optional[Site] = None  # the site of the removable unit, when one was planted
 
 
 def _dead_bias(bias: Optional[torch.Tensor], row: int, rng: np.random.Generator) -> None:
@@ -600,7 +601,7 @@ def plant(model: nn.Module, spec: Any, rng: np.random.Generator) -> Planted:
         else:
             cons.weight[:, j * site.block:(j + 1) * site.block] = 0.0
             out.notes.append(f"removable: channel {j} of {site.producer} unread by {site.consumer}")
-        out.removable = True
+        out.removable, out.site = True, site
     return out
 
 

@@ -140,6 +140,11 @@ def test_cnn_never_grows_and_removes_the_planted_unit(spec, seed):
     model, planted, x = _cnn(spec, seed)
     small = minimize(model, (x,))
     _check_sizes(model, small, planted.removable)
+    if planted.site is not None:  # the planted unit's own producer lost a channel
+        name = f"{planted.site.producer}.weight"
+        before = dict(model.named_parameters())[name].shape[0]
+        after = dict(small.named_parameters()).get(name, torch.empty(0)).shape[0]
+        assert after < before, f"the planted removable channel of {planted.site.producer} was left behind"
 
 
 @given(spec=cnn_specs(), seed=seeds)
