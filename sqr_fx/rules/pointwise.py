@@ -54,15 +54,18 @@ def _first_tensor_arg(node: fx.Node) -> Any:
     return node.args[0] if node.args else next(iter(node.kwargs.values()))
 
 
-def _probe(info: ChanInfo) -> torch.Tensor:
-    return torch.as_tensor(np.where(info.const, info.value, 0.0), dtype=torch.float64).reshape(1, -1)
+def _probe(info: ChanInfo, ndim: int = 2) -> torch.Tensor:
+    """The constants as a tensor of the op's rank, channels on their own axis (Dropout2d wants 4-D)."""
+    shape = [1] * max(ndim, info.dim + 1)
+    shape[info.dim] = len(info)
+    return torch.as_tensor(np.where(info.const, info.value, 0.0), dtype=torch.float64).reshape(shape)
 
 
 def _mapped_values(node: fx.Node, A, x: fx.Node, src: ChanInfo) -> ChanInfo:
     """Output info of a channel-wise unary op: same ids, constants mapped through the op."""
     out = ChanInfo(src.dim, src.ids, src.const.copy(), src.value.copy())
     if src.const.any():
-        y = A.evaluate(node, {x: _probe(src)})
+        y = A.evaluate(node, {x: _probe(src, len(A.shape(x) or ()))})
         if y is None or y.numel() != len(src):
             out.const[:] = False
         else:
