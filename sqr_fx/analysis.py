@@ -22,7 +22,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from .coupling import Groups
 from .errors import UnsupportedOpError
 from .rules import lookup
-from .trace import fetch_attr, tied_targets
+from .trace import fetch_attr, shared_ties, tied_targets
 from .values import META_KEY, ChanInfo
 
 __all__ = ["Analysis", "Plan"]
@@ -63,13 +63,21 @@ class Analysis:
         self.stat_reads: list[ChanInfo] = []
         self.local: list[str] = []
         self.unknown: list[str] = []
+        self.head_links: list[list[ChanInfo]] = []
+        self._hidden: set[fx.Node] = set()
         self._probe_cache: dict[str, Any] = {}
-        self.tied = tied_targets(gm)
+        # tied tensors: ``shared`` ones are sliced once for all readers (``_couple_shared``), the
+        # others (``tied``) are opaque to the rules and kept whole
+        self.shared = shared_ties(gm)
+        self.tied = {k: v for k, v in tied_targets(gm).items() if k not in self.shared}
 
     # ---- queries used by rules -------------------------------------------------------------
-    @staticmethod
-    def info(a: Any) -> Optional[ChanInfo]:
-        return a.meta.get(META_KEY) if isinstance(a, fx.Node) else None
+    def info(self, a: Any) -> Optional[ChanInfo]:
+        """``a``'s channel info; None when untracked, or head-split and the current rule is not
+        head-aware (that info is then frozen: see :meth:`run`)."""
+        if not isinstance(a, fx.Node) or a in self._hidden:
+            return None
+        return a.meta.get(META_KEY)
 
     @staticmethod
     def shape(a: Any) -> Optional[tuple[int, ...]]:
@@ -122,6 +130,10 @@ class Analysis:
         """A statistic over the channel axis (LayerNorm's mean and variance) reads ``src``: a channel
         may leave it only when its value there is a known constant, which the rewrite compensates."""
         self.stat_reads.append(src)
+
+    def align_heads(self, *infos: ChanInfo) -> None:
+        """Head-split infos whose heads pair up (attention's q, k, v): the same heads must stay."""
+        self.head_links.append(list(infos))
 
     def local_change(self, node: fx.Node) -> None:
         """``node`` can shrink inside itself (attention heads) even if no channel group goes."""
@@ -178,15 +190,51 @@ class Analysis:
                 out = None
             else:
                 r, args = found
+                if not r.heads:  # head-split channels reach only head-aware rules; others freeze them
+                    self._hidden = {a for a in node.all_input_nodes
+                                    if a.meta.get(META_KEY) is not None and a.meta[META_KEY].split}
+                    self.freeze(list(self._hidden))
                 try:
                     out = r.analyze(node, self, args)
                 except Exception as e:  # noqa: BLE001 - re-raise with the node named
                     raise type(e)(f"{e}\n  while analysing node {node.format_node()} (rule {r.family!r})") from e
+                finally:
+                    self._hidden = set()
             if out is not None and self._mutates_shared_input(node):
                 # x.relu_() with x read elsewhere: x's recorded values are stale after the op
                 self.freeze(out, node.args[0])
             node.meta[META_KEY] = out
+        self._couple_shared()
         return self
+
+    def _couple_shared(self) -> None:
+        """One tied tensor read by embeddings (columns = output channels) and linears (columns = input
+        channels): couple every reader's channel ids on axis 1, so one keep mask slices it for all.
+        A linear reader's output rows (axis 0) are frozen; a reader the analysis did not follow
+        (no info) keeps the tensor whole: every other reader's channels on that axis are frozen."""
+        readers: dict[tuple[str, ...], list[Optional[np.ndarray]]] = {}
+        for node in self.gm.graph.nodes:
+            if node.op != "get_attr" or node.target not in self.shared:
+                continue
+            cols = readers.setdefault(tuple(self.shared[node.target]), [])
+            width = fetch_attr(self.gm, node.target).shape[1]
+            for user in node.users:
+                out = user.meta.get(META_KEY)
+                found = lookup(user, self.gm)
+                if found is not None and found[0].family == "linear":
+                    self.freeze(out)
+                    x = found[1]["input"]
+                    src, s = x.meta.get(META_KEY) if isinstance(x, fx.Node) else None, self.shape(x)
+                    ok = (out is not None and src is not None and s is not None and src.dim == len(s) - 1
+                          and not getattr(src, "split", False))
+                    out = src if ok else None
+                cols.append(out.ids if out is not None and len(out) == width else None)
+        for cols in readers.values():
+            known = [c for c in cols if c is not None]
+            if len(known) < len(cols):
+                self.freeze(*[ChanInfo.dynamic(0, c) for c in known])
+            for c in known[1:]:
+                self.union(known[0], c)
 
     def _mutates_shared_input(self, node: fx.Node) -> bool:
         x = node.args[0] if node.args else None
@@ -229,14 +277,47 @@ class Analysis:
             if live_rows.any():
                 read_dynamic[root_of[src.ids[nz[live_rows].any(0) & ~src.const]]] = True
         removed = present & ~read_dynamic
-        self._keep_one_channel(removed, root_of)
+        while self._keep_one_channel(removed, root_of) | self._keep_heads_rectangular(removed, root_of):
+            pass  # each step only keeps more, so this ends
         return Plan(root_of, removed, ~used, list(self.unknown), list(self.local))
 
-    def _keep_one_channel(self, removed: np.ndarray, root_of: np.ndarray) -> None:
-        """No tensor loses every channel (torch ops reject zero-width inputs): keep its first group.
-        Keeping a removable group is always exact: a constant one is simply not folded, an unused
-        one is read by no kept reader whatever it holds."""
+    # Keeping a removable group is always exact: a constant one is simply not folded, an unused one
+    # is read by no kept reader whatever it holds. The two steps below only ever keep more.
+    def _keep_one_channel(self, removed: np.ndarray, root_of: np.ndarray) -> bool:
+        """No tensor loses every channel (torch ops reject zero-width inputs): keep its first group."""
+        changed = False
         for node in self.gm.graph.nodes:
             i = node.meta.get(META_KEY)
             if i is not None and len(i) and removed[root_of[i.ids]].all():
                 removed[root_of[i.ids[0]]] = False
+                changed = True
+        return changed
+
+    def _keep_heads_rectangular(self, removed: np.ndarray, root_of: np.ndarray) -> bool:
+        """A head-split tensor stays [.., H', D', ..]: every kept head keeps the same number of
+        positions, and paired tensors (``align_heads``) keep the same heads."""
+        changed = False
+
+        def keep_first(info: ChanInfo, h: int) -> None:
+            nonlocal changed
+            ids = info.per_head(info.ids)[h]
+            gone = np.flatnonzero(removed[root_of[ids]])
+            removed[root_of[ids[gone[0]]]] = False
+            changed = True
+
+        for infos in self.head_links:
+            alive = np.logical_or.reduce([~i.per_head(removed[root_of[i.ids]]).all(1) for i in infos])
+            for i in infos:
+                for h in np.flatnonzero(alive & i.per_head(removed[root_of[i.ids]]).all(1)):
+                    keep_first(i, h)
+        for node in self.gm.graph.nodes:
+            i = node.meta.get(META_KEY)
+            if i is None or not i.split:
+                continue
+            while True:
+                kept = (~i.per_head(removed[root_of[i.ids]])).sum(1)
+                short = np.flatnonzero((kept > 0) & (kept < kept.max()))
+                if not len(short):
+                    break
+                keep_first(i, short[0])
+        return changed

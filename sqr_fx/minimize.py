@@ -134,6 +134,7 @@ def minimize(
         plan = analysis.plan()
         frozen = plan.frozen_nodes
         report.tied_tensors = sorted(analysis.tied)
+        report.shared_tensors = sorted(analysis.shared)
         if not plan.any:
             break
         report.input_features_dropped += _record(gm, plan, rows)

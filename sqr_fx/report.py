@@ -37,6 +37,7 @@ class MinimizeReport:
     input_features_dropped: int = 0
     frozen_ops: list[str] = field(default_factory=list)
     tied_tensors: list[str] = field(default_factory=list)
+    shared_tensors: list[str] = field(default_factory=list)  # tied, sliced once for all readers
     seconds: float = 0.0
 
     @property
@@ -73,4 +74,6 @@ class MinimizeReport:
             lines.append(f"ops without a rule (their channels kept): {shown}")
         if self.tied_tensors:
             lines.append(f"tensors read by several ops (tied), kept whole: {', '.join(self.tied_tensors)}")
+        if self.shared_tensors:
+            lines.append(f"tied tensors sliced once for all their readers: {', '.join(self.shared_tensors)}")
         return "\n".join(lines)

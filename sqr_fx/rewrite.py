@@ -38,6 +38,7 @@ class Rewriter:
         self.modules: dict[str, nn.Module] = {}
         self._n = 0
         self._aliases: dict[int, str] = {}
+        self._sliced: dict[int, list[str]] = {}  # id(original tensor) -> names emitted for it
 
     # ---- reading the old graph ---------------------------------------------------------------
     @staticmethod
@@ -85,6 +86,15 @@ class Rewriter:
                                                       and target.endswith(("weight", "bias")))
         if isinstance(value, torch.Tensor):
             value = value.detach().clone().contiguous()
+            if isinstance(orig, torch.Tensor):  # a tied tensor sliced alike for every name stays ONE tensor
+                names = self._sliced.setdefault(id(orig), [])
+                for other in names:
+                    v = self.attrs[other][0]
+                    if other != target and v.shape == value.shape and v.dtype == value.dtype and torch.equal(v, value):
+                        self.attrs[target] = self.attrs[other]
+                        return self.graph.get_attr(target)
+                if target not in names:
+                    names.append(target)
         self.attrs[target] = (value, is_param)
         return self.graph.get_attr(target)
 
@@ -99,8 +109,11 @@ class Rewriter:
 
     def buffer(self, hint: str, value: torch.Tensor) -> fx.Node:
         """A new constant tensor (folded kernel, gather index) stored as a buffer."""
-        self._n += 1
-        name = f"sqr_fx_{hint}_{self._n}".replace(".", "_")
+        while True:  # never reuse a name the old module (an earlier round's buffer) already holds
+            self._n += 1
+            name = f"sqr_fx_{hint}_{self._n}".replace(".", "_")
+            if name not in self.attrs and not hasattr(self.old, name):
+                break
         self.attrs[name] = (value.detach().clone(), False)
         return self.graph.get_attr(name)
 

@@ -6,7 +6,7 @@ Two tracers, one graph dialect downstream:
 * ``torch.export.export(...).module()`` gives aten-level targets (``aten.conv2d`` ...),
   used when symbolic tracing fails (Hugging Face transformers 5.x, data-dependent Python).
 
-Weighted leaf modules (Linear, ConvNd, BatchNorm, LayerNorm) are then rewritten into
+Weighted leaf modules (Linear, ConvNd, BatchNorm, LayerNorm, GroupNorm) are then rewritten into
 their functional form with ``get_attr`` parameters, so one rules table keyed by op
 meaning serves both front ends and the rewrite only ever slices ``get_attr`` tensors.
 """
@@ -24,7 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .attention import functionalize_mha
 from .errors import SqrFxError, TiedWeightsError, TraceError, TrainingModeError, UnsupportedDtypeError
 
-__all__ = ["to_graph", "fetch_attr", "propagate_shapes", "check_model"]
+__all__ = ["to_graph", "fetch_attr", "propagate_shapes", "check_model", "tied_targets", "shared_ties"]
 
 # modules whose forward differs between train() and eval()
 _TRAIN_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.RReLU)
@@ -119,6 +119,7 @@ _FUNCTIONALIZE: dict[type, Callable[..., Any]] = {
     nn.BatchNorm2d: _bn,
     nn.BatchNorm3d: _bn,
     nn.LayerNorm: lambda m, x, p: (F.layer_norm, (x, tuple(m.normalized_shape), p["weight"], p["bias"], m.eps)),
+    nn.GroupNorm: lambda m, x, p: (F.group_norm, (x, m.num_groups, p["weight"], p["bias"], m.eps)),
     nn.Embedding: lambda m, x, p: None if m.max_norm is not None else (
         F.embedding, (x, p["weight"], m.padding_idx, None, 2.0, m.scale_grad_by_freq, m.sparse)),
 }
@@ -169,6 +170,46 @@ def tied_targets(gm: fx.GraphModule) -> dict[str, list[str]]:
     return tied
 
 
+def shared_ties(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """The tied targets that can be sliced once for all their readers (the rest stay whole).
+
+    A tied 2-D tensor qualifies when every op reading it slices the SAME axis (1) along its own
+    channel group: ``embedding`` (axis 1 = output channels) and ``linear`` with it as the weight and
+    no tied bias (axis 1 = input channels; its output rows, axis 0, are then kept whole). The
+    analysis couples those readers' channel ids (``Analysis._couple_shared``), so one keep mask
+    slices the tensor once and it stays one parameter. Any other reader (a tied bias, ``addmm``,
+    an elementwise op, a graph output ...) keeps the tensor whole, as before.
+    """
+    from .rules import lookup  # the rules import nothing from here; a local import avoids a cycle
+
+    tied = tied_targets(gm)
+    nodes: dict[tuple[str, ...], list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target in tied:
+            nodes.setdefault(tuple(tied[node.target]), []).append(node)
+
+    def sliceable(user: fx.Node, attr: fx.Node) -> bool:
+        found = lookup(user, gm)
+        if found is None or found[0].family not in ("embedding", "linear"):
+            return False
+        a = found[1]
+        seen: list[fx.Node] = []
+        fx.node.map_arg((user.args, user.kwargs), lambda n: seen.append(n) if n is attr else None)
+        if a.get("weight") is not attr or len(seen) != 1:
+            return False  # not the weight, or also read as the input / bias of the same op
+        if found[0].family == "embedding":
+            return True
+        b = a.get("bias")
+        return b is None or (isinstance(b, fx.Node) and b.op == "get_attr" and b.target not in tied)
+
+    shared: dict[str, list[str]] = {}
+    for names, attrs in nodes.items():
+        t = fetch_attr(gm, attrs[0].target)
+        if t.dim() == 2 and all(sliceable(u, n) for n in attrs for u in n.users):
+            shared.update({n: list(names) for n in names})
+    return shared
+
+
 def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> tuple[fx.GraphModule, str]:
     """Trace a private copy of ``model`` to a functional GraphModule; return it and the tracer used.
 
@@ -193,12 +234,14 @@ def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> t
                     f"{type(ex_err).__name__}: {str(ex_err)[:500]}"
                 ) from ex_err
     gm = _functional(gm)
-    tied = tied_targets(gm)
-    if strict and tied:
+    shared = shared_ties(gm)
+    whole = {k: v for k, v in tied_targets(gm).items() if k not in shared}
+    if strict and whole:
         raise TiedWeightsError(
-            f"parameter(s) read by more than one op: {sorted(set(map(tuple, tied.values())))[:3]}. Slicing a "
+            f"parameter(s) read by more than one op: {sorted(set(map(tuple, whole.values())))[:3]}. Slicing a "
             "tied weight for one reader would change the others; without strict=True they are kept whole "
-            "(and stay tied), with every channel they touch."
+            "(and stay tied), with every channel they touch. (A tensor read only as embedding tables and "
+            "bias-untied linear weights is sliced once along its columns and needs no strict exception.)"
         )
     return gm, frontend
 

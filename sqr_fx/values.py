@@ -6,10 +6,16 @@ axis (its *channel axis*): for each position along that axis a channel-group id
 value from the lattice ``zero < const(c) < dynamic``. ``zero`` is ``const(0.0)``.
 A tensor whose channel axis the analysis cannot follow has no ChanInfo
 (``None``): nothing is ever removed through it.
+
+After an attention head split (``[B, T, H*D] -> [B, T, H, D]``) the channels span two
+axes: ``head`` (size ``heads``) and ``dim`` (size D); ``ids`` then lists the H*D
+positions in (head, dim) row-major order, exactly the order of the merged axis. Only
+rules registered with ``heads=True`` see such an info; for every other op it is frozen.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import numpy as np
 
@@ -25,12 +31,16 @@ class ChanInfo:
 
     ``ids[i]``: channel-group id of position ``i``; ``const[i]``: the position
     holds the same scalar ``value[i]`` at every other index and for every input.
+    With ``head`` set, position ``i`` is (head ``i // (len / heads)``, index ``i % ...``
+    along ``dim``) of a head-split tensor.
     """
 
     dim: int
     ids: np.ndarray
     const: np.ndarray
     value: np.ndarray
+    head: Optional[int] = None
+    heads: int = 1
 
     @classmethod
     def dynamic(cls, dim: int, ids: np.ndarray) -> "ChanInfo":
@@ -46,14 +56,42 @@ class ChanInfo:
         return self.const & (self.value == 0.0)
 
     def with_dim(self, dim: int) -> "ChanInfo":
-        return ChanInfo(dim, self.ids, self.const, self.value)
+        return replace(self, dim=dim)
+
+    @property
+    def split(self) -> bool:
+        """The channels span a head axis and a per-head axis (see the module docstring)."""
+        return self.head is not None
+
+    def per_head(self, arr: np.ndarray) -> np.ndarray:
+        """``arr`` (one entry per position) as a [heads, D] array."""
+        return np.asarray(arr).reshape(self.heads, -1)
+
+    def probe(self, arr: np.ndarray, ndim: int) -> np.ndarray:
+        """``arr`` shaped to broadcast against the tensor (rank ``ndim``) along its channel axes."""
+        shape = [1] * max(ndim, self.dim + 1, (self.head or 0) + 1)
+        if not self.split:
+            shape[self.dim] = len(self)
+            return np.asarray(arr).reshape(shape)
+        a = self.per_head(arr)
+        shape[self.head], shape[self.dim] = a.shape
+        return (a if self.head < self.dim else a.T).reshape(shape)
+
+    def unprobe(self, y: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`probe`: one entry per position, in (head, dim) order."""
+        if not self.split:
+            return np.asarray(y).reshape(-1)
+        y = np.asarray(y).reshape(self.heads, -1) if self.head < self.dim else np.asarray(y).reshape(-1, self.heads).T
+        return y.reshape(-1)
 
     def take(self, index) -> "ChanInfo":
         """Positions ``index`` (a slice, index array or mask) along the channel axis."""
+        assert not self.split, "take() of a head-split info"
         return ChanInfo(self.dim, self.ids[index], self.const[index], self.value[index])
 
     def repeat(self, times: int) -> "ChanInfo":
         """Every position repeated ``times`` (flatten of the channel axis with inner dims)."""
+        assert not self.split, "repeat() of a head-split info"
         return ChanInfo(
             self.dim, np.repeat(self.ids, times), np.repeat(self.const, times), np.repeat(self.value, times)
         )

@@ -653,8 +653,9 @@ def _swin_mlps(m):
 
 @pytest.mark.parametrize("name", ["small", pytest.param("swin_t", marks=pytest.mark.slow)])
 def test_torchvision_swin(name):
-    """Swin traces with symbolic_trace (shifted_window_attention is a leaf and freezes its channels);
-    MLP units go; exact at the traced shape and at another resolution (Swin pads to windows)."""
+    """Swin traces with symbolic_trace (shifted_window_attention is one node with its own rule, no longer
+    frozen; heads are planted in tests/test_window_attention.py); MLP units go; exact at the traced shape
+    and at another resolution (Swin pads to windows)."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     if name == "small":
@@ -670,6 +671,7 @@ def test_torchvision_swin(name):
     x = randn(*shape)
     s = minimize(m, (x,))
     assert s.sqr_report.frontend == "fx"
+    assert not [n for n in s.sqr_report.frozen_ops if n.startswith("shifted_window_attention")]
     names = [n for n, mod in m.named_modules() if isinstance(mod, torchvision.ops.MLP)]
     for n, k, mlp in zip(names, killed, _swin_mlps(m)):
         assert params(s)[f"{n}.0.weight"].shape[0] == mlp[0].out_features - k
@@ -766,18 +768,43 @@ def _gpt2(tf, tie: bool, activation: str = "gelu_new"):
     return m.eval().double()
 
 
-def test_hf_gpt2_tied_embeddings():
-    """wte and lm_head are one tensor: strict=True raises TiedWeightsError; the default keeps the
-    tied tensor whole (reported) and still removes the dead MLP units, exactly."""
+def _plant_gpt2_stream(m, J=(2, 9, 20)) -> list[int]:
+    """Stream channels J of GPT-2: wte/wpe columns constant, ln_1/ln_2 outputs ignored (c_attn/c_fc
+    rows), attention/MLP write only their bias (c_proj columns), ln_f gamma_j = 0 (beta_j folds)."""
+    J = list(J)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        t = m.transformer
+        t.wte.weight[:, J] = torch.randn(len(J), generator=g, dtype=F64)
+        t.wpe.weight[:, J] = torch.randn(len(J), generator=g, dtype=F64)
+        for blk in t.h:
+            blk.attn.c_attn.weight[J, :] = 0
+            blk.attn.c_proj.weight[:, J] = 0
+            blk.mlp.c_fc.weight[J, :] = 0
+            blk.mlp.c_proj.weight[:, J] = 0
+        t.ln_f.weight[J] = 0
+    return J
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_hf_gpt2_tied_embeddings(stream):
+    """wte and lm_head are one tensor, read by embedding (columns = output channels) and linear
+    (columns = input channels): it is sliced once along the stream and stays one parameter.
+    strict=True no longer trips on the tie (GPT-2's mask/position ops have no rule, though)."""
     tf = _hf()
     m = _gpt2(tf, tie=True)
-    with pytest.raises(sqr_fx.TiedWeightsError):
+    J = _plant_gpt2_stream(m) if stream else []
+    with pytest.raises(sqr_fx.UnsupportedOpError):
         minimize(m, (_ids(2, 12),), strict=True)
     s = minimize(m, (_ids(2, 12),))
     # torch.export lifts the shared tensor once; after a rewrite only that name is left
-    assert s.sqr_report.tied_tensors
-    assert set(s.sqr_report.tied_tensors) <= {"lm_head.weight", "transformer.wte.weight"}
-    assert params(s)["transformer.h.0.mlp.c_fc.weight"].shape == (32, 64)
+    assert not s.sqr_report.tied_tensors
+    assert set(s.sqr_report.shared_tensors) <= {"lm_head.weight", "transformer.wte.weight"}
+    assert params(s)["transformer.h.0.mlp.c_fc.weight"].shape == (32 - len(J), 64)
+    table = [p for p in s.parameters() if p.shape == (100, 32 - len(J))]
+    assert len(table) == 1  # one tensor serves the embedding and the head
+    assert torch.equal(table[0], m.lm_head.weight[:, [j for j in range(32) if j not in J]])
+    assert s.sqr_report.ratio > (1.5 if stream else 1.35)  # 1.51x / 1.37x
     for b, t in [(2, 12), (3, 7)]:
         assert_same(m, s, (_ids(b, t, seed=t),), rtol=1e-9)
 

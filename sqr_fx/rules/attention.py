@@ -56,14 +56,14 @@ def _analyze(node: fx.Node, A, a) -> ChanInfo | None:
     v_val = bv + Wv @ c
     row_const = ~((Wo != 0) & ~v_const[None, :]).any(1)
     H = int(a["num_heads"])
-    heads, _, _, wq_, wv_ = _layout(Wq, _np(T["q_bias"]), Wk, Wv, Wo, H)
-    if len(heads) < H or wq_ < Wq.shape[0] // H or wv_ < Wv.shape[0] // H:
+    if shrinks(_layout(Wq, _np(T["q_bias"]), Wk, Wv, Wo, H), H, Wq.shape[0] // H, Wv.shape[0] // H):
         A.local_change(node)  # heads or per-head dims to drop, whatever the channel plan says
     out_val = (_np(bo) if bo is not None else 0.0) + Wo @ np.where(v_const, v_val, 0.0)
     return ChanInfo(len(out_s) - 1, out_ids, row_const, np.where(row_const, out_val, 0.0))
 
 
-def _pack(W: torch.Tensor, b: torch.Tensor, heads: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_rows(W: torch.Tensor, b: torch.Tensor, heads: list[list[int]],
+              width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of each kept head's live dims, zero-padded to ``width`` per head."""
     W2 = W.new_zeros((len(heads) * width, W.shape[1]))
     b2 = b.new_zeros(len(heads) * width)
@@ -73,11 +73,19 @@ def _pack(W: torch.Tensor, b: torch.Tensor, heads: list[list[int]], width: int) 
     return W2, b2
 
 
-def _layout(Wq, bq, Wk, Wv, Wo, H: int):
-    """Kept heads with their live query/key dims and value dims, and the shared widths."""
-    dq, dv = Wq.shape[0] // H, Wv.shape[0] // H
-    v_live = (Wv != 0).any(1) & (Wo != 0).any(0)
-    qk_live = (Wk != 0).any(1) & ((Wq != 0).any(1) | (bq != 0))
+def pack_cols(Wo: torch.Tensor, vdims: list[list[int]], width: int) -> torch.Tensor:
+    """Columns of the output projection for each kept head's value dims, zero-padded to ``width``."""
+    Wo2 = Wo.new_zeros((Wo.shape[0], len(vdims) * width))
+    for i, dims in enumerate(vdims):
+        Wo2[:, i * width:i * width + len(dims)] = Wo[:, dims]
+    return Wo2
+
+
+def head_layout(qk_live: np.ndarray, v_live: np.ndarray, H: int):
+    """Kept heads (those with a live value dim), their live query/key and value dims, the shared widths.
+
+    ``qk_live``/``v_live``: per query/key row and per value row, whether it must stay."""
+    dq, dv = len(qk_live) // H, len(v_live) // H
     heads = [h for h in range(H) if v_live[h * dv:(h + 1) * dv].any()]
     vdims = [[h * dv + d for d in range(dv) if v_live[h * dv + d]] for h in heads]
     qdims = [[h * dq + d for d in range(dq) if qk_live[h * dq + d]] for h in heads]
@@ -85,6 +93,20 @@ def _layout(Wq, bq, Wk, Wv, Wo, H: int):
     if not heads:  # nothing reaches the output: one all-zero head keeps the call well-formed
         heads, vdims, qdims = [0], [[]], [[]]
     return heads, qdims, vdims, wq_, wv_
+
+
+def shrinks(layout, H: int, dq: int, dv: int) -> bool:
+    """The layout drops a head or narrows the per-head widths."""
+    heads, _, _, wq_, wv_ = layout
+    return len(heads) < H or wq_ < dq or wv_ < dv
+
+
+def _layout(Wq, bq, Wk, Wv, Wo, H: int):
+    """Softmax attention: a value dim lives when it is read and reads; a query/key dim when k reads
+    something (else a per-query shift) and q is not identically 0."""
+    v_live = (Wv != 0).any(1) & (Wo != 0).any(0)
+    qk_live = (Wk != 0).any(1) & ((Wq != 0).any(1) | (bq != 0))
+    return head_layout(qk_live, v_live, H)
 
 
 def _rewrite(node: fx.Node, R, a) -> fx.Node:
@@ -108,12 +130,10 @@ def _rewrite(node: fx.Node, R, a) -> fx.Node:
     v_reads = (Wv != 0).any(1)
     bo = bo + Wo[:, ~v_reads] @ bv[~v_reads]  # softmax rows sum to 1: a constant value dim is its bias
     heads, qdims, vdims, wq_, wv_ = _layout(Wq, bq, Wk, Wv, Wo, int(a["num_heads"]))
-    Wq2, bq2 = _pack(Wq, bq, qdims, wq_)
-    Wk2, bk2 = _pack(Wk, bk, qdims, wq_)
-    Wv2, bv2 = _pack(Wv, bv, vdims, wv_)
-    Wo2 = Wo.new_zeros((Wo.shape[0], len(heads) * wv_))
-    for i, dims in enumerate(vdims):
-        Wo2[:, i * wv_:i * wv_ + len(dims)] = Wo[:, dims]
+    Wq2, bq2 = pack_rows(Wq, bq, qdims, wq_)
+    Wk2, bk2 = pack_rows(Wk, bk, qdims, wq_)
+    Wv2, bv2 = pack_rows(Wv, bv, vdims, wv_)
+    Wo2 = pack_cols(Wo, vdims, wv_)
     new = {"q_weight": Wq2, "q_bias": bq2, "k_weight": Wk2, "k_bias": bk2, "v_weight": Wv2, "v_bias": bv2,
            "out_weight": Wo2}
     args = [R.arg(a["input"])] + [R.attr(a[n].target, new[n].to(dtype)) for n in _NAMES[1:8]]

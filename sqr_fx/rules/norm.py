@@ -7,6 +7,11 @@ layer's statistics exactly (docs/compensated_layernorm.md). Its OUTPUT channel j
 varies per token, ``y_j = gamma_j (c_j - mu) / sigma + beta_j``, so the group goes only
 when every reader ignores it, or ``gamma_j == 0`` (then ``y_j = beta_j`` is a constant and
 folds into the readers like any other).
+
+GroupNorm (channel axis 1) is the same per group: channel j leaves its group's statistic
+only when its input is a known constant, and the rewrite emits
+:func:`~sqr_fx.layers.compensated_group_norm` with per-group compensation (groups may
+then keep different numbers of channels).
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..layers import compensated_layer_norm, compensated_rms_norm, removed_stats
+from ..layers import compensated_group_norm, compensated_layer_norm, compensated_rms_norm, removed_stats
 from ..values import ChanInfo
 from .registry import rule
 
@@ -29,8 +34,12 @@ def _norm_analyze(node: fx.Node, A, a, *, has_bias: bool) -> ChanInfo | None:
     if src is None or s is None or src.dim != len(s) - 1 or (ns is not None and len(ns) != 1):
         A.freeze(src)
         return None
-    w = a.get("weight")
-    b = a.get("bias") if has_bias else None
+    return _affine_out(A, src, a.get("weight"), a.get("bias") if has_bias else None)
+
+
+def _affine_out(A, src: ChanInfo, w, b) -> ChanInfo | None:
+    """Per-channel affine params join the channel's group; the input must be const to leave the
+    statistic (``need_const``); output j is the constant ``beta_j`` when ``gamma_j == 0``."""
     for p in (w, b):
         if p is not None:
             if A.tensor(p) is None:
@@ -97,6 +106,67 @@ def layer_norm(node, A, a):
 def rms_norm(node, A, a):
     """RMSNorm: rms^2 = (sum_K x^2 + sum_R c^2) / N; same coupling as LayerNorm."""
     return _norm_analyze(node, A, a, has_bias=False)
+
+
+def _group_layout(A, a, compensated: bool, n: int):
+    """Group of each current channel, or None when the layout is not a known constant."""
+    if compensated:
+        gi = A.tensor(a["group_index"])
+        return None if gi is None or gi.numel() != n else gi.cpu().long().numpy()
+    groups = a["num_groups"]
+    if not isinstance(groups, int) or groups < 1 or n % groups:
+        return None
+    return np.arange(n) // (n // groups)
+
+
+@rule("group_norm", F.group_norm, aten.group_norm.default, compensated_group_norm,
+      names=("input", "num_groups", "weight", "bias", "eps"),
+      per_target={aten.group_norm.default: ("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled"),
+                  compensated_group_norm: ("input", "weight", "bias", "group_index", "group_size",
+                                           "removed_count", "removed_mean", "removed_m2", "eps")},
+      rewrite=lambda n, R, a: _group_norm_rewrite(n, R, a))
+def group_norm(node, A, a):
+    """GroupNorm over axis 1: as LayerNorm, per group (channel j couples input and output; input j
+    must be a known constant to leave its group's statistic)."""
+    x = a["input"]
+    src, s = A.info(x), A.shape(x)
+    if (src is None or s is None or len(s) < 2 or src.dim != 1 or getattr(src, "split", False)
+            or _group_layout(A, a, node.target is compensated_group_norm, len(src)) is None):
+        A.freeze(src)
+        return None
+    return _affine_out(A, src, a.get("weight"), a.get("bias"))
+
+
+def _group_norm_rewrite(node: fx.Node, R, a) -> fx.Node:
+    src = R.info(a["input"])
+    if src is None or R.keep(src).all():
+        return R.copy(node)
+    keep = R.keep(src)
+    n = len(src)
+    if node.target is compensated_group_norm:
+        group = R.tensor(a["group_index"]).cpu().long().numpy()
+        size = int(a["group_size"])
+        count = R.tensor(a["removed_count"]).cpu().long().numpy().copy()
+        mean = R.tensor(a["removed_mean"]).cpu().double().clone()
+        m2 = R.tensor(a["removed_m2"]).cpu().double().clone()
+    else:
+        g = int(a["num_groups"])
+        size = n // g
+        group = np.arange(n) // size
+        count = np.zeros(g, np.int64)
+        mean, m2 = torch.zeros(g, dtype=torch.float64), torch.zeros(g, dtype=torch.float64)
+    gone_group, gone_value = group[~keep], src.value[~keep]
+    for q in np.unique(gone_group):
+        values = gone_value[gone_group == q]
+        mean[q], m2[q] = _merged_stats(int(count[q]), mean[q], m2[q], values)
+        count[q] += len(values)
+    eps = a.get("eps")
+    return R.graph.call_function(compensated_group_norm, (
+        R.arg(a["input"]), R.arg(a.get("weight")), R.arg(a.get("bias")),
+        R.buffer(f"{node.name}_group_index", torch.as_tensor(group[keep], dtype=torch.long)), size,
+        R.buffer(f"{node.name}_removed_count", torch.as_tensor(count, dtype=torch.long)),
+        R.buffer(f"{node.name}_removed_mean", mean), R.buffer(f"{node.name}_removed_m2", m2),
+        1e-5 if eps is None else float(eps)))
 
 
 @rule("embedding", F.embedding, aten.embedding.default, names=("input", "weight"),

@@ -7,6 +7,8 @@ the constants (``Analysis.evaluate``): meaning and rule cannot drift apart.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import operator
 from typing import Any
 
@@ -55,27 +57,26 @@ def _first_tensor_arg(node: fx.Node) -> Any:
 
 
 def _probe(info: ChanInfo, ndim: int = 2) -> torch.Tensor:
-    """The constants as a tensor of the op's rank, channels on their own axis (Dropout2d wants 4-D)."""
-    shape = [1] * max(ndim, info.dim + 1)
-    shape[info.dim] = len(info)
-    return torch.as_tensor(np.where(info.const, info.value, 0.0), dtype=torch.float64).reshape(shape)
+    """The constants as a tensor of the op's rank, channels on their own axes (Dropout2d wants 4-D)."""
+    return torch.as_tensor(info.probe(np.where(info.const, info.value, 0.0), max(ndim, 2)), dtype=torch.float64)
 
 
 def _mapped_values(node: fx.Node, A, x: fx.Node, src: ChanInfo) -> ChanInfo:
     """Output info of a channel-wise unary op: same ids, constants mapped through the op."""
-    out = ChanInfo(src.dim, src.ids, src.const.copy(), src.value.copy())
+    out = replace(src, const=src.const.copy(), value=src.value.copy())
     if src.const.any():
         y = A.evaluate(node, {x: _probe(src, len(A.shape(x) or ()))})
         if y is None or y.numel() != len(src):
             out.const[:] = False
         else:
-            v = y.reshape(-1).double().numpy()
+            v = src.unprobe(y.double().numpy())
             out.const &= np.isfinite(v)
             out.value = np.where(out.const, v, 0.0)
     return out
 
 
-@rule("pointwise", *_targets(_UNARY), *_UNARY_MODULES, aten.dropout.default, aten.alias.default, operator.pow)
+@rule("pointwise", *_targets(_UNARY), *_UNARY_MODULES, aten.dropout.default, aten.alias.default, operator.pow,
+      heads=True)
 def pointwise(node: fx.Node, A, a) -> ChanInfo | None:
     """y_j = f(x_j): couples x_j and y_j; const(c) -> const(f(c))."""
     x = _first_tensor_arg(node)

@@ -37,6 +37,7 @@ class OpRule:
     analyze: Callable[..., Any]
     rewrite: Optional[Callable[..., Any]] = None
     names: dict[Any, tuple[str, ...]] = field(default_factory=dict)
+    heads: bool = False  # understands head-split infos (ChanInfo.split); others see them frozen
 
 
 class Args:
@@ -67,11 +68,13 @@ class Args:
 RULES: dict[Any, OpRule] = {}
 
 
-def rule(family: str, *targets: Any, names: tuple[str, ...] = ("input",), rewrite=None, per_target=None):
-    """Register ``fn`` as the analysis rule of ``targets``; ``per_target`` overrides argument names."""
+def rule(family: str, *targets: Any, names: tuple[str, ...] = ("input",), rewrite=None, per_target=None,
+         heads: bool = False):
+    """Register ``fn`` as the analysis rule of ``targets``; ``per_target`` overrides argument names;
+    ``heads=True``: the rule handles head-split channel infos (every other rule has them frozen)."""
 
     def deco(fn):
-        r = OpRule(family, fn, rewrite)
+        r = OpRule(family, fn, rewrite, heads=heads)
         for t in targets:
             if t is None:
                 continue

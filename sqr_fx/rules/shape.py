@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -133,24 +134,66 @@ def _reshape_map(in_shape, out_shape, info: ChanInfo):
     return None
 
 
+def _split_map(in_shape, out_shape, info: ChanInfo):
+    """Out axis k when the reshape splits the channel axis into (out[k], out[k+1]) = (heads, D)."""
+    c, C = info.dim, in_shape[info.dim]
+    P, rest = math.prod(in_shape[:c]), math.prod(in_shape[c + 1:])
+    for k in range(len(out_shape) - 1):
+        if math.prod(out_shape[:k]) == P and out_shape[k] * out_shape[k + 1] == C \
+                and math.prod(out_shape[k + 2:]) == rest:
+            return k
+    return None
+
+
+def _merged(src: ChanInfo, in_shape, out_shape):
+    """A head-split info whose two axes are adjacent, merged back into one axis (None: not that)."""
+    lo = min(src.head, src.dim)
+    if abs(src.head - src.dim) != 1:
+        return None
+    for k in range(len(out_shape)):
+        if math.prod(out_shape[:k]) == math.prod(in_shape[:lo]) and out_shape[k] == len(src) \
+                and math.prod(out_shape[k + 1:]) == math.prod(in_shape[lo + 2:]):
+            order = np.arange(len(src))
+            if src.head > src.dim:  # memory order is (d, h): channel shuffle's transposed merge
+                order = src.per_head(order).T.reshape(-1)
+            return ChanInfo(k, src.ids[order], src.const[order], src.value[order])
+    return None
+
+
 def _reshaped(node, A, x):
     src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
     if src is None or s_in is None or s_out is None:
         A.freeze(src)
         return None
+    if src.split:  # the same shape, or the two head axes merged back into one
+        out = src if s_in == s_out else _merged(src, s_in, s_out)
+        if out is None:
+            A.freeze(src)
+        return out
     m = _reshape_map(s_in, s_out, src)
     if m is None:
-        A.freeze(src)
-        return None
+        k = _split_map(s_in, s_out, src)
+        if k is None:
+            A.freeze(src)
+            return None
+        return replace(src, dim=k + 1, head=k, heads=s_out[k])
     k, inner = m
     out = src.repeat(inner) if inner > 1 else src
     return out.with_dim(k)
 
 
+def head_widths(keep: np.ndarray, info: ChanInfo) -> tuple[int, int]:
+    """(kept heads, kept positions per kept head) of a head-split info; the plan keeps it rectangular."""
+    per = info.per_head(keep).sum(1)
+    alive = per > 0
+    assert (per[alive] == per[alive].max()).all(), "head-split tensor left ragged"
+    return int(alive.sum()), int(per.max())
+
+
 @rule("flatten", torch.flatten, method("flatten"), aten.flatten.using_ints, nn.Flatten,
       method("squeeze"), method("unsqueeze"), torch.squeeze, torch.unsqueeze,
       *[getattr(aten.squeeze, o) for o in aten.squeeze.overloads()],
-      *[getattr(aten.unsqueeze, o) for o in aten.unsqueeze.overloads()])
+      *[getattr(aten.unsqueeze, o) for o in aten.unsqueeze.overloads()], heads=True)
 def flatten(node, A, a):
     """Shape-only re-indexing with no channel sizes in its arguments: copied as is."""
     return _reshaped(node, A, node.args[0] if node.args else a["input"])
@@ -162,19 +205,25 @@ def _view_rewrite(node, R, a):
     if out_info is None or R.keep(out_info).all():
         return R.copy(node)
     sizes = list(node.args[1:]) if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else list(node.args[1])
-    if sizes[out_info.dim] != -1:
+    if out_info.split:
+        for axis, n in zip((out_info.head, out_info.dim), head_widths(R.keep(out_info), out_info)):
+            if sizes[axis] != -1:
+                sizes[axis] = n
+    elif sizes[out_info.dim] != -1:
         sizes[out_info.dim] = int(R.keep(out_info).sum())
     return R.graph.call_function(torch.reshape, (R.arg(node.args[0]), tuple(R.arg(s) for s in sizes)))
 
 
 @rule("view", method("view"), method("reshape"), torch.reshape, aten.view.default, aten.reshape.default,
-      aten._unsafe_view.default, rewrite=_view_rewrite)
+      aten._unsafe_view.default, rewrite=_view_rewrite, heads=True)
 def view(node, A, a):
-    """Followed when it keeps channel blocks intact; sizes given by nodes on the channel axis freeze."""
+    """Followed when it keeps channel blocks intact or splits/merges attention heads; sizes given
+    by nodes on the channel axes freeze."""
     out = _reshaped(node, A, node.args[0])
     if out is not None:
         sizes = list(node.args[1:]) if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else list(node.args[1])
-        if len(sizes) != len(A.shape(node)) or isinstance(sizes[out.dim], fx.Node):
+        axes = (out.dim, out.head) if out.split else (out.dim,)
+        if len(sizes) != len(A.shape(node)) or any(isinstance(sizes[d], fx.Node) for d in axes):
             A.freeze(out)
             return None
     return out
@@ -189,7 +238,7 @@ except ImportError:  # pragma: no cover
 
 @rule("permute", torch.permute, method("permute"), aten.permute.default, _Permute, torch.transpose,
       method("transpose"), aten.transpose.int, method("t"), torch.t, aten.t.default, torch.movedim,
-      method("movedim"))
+      method("movedim"), heads=True)
 def permute(node, A, a):
     """A permutation of axes moves the channel axis; positions along it are untouched."""
     x = node.args[0]
@@ -214,7 +263,23 @@ def permute(node, A, a):
     else:
         dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
         perm = [_norm_dim(int(d), nd) for d in dims]
+    if src.split:
+        return replace(src, dim=perm.index(src.dim), head=perm.index(src.head))
     return src.with_dim(perm.index(src.dim))
+
+
+@rule("roll", torch.roll, method("roll"), aten.roll.default, names=("input", "shifts", "dims"))
+def roll(node, A, a):
+    """A cyclic shift along other axes keeps channel j in place (constants stay constant); rolling
+    the channel axis, or the flattened tensor (no ``dims``), moves values across channels: frozen."""
+    x, dims = a["input"], a.get("dims")
+    src, s = A.info(x), A.shape(x)
+    dims = [dims] if isinstance(dims, int) else list(dims or ())
+    if src is None or s is None or not dims or not all(isinstance(d, int) for d in dims) or src.dim in {
+            _norm_dim(d, len(s)) for d in dims}:
+        A.freeze(src)
+        return None
+    return src.with_dim(src.dim)
 
 
 @rule("expand", method("expand"), aten.expand.default, method("expand_as"))
@@ -240,6 +305,8 @@ def expand(node, A, a):
 
 # ---- slicing ----------------------------------------------------------------------------------
 def _slice_rewrite(node, R, a):
+    if _PIECES in getattr(node.args[0], "meta", {}):
+        return R.copy(node)  # one output of a split: the split itself was rewritten
     out_info, src = R.info(node), R.info(node.args[0])
     if out_info is None or (R.keep(src, 0).all() and R.keep(out_info).all()):
         return R.copy(node)
@@ -264,6 +331,8 @@ def _slice_rewrite(node, R, a):
 def getitem(node, A, a):
     """x[..., a:b:s, ...] on the channel axis keeps the selected ids (other axes: unchanged)."""
     x = node.args[0]
+    if _PIECES in getattr(x, "meta", {}):  # split(...)[i]
+        return x.meta[_PIECES][node.args[1]] if type(node.args[1]) is int else None
     src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
     if src is None or s_in is None or s_out is None:
         A.freeze(src)
@@ -315,6 +384,46 @@ def index_select(node, A, a):
     pos = idx.cpu().numpy().astype(np.int64)
     node.meta["sqr_fx.slice_pos"] = pos
     return src.take(pos)
+
+
+# ---- split / chunk -----------------------------------------------------------------------------
+_PIECES = "sqr_fx.pieces"
+
+
+def _split_rewrite(node, R, a):
+    x = node.args[0]
+    src, pieces = R.info(x), node.meta.get(_PIECES)
+    if src is None or pieces is None or node.meta.get("sqr_fx.split_dim") != src.dim or R.keep(src).all():
+        return R.copy(node)
+    sizes = [int(R.keep(p).sum()) for p in pieces]
+    return R.graph.call_function(torch.split, (R.arg(x), sizes, src.dim))
+
+
+@rule("split", torch.split, method("split"), aten.split.Tensor, aten.split_with_sizes.default,
+      method("split_with_sizes"), torch.chunk, method("chunk"), aten.chunk.default, torch.tensor_split,
+      method("tensor_split"), names=("input", "sections", "dim"), rewrite=_split_rewrite)
+def split(node, A, a):
+    """Pieces along the channel axis take their positions' ids (rewritten with the kept counts);
+    along another axis every piece carries the whole channel info. The tuple itself is untracked:
+    ``getitem`` hands each piece its info."""
+    x = node.args[0]
+    src, s_in = A.info(x), A.shape(x)
+    sections = next((a.get(k) for k in ("sections", "split_size_or_sections", "split_size", "split_sizes", "chunks",
+                                         "indices_or_sections") if a.get(k) is not None), None)
+    if src is None or s_in is None or sections is None or isinstance(sections, fx.Node) or (
+            isinstance(sections, (list, tuple)) and any(isinstance(v, fx.Node) for v in sections)):
+        A.freeze(src)
+        return None
+    d = _norm_dim(int(a.get("dim", 0)), len(s_in))
+    fn = {"chunk": torch.chunk, "tensor_split": torch.tensor_split}.get(
+        getattr(node.target, "__name__", str(node.target)).split(".")[0].split("_with")[0], torch.split)
+    if d != src.dim:
+        n = len(fn(torch.empty(s_in[d]), sections))
+        node.meta[_PIECES] = [src] * n
+        return None
+    node.meta["sqr_fx.split_dim"] = d
+    node.meta[_PIECES] = [src.take(p.numpy()) for p in fn(torch.arange(len(src)), sections)]
+    return None
 
 
 # ---- pooling and reductions -------------------------------------------------------------------
@@ -407,6 +516,16 @@ except ImportError:  # pragma: no cover - older torch
 @rule("shape_guard", method("dim"), _GuardsFn)
 def shape_guard(node, A, a):
     """Reads only the rank / the graph inputs' shapes: no channel is affected."""
+    return None
+
+
+@rule("assert_metadata", aten._assert_tensor_metadata.default,
+      names=("input", "size", "stride", "dtype", "device", "layout"))
+def assert_metadata(node, A, a):
+    """torch.export's check of a tensor's dtype/device/layout (after GPT-2's embeddings): the
+    channel count is not read, so nothing is frozen; an asserted size or stride freezes."""
+    if a.get("size") is not None or a.get("stride") is not None:
+        A.freeze(a["input"])
     return None
 
 

@@ -1,0 +1,236 @@
+"""Head-split attention (``view -> transpose -> scaled_dot_product_attention``) and split/chunk.
+
+Per head: query/key dims whose key is constant (or whose query is zero) leave q and k (softmax
+shift invariance, the ORIGINAL scale kept); value dims nothing reads leave v and the output;
+constant value dims fold into the output projection when no mask can empty a softmax row;
+whole heads go when nothing reads them. Head-split tensors stay rectangular.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from sqr_fx import count_stored_floats, minimize
+from test_transformers import F64, _hf, _ids, assert_fixpoint, assert_same, params, randn
+
+MASKS = ("none", "causal", "bool", "bias")
+
+
+class HeadAttention(nn.Module):
+    """Linear q/k/v -> view(B, T, H, D) -> transpose -> SDPA -> transpose -> reshape -> Linear."""
+
+    def __init__(self, c: int, heads: int, dq: int, dv: int, mask: str = "none", t_bias: int = 5):
+        super().__init__()
+        self.h, self.dq, self.dv, self.mask = heads, dq, dv, mask
+        self.q, self.k = nn.Linear(c, heads * dq, dtype=F64), nn.Linear(c, heads * dq, dtype=F64)
+        self.v, self.o = nn.Linear(c, heads * dv, dtype=F64), nn.Linear(heads * dv, c, dtype=F64)
+        if mask == "bias":  # a per-head additive mask: gathered to the kept heads
+            self.register_buffer("bias", torch.randn(1, heads, t_bias, t_bias, dtype=F64))
+
+    def forward(self, x):
+        b, t = x.shape[0], x.shape[1]
+        q = self.q(x).view(b, t, self.h, self.dq).transpose(1, 2)
+        k = self.k(x).view(b, t, self.h, self.dq).transpose(1, 2)
+        v = self.v(x).view(b, t, self.h, self.dv).transpose(1, 2)
+        if self.mask == "causal":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif self.mask == "bool":
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(t, t, dtype=torch.bool).tril())
+        elif self.mask == "bias":
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).contiguous().reshape(b, t, self.h * self.dv))
+
+
+@st.composite
+def head_cases(draw):
+    heads, dq, dv = draw(st.integers(1, 4)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    return dict(
+        c=draw(st.integers(2, 6)), heads=heads, dq=dq, dv=dv, mask=draw(st.sampled_from(MASKS)),
+        dead_heads=draw(st.sets(st.integers(0, heads - 1), max_size=heads)),
+        k_const=draw(st.sets(st.integers(0, dq - 1), max_size=dq)),  # same dims in every head
+        q_zero=draw(st.sets(st.integers(0, dq - 1), max_size=dq)),
+        v_const=draw(st.sets(st.integers(0, dv - 1), max_size=dv)),
+        v_unread=draw(st.sets(st.integers(0, dv - 1), max_size=dv)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@torch.no_grad()
+def plant_heads(m: HeadAttention, case: dict) -> None:
+    h, dq, dv = m.h, m.dq, m.dv
+    for head in range(h):
+        for d in case["k_const"]:
+            m.k.weight[head * dq + d] = 0
+        for d in case["q_zero"]:
+            m.q.weight[head * dq + d] = 0
+            m.q.bias[head * dq + d] = 0
+        for e in case["v_const"]:
+            m.v.weight[head * dv + e] = 0
+        for e in case["v_unread"]:
+            m.o.weight[:, head * dv + e] = 0
+    for head in case["dead_heads"]:
+        m.o.weight[:, head * dv:(head + 1) * dv] = 0
+
+
+def expected_widths(case: dict) -> tuple[int, int, int] | None:
+    """(heads, q/k dims, v dims) kept, when no keep-one-channel step interferes (else None)."""
+    heads = case["heads"] - len(case["dead_heads"])
+    dq = case["dq"] - len(case["k_const"] | case["q_zero"])
+    v_gone = case["v_unread"] | (case["v_const"] if case["mask"] in ("none", "causal") else set())
+    dv = case["dv"] - len(v_gone)
+    return (heads, dq, dv) if min(heads, dq, dv) >= 1 else None
+
+
+@given(head_cases())
+def test_random_head_attention_minimizes_exactly(case):
+    torch.manual_seed(case["seed"])
+    m = HeadAttention(case["c"], case["heads"], case["dq"], case["dv"], case["mask"]).eval()
+    plant_heads(m, case)
+    before = copy.deepcopy(m.state_dict())
+    t = 5
+    s = minimize(m, (randn(2, t, case["c"], seed=1),))
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items()), "input model mutated"
+    sizes = [(2, t), (3, t), (1, t)] if case["mask"] == "bias" else [(2, t), (3, 7), (1, 2)]
+    for b, tt in sizes:
+        assert_same(m, s, (randn(b, tt, case["c"], seed=b + tt),), rtol=1e-9)
+    want = expected_widths(case)
+    if want is not None:
+        heads, dq, dv = want
+        p = params(s)
+        assert p["q.weight"].shape[0] == p["k.weight"].shape[0] == heads * dq
+        assert p["v.weight"].shape[0] == p["o.weight"].shape[1] == heads * dv
+        if (heads, dq, dv) != (case["heads"], case["dq"], case["dv"]):
+            assert count_stored_floats(s) < count_stored_floats(m)
+    assert_fixpoint(s, (randn(2, t, case["c"], seed=1),))
+
+
+def test_original_scale_kept_when_query_dims_go():
+    """sdpa's default scale is 1/sqrt(D) of the CURRENT width: the rewrite must pin the original."""
+    torch.manual_seed(0)
+    m = HeadAttention(4, 2, 4, 3).eval()
+    plant_heads(m, dict(k_const={0, 2}, q_zero=set(), v_const=set(), v_unread=set(), dead_heads=set()))
+    s = minimize(m, (randn(2, 5, 4),))
+    assert params(s)["q.weight"].shape[0] == 2 * 2
+    assert "scale = 0.5" in s.code  # 1/sqrt(4)
+    assert_same(m, s, (randn(3, 6, 4, seed=3),), rtol=1e-9)
+
+
+def test_uneven_heads_keep_a_rectangular_layout():
+    """Head 0 loses two q/k dims, head 1 none: both keep D (a ragged [H, D] does not exist)."""
+    torch.manual_seed(0)
+    m = HeadAttention(4, 2, 3, 2).eval()
+    with torch.no_grad():
+        m.k.weight[[0, 1]] = 0
+    s = minimize(m, (randn(2, 5, 4),))
+    assert params(s)["q.weight"].shape[0] == 6
+    assert_same(m, s, (randn(3, 4, 4, seed=2),), rtol=1e-9)
+
+
+def test_strict_mode_accepts_head_attention():
+    m = HeadAttention(4, 2, 3, 2).eval()
+    minimize(m, (randn(2, 5, 4),), strict=True)
+
+
+# ---- split / chunk ----------------------------------------------------------------------------
+class Gated(nn.Module):
+    """One Linear producing three pieces (chunk or split on the channel axis), a gated unit."""
+
+    def __init__(self, c: int, h: int, how: str):
+        super().__init__()
+        self.h, self.how = h, how
+        self.fc, self.out = nn.Linear(c, 3 * h, dtype=F64), nn.Linear(h, c, dtype=F64)
+
+    def forward(self, x):
+        if self.how == "chunk":
+            a, b, g = self.fc(x).chunk(3, dim=-1)
+        elif self.how == "split":
+            a, b, g = torch.split(self.fc(x), self.h, dim=1)
+        else:  # uneven sections
+            a, b, g = self.fc(x).split([self.h, self.h, self.h], -1)
+        return self.out(a * torch.sigmoid(g) + b)
+
+
+@pytest.mark.parametrize("how", ["chunk", "split", "sections"])
+def test_chunk_and_split_on_the_channel_axis(how):
+    torch.manual_seed(0)
+    m = Gated(5, 6, how).eval()
+    with torch.no_grad():
+        m.out.weight[:, [1, 4]] = 0        # units 1, 4 unread: their a, b, g rows all go
+        m.fc.weight[[2, 6 + 2, 12 + 2]] = 0  # unit 2: a, b, g constant: folded into out's bias
+        m.fc.weight[[6 + 3, 12 + 3]] = 0   # unit 3: b, g constant but a is not: the unit stays
+    s = minimize(m, (randn(3, 5),))
+    assert params(s)["fc.weight"].shape[0] == 3 * 3
+    assert params(s)["out.weight"].shape[1] == 3
+    for b in (3, 1, 7):
+        assert_same(m, s, (randn(b, 5, seed=b),), rtol=1e-9)
+    assert_fixpoint(s, (randn(3, 5),))
+
+
+class BatchSplit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6, dtype=F64), nn.Linear(6, 3, dtype=F64)
+
+    def forward(self, x):
+        parts = self.a(x).split(1, dim=0)  # along the batch axis: every piece has all channels
+        return self.b(torch.cat([p.relu() for p in parts], 0))
+
+
+def test_split_on_another_axis_passes_channels_through():
+    m = BatchSplit().eval()
+    with torch.no_grad():
+        m.b.weight[:, 2] = 0
+    s = minimize(m, (randn(3, 4),))
+    assert params(s)["a.weight"].shape[0] == 5
+    assert_same(m, s, (randn(3, 4, seed=1),), rtol=1e-9)
+
+
+# ---- Hugging Face models: whole heads --------------------------------------------------------
+def test_hf_bert_dead_heads():
+    tf = _hf()
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, use_cache=False)
+    m = tf.BertModel(cfg)
+    with torch.no_grad():
+        for layer in m.encoder.layer:
+            layer.attention.output.dense.weight[:, 8:16] = 0  # head 1: nothing reads it
+            layer.attention.self.key.weight[[0, 8, 16, 24]] = 0  # dim 0 of every head: constant key
+    m = m.eval().double()
+    s = minimize(m, (_ids(2, 12),))
+    for i in range(2):
+        pre = f"encoder.layer.{i}.attention."
+        assert params(s)[pre + "self.query.weight"].shape == (3 * 7, 32)
+        assert params(s)[pre + "self.key.weight"].shape == (3 * 7, 32)
+        assert params(s)[pre + "self.value.weight"].shape == (3 * 8, 32)
+        assert params(s)[pre + "output.dense.weight"].shape == (32, 3 * 8)
+    for b, t in [(2, 12), (3, 7), (1, 20)]:
+        assert_same(m, s, (_ids(b, t, seed=t),), rtol=1e-9)
+    assert_fixpoint(s, (_ids(2, 12),))
+
+
+def test_hf_gpt2_dead_heads_through_split():
+    """GPT-2's fused c_attn is split into q, k, v (aten.split): each piece loses its own head."""
+    tf = _hf()
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4, use_cache=False,
+                        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    m = tf.GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for blk in m.transformer.h:  # Conv1D weights are [in, out]
+            blk.attn.c_proj.weight[16:24] = 0  # head 2 unread
+    m = m.eval().double()
+    s = minimize(m, (_ids(2, 12),))
+    for i in range(2):
+        assert params(s)[f"transformer.h.{i}.attn.c_attn.weight"].shape == (32, 3 * 24)
+        assert params(s)[f"transformer.h.{i}.attn.c_proj.weight"].shape == (24, 32)
+    for b, t in [(2, 12), (3, 7)]:
+        assert_same(m, s, (_ids(b, t, seed=t),), rtol=1e-9)
