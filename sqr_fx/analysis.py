@@ -64,6 +64,7 @@ class Analysis:
         self.local: list[str] = []
         self.unknown: list[str] = []
         self.head_links: list[list[ChanInfo]] = []
+        self.pending: dict[fx.Node, Any] = {}  # facts a rule leaves for a later node (attention's q, k)
         self._hidden: set[fx.Node] = set()
         self._probe_cache: dict[str, Any] = {}
         # tied tensors: ``shared`` ones are sliced once for all readers (``_couple_shared``), the

@@ -23,11 +23,15 @@ MASKS = ("none", "causal", "bool", "bias")
 
 
 class HeadAttention(nn.Module):
-    """Linear q/k/v -> view(B, T, H, D) -> transpose -> SDPA -> transpose -> reshape -> Linear."""
+    """Linear q/k/v -> view(B, T, H, D) -> transpose -> attention -> transpose -> reshape -> Linear.
+    ``impl="sdpa"``: F.scaled_dot_product_attention; ``"matmul"``: written out with ``@``, a scale,
+    the mask (masked_fill / added bias), softmax, dropout (eval) and ``@ v``."""
 
-    def __init__(self, c: int, heads: int, dq: int, dv: int, mask: str = "none", t_bias: int = 5):
+    def __init__(self, c: int, heads: int, dq: int, dv: int, mask: str = "none", t_bias: int = 5,
+                 impl: str = "sdpa"):
         super().__init__()
-        self.h, self.dq, self.dv, self.mask = heads, dq, dv, mask
+        self.h, self.dq, self.dv, self.mask, self.impl = heads, dq, dv, mask, impl
+        self.drop = nn.Dropout(0.1)
         self.q, self.k = nn.Linear(c, heads * dq, dtype=F64), nn.Linear(c, heads * dq, dtype=F64)
         self.v, self.o = nn.Linear(c, heads * dv, dtype=F64), nn.Linear(heads * dv, c, dtype=F64)
         if mask == "bias":  # a per-head additive mask: gathered to the kept heads
@@ -38,6 +42,8 @@ class HeadAttention(nn.Module):
         q = self.q(x).view(b, t, self.h, self.dq).transpose(1, 2)
         k = self.k(x).view(b, t, self.h, self.dq).transpose(1, 2)
         v = self.v(x).view(b, t, self.h, self.dv).transpose(1, 2)
+        if self.impl == "matmul":
+            return self.o(self._written_out(q, k, v, t).transpose(1, 2).contiguous().reshape(b, t, self.h * self.dv))
         if self.mask == "causal":
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif self.mask == "bool":
@@ -48,12 +54,21 @@ class HeadAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v)
         return self.o(y.transpose(1, 2).contiguous().reshape(b, t, self.h * self.dv))
 
+    def _written_out(self, q, k, v, t):
+        s = q @ k.transpose(-2, -1) / self.dq ** 0.5
+        if self.mask in ("causal", "bool"):
+            s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+        elif self.mask == "bias":
+            s = s + self.bias
+        return self.drop(torch.softmax(s, dim=-1)) @ v
+
 
 @st.composite
 def head_cases(draw):
     heads, dq, dv = draw(st.integers(1, 4)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
     return dict(
         c=draw(st.integers(2, 6)), heads=heads, dq=dq, dv=dv, mask=draw(st.sampled_from(MASKS)),
+        impl=draw(st.sampled_from(["sdpa", "matmul"])),
         dead_heads=draw(st.sets(st.integers(0, heads - 1), max_size=heads)),
         k_const=draw(st.sets(st.integers(0, dq - 1), max_size=dq)),  # same dims in every head
         q_zero=draw(st.sets(st.integers(0, dq - 1), max_size=dq)),
@@ -92,7 +107,7 @@ def expected_widths(case: dict) -> tuple[int, int, int] | None:
 @given(head_cases())
 def test_random_head_attention_minimizes_exactly(case):
     torch.manual_seed(case["seed"])
-    m = HeadAttention(case["c"], case["heads"], case["dq"], case["dv"], case["mask"]).eval()
+    m = HeadAttention(case["c"], case["heads"], case["dq"], case["dv"], case["mask"], impl=case["impl"]).eval()
     plant_heads(m, case)
     before = copy.deepcopy(m.state_dict())
     t = 5
@@ -102,6 +117,9 @@ def test_random_head_attention_minimizes_exactly(case):
     for b, tt in sizes:
         assert_same(m, s, (randn(b, tt, case["c"], seed=b + tt),), rtol=1e-9)
     want = expected_widths(case)
+    if case["impl"] == "matmul" and case["mask"] == "bias" and case["heads"] > 1:
+        want = None  # a per-head bias added to written-out scores: the attention is kept whole
+        assert params(s)["q.weight"].shape == m.q.weight.shape
     if want is not None:
         heads, dq, dv = want
         p = params(s)
@@ -134,9 +152,46 @@ def test_uneven_heads_keep_a_rectangular_layout():
     assert_same(m, s, (randn(3, 4, 4, seed=2),), rtol=1e-9)
 
 
-def test_strict_mode_accepts_head_attention():
-    m = HeadAttention(4, 2, 3, 2).eval()
+@pytest.mark.parametrize("impl", ["sdpa", "matmul"])
+def test_strict_mode_accepts_head_attention(impl):
+    m = HeadAttention(4, 2, 3, 2, impl=impl).eval()
     minimize(m, (randn(2, 5, 4),), strict=True)
+
+
+class ScoresRead(HeadAttention):
+    """The raw scores are also returned: a per-row shift would change them, so q/k keep every dim."""
+
+    def forward(self, x):
+        b, t = x.shape[0], x.shape[1]
+        q = self.q(x).view(b, t, self.h, self.dq).transpose(1, 2)
+        k = self.k(x).view(b, t, self.h, self.dq).transpose(1, 2)
+        v = self.v(x).view(b, t, self.h, self.dv).transpose(1, 2)
+        s = q @ k.transpose(-2, -1)
+        return self.o((torch.softmax(s, -1) @ v).transpose(1, 2).reshape(b, t, self.h * self.dv)), s
+
+
+def test_guard_scores_read_elsewhere_keep_query_key_dims():
+    torch.manual_seed(0)
+    m = ScoresRead(4, 2, 3, 2).eval()
+    with torch.no_grad():
+        m.k.weight[[0, 3]] = 0  # dim 0 of both heads: a constant key (removable if only softmax read it)
+        m.o.weight[:, 2:4] = 0  # head 1 unread by o, but its scores are returned
+    s = minimize(m, (randn(2, 5, 4),))
+    assert params(s)["q.weight"].shape[0] == 6 and params(s)["k.weight"].shape[0] == 6
+    assert_same(m, s, (randn(3, 6, 4, seed=3),), rtol=1e-9)
+
+
+def test_matmul_attention_loses_constant_key_dims_and_dead_heads():
+    torch.manual_seed(0)
+    m = HeadAttention(4, 3, 3, 2, impl="matmul", mask="causal").eval()
+    with torch.no_grad():
+        m.k.weight[[0, 3, 6]] = 0  # dim 0 of every head
+        m.o.weight[:, 2:4] = 0     # head 1
+    s = minimize(m, (randn(2, 5, 4),))
+    assert params(s)["q.weight"].shape[0] == 2 * 2 and params(s)["v.weight"].shape[0] == 2 * 2
+    assert "scale" not in s.code  # the written-out scale is a literal of the original width
+    for b, t in [(2, 5), (3, 8)]:
+        assert_same(m, s, (randn(b, t, 4, seed=t),), rtol=1e-9)
 
 
 # ---- split / chunk ----------------------------------------------------------------------------

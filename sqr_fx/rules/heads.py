@@ -20,7 +20,9 @@ head-split channel infos (``ChanInfo.split``). For one head h, query i, keys j a
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,26 +30,42 @@ import torch.nn.functional as F
 from torch import fx
 
 from ..values import ChanInfo
-from .registry import rule
+from .registry import method, rule
 
 aten = torch.ops.aten
 
 _NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-def _as_heads(info: ChanInfo | None, shape) -> ChanInfo | None:
-    """The info as [.., H, S, D] heads (axis -3) x dims (axis -1); None when laid out otherwise.
-    A one-axis info is one head of D dims (axis -1) or, when D == 1, H heads of one dim (axis -3)."""
+def _as_heads(info: ChanInfo | None, shape, at: int = -1) -> ChanInfo | None:
+    """The info as [.., H, S, D] heads (axis -3) x dims (axis ``at``: -1, or -2 for a transposed
+    key); None when laid out otherwise. A one-axis info is one head of D dims (axis ``at``) or,
+    when D == 1, H heads of one dim (axis -3)."""
     if info is None or shape is None or len(shape) < 3:
         return None
     nd = len(shape)
+    d = nd + at
     if info.split:
-        return info if (info.head, info.dim) == (nd - 3, nd - 1) else None
-    if info.dim == nd - 1:
+        return info if (info.head, info.dim) == (nd - 3, d) else None
+    if info.dim == d:
         return replace(info, head=nd - 3, heads=1) if shape[-3] == 1 or nd == 3 else None
-    if info.dim == nd - 3 and shape[-1] == 1:
-        return replace(info, head=nd - 3, dim=nd - 1, heads=len(info))
+    if info.dim == nd - 3 and shape[d] == 1:
+        return replace(info, head=nd - 3, dim=d, heads=len(info))
     return None
+
+
+def _attend(node: fx.Node, A, iq: ChanInfo, ik: ChanInfo, v: fx.Node, iv: ChanInfo, masked: bool) -> ChanInfo:
+    """The per-head facts shared by sdpa and matmul/softmax attention (module docstring)."""
+    H = iq.heads
+    A.union(iq.ids, ik.ids)  # q dim d and k dim d of one head: one fate
+    head_q, head_v = np.repeat(np.arange(H), len(iq) // H), np.repeat(np.arange(H), len(iv) // H)
+    v_const = iv.const & (not masked)  # rows summing to 1 are guaranteed only without a mask
+    same = (head_v[:, None] == head_q[None, :]) & ~v_const[:, None]
+    A.read(iq, iv.ids, same & ~ik.const[None, :])
+    A.read(ik, iv.ids, same & ~iq.zero[None, :])
+    A.align_heads(iq, ik, iv)
+    # the output has v's layout: its info in the form v's own producer gave it
+    return replace(A.info(v), const=v_const, value=np.where(v_const, iv.value, 0.0))
 
 
 def _alive_heads(R, info: ChanInfo) -> np.ndarray:
@@ -88,6 +106,7 @@ def sdpa(node: fx.Node, A, a) -> ChanInfo | None:
           and not a.get("enable_gqa", False) and not isinstance(a.get("scale"), fx.Node)
           and not isinstance(a.get("is_causal", False), fx.Node))
     H = iq.heads if ok else 1
+    node.meta["sqr_fx.mask_per_head"] = None
     if ok and mask is not None:
         ms = A.shape(mask)
         ok = ms is not None and A.info(mask) is None
@@ -99,12 +118,114 @@ def sdpa(node: fx.Node, A, a) -> ChanInfo | None:
         return None
     node.meta["sqr_fx.sdpa_d"] = sq[-1]
     node.meta["sqr_fx.sdpa_heads"] = (iq, iv)
-    A.union(iq.ids, ik.ids)  # q dim d and k dim d of one head: one fate
-    head_q, head_v = np.repeat(np.arange(H), len(iq) // H), np.repeat(np.arange(H), len(iv) // H)
-    v_const = iv.const & (mask is None)  # rows summing to 1 are guaranteed only without a mask
-    same = (head_v[:, None] == head_q[None, :]) & ~v_const[:, None]
-    A.read(iq, iv.ids, same & ~ik.const[None, :])
-    A.read(ik, iv.ids, same & ~iq.zero[None, :])
-    A.align_heads(iq, ik, iv)
-    # the output has v's layout: its info in the form v's own producer gave it
-    return replace(A.info(v), const=v_const, value=np.where(v_const, iv.value, 0.0))
+    return _attend(node, A, iq, ik, v, iv, masked=mask is not None)
+
+
+# ---- attention written with matmul and softmax -------------------------------------------------
+_MATMUL = (operator.matmul, torch.matmul, method("matmul"), aten.matmul.default, torch.bmm, method("bmm"),
+           aten.bmm.default)
+_SOFTMAX = (F.softmax, torch.softmax, method("softmax"), aten.softmax.int, aten._softmax.default)
+_AFTER_SOFTMAX = ("dropout", "to", "type_as", "contiguous", "clone", "float", "double")
+
+
+def _key(node: fx.Node):
+    return method(node.target) if node.op == "call_method" else node.target
+
+
+def _is(node: Any, targets) -> bool:
+    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and _key(node) in targets
+
+
+def _shift_step(node: fx.Node, s: fx.Node, A) -> bool:
+    """``node`` maps the scores ``s`` [.., H, T, S] so that a per-row shift of ``s`` stays a per-row
+    shift, and keeps its shape. Tensor operands (a mask, a bias) must not depend on the head (size 1
+    on axis -3): a per-head bias would need gathering to the kept heads, which is not done here."""
+    name = str(getattr(node.target, "__name__", node.target)).split(".")[0]
+    others = [o for o in list(node.args) + list(node.kwargs.values()) if o is not s]
+    if A.shape(node) is None or A.shape(node) != A.shape(s):
+        return False
+    for o in others:
+        so = A.shape(o) if isinstance(o, fx.Node) else None
+        if isinstance(o, fx.Node) and (so is None or (len(so) >= 3 and so[-3] != 1)):
+            return False
+    if name in ("mul", "truediv", "div", "imul", "itruediv"):  # by a number: the shift scales
+        return node.args[0] is s and all(isinstance(o, (int, float)) and not isinstance(o, bool) for o in others)
+    if name in ("add", "sub", "iadd", "isub"):  # + a mask / bias that does not depend on s
+        return s in node.args[:2] and not (name in ("sub", "isub") and node.args[1] is s)
+    if name in ("masked_fill", "masked_fill_"):
+        return node.args[0] is s
+    return False
+
+
+def _keeps_values(node: fx.Node, A) -> bool:
+    """Dropout (eval: minimize admits eval models only), casts, copies."""
+    if node.op == "call_module":
+        return isinstance(A.module(node), torch.nn.modules.dropout._DropoutNd)
+    name = str(getattr(node.target, "__name__", node.target)).split(".")[0]
+    return name in _AFTER_SOFTMAX and node.kwargs.get("training", False) is not True
+
+
+def _softmax_dim(node: fx.Node) -> Any:
+    return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+
+
+def _follow_scores(s: fx.Node, A) -> tuple[fx.Node, bool] | None:
+    """From ``q @ k^T`` through shift-preserving steps (each the only reader of the one before) to a
+    softmax over the last axis, then (dropout aside) to ``p @ v``: returns (that matmul, masked)."""
+    masked = False
+    while True:
+        if len(s.users) != 1:
+            return None
+        (u,) = s.users
+        if _is(u, _SOFTMAX):
+            d, shape = _softmax_dim(u), A.shape(u)
+            if d is None or shape is None or int(d) not in (-1, len(shape) - 1):
+                return None
+            p = u
+            break
+        if not _shift_step(u, s, A):
+            return None
+        masked |= str(getattr(u.target, "__name__", u.target)).split(".")[0] not in ("mul", "truediv", "div",
+                                                                                      "imul", "itruediv")
+        s = u
+    while len(p.users) == 1 and _keeps_values(next(iter(p.users)), A):
+        p = next(iter(p.users))  # eval dropout, dtype casts: p's values unchanged (eval models only)
+    pv = [u for u in p.users if _is(u, _MATMUL) and u.args[0] is p and u.args[1] is not p]
+    return (pv[0], masked) if len(pv) == 1 else None
+
+
+@rule("matmul", *_MATMUL, names=("input", "other"), heads=True)
+def matmul(node: fx.Node, A, a) -> ChanInfo | None:
+    """``q @ k^T`` whose scores reach ``softmax(-1) @ v`` only through per-row shifts is attention:
+    q/k/v are handled at ``p @ v`` exactly as for sdpa. Any other matmul of tracked tensors freezes."""
+    x, y = node.args[0], node.args[1]
+    sx, sy = A.shape(x), A.shape(y)
+    if node in A.pending:  # p @ v of a recognised attention
+        iq, ik, masked = A.pending.pop(node)
+        iv = _as_heads(A.info(y), sy)
+        if iv is not None and iv.heads == iq.heads and A.shape(node) is not None:
+            return _attend(node, A, iq, ik, y, iv, masked)
+        A.freeze(y, iq, ik)
+        return None
+    iq, ik = _as_heads(A.info(x), sx), _as_heads(A.info(y), sy, at=-2)
+    if iq is not None and ik is not None and iq.heads == ik.heads and len(iq) == len(ik) \
+            and sx[:-2] == sy[:-2] and A.shape(node) is not None:
+        found = _follow_scores(node, A)
+        if found is not None:
+            A.pending[found[0]] = (iq, ik, found[1])
+            return None
+    A.freeze([x, y])
+    return None
+
+
+@rule("softmax", *_SOFTMAX, names=("input", "dim"))
+def softmax(node: fx.Node, A, a) -> ChanInfo | None:
+    """Softmax over another axis keeps channel j in place (its value depends on that axis' size:
+    dynamic); over the channel axis it mixes channels: frozen."""
+    x = a["input"]
+    src, s = A.info(x), A.shape(x)
+    d = _softmax_dim(node)
+    if src is None or s is None or d is None or (int(d) % len(s)) == src.dim:
+        A.freeze(src)
+        return None
+    return ChanInfo.dynamic(src.dim, src.ids)

@@ -125,12 +125,21 @@ def _operands(node: fx.Node) -> list[Any]:
       operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
       method("add"), method("sub"), method("mul"), method("div"), method("add_"), method("mul_"),
       aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.add.Scalar, aten.mul.Scalar,
-      aten.add_.Tensor, aten.mul_.Tensor, aten.maximum.default, aten.minimum.default)
+      aten.add_.Tensor, aten.mul_.Tensor, aten.maximum.default, aten.minimum.default, heads=True)
 def binary(node: fx.Node, A, a) -> ChanInfo | None:
     """z_j = f(x_j, y_j) with broadcasting: full-width operands are coupled channel by channel;
-    a broadcast operand (size 1 on the channel axis, or a scalar) is one value for every channel."""
-    out_shape = A.shape(node)
+    a broadcast operand (size 1 on the channel axis, or a scalar) is one value for every channel.
+    A head-split operand is followed only against Python numbers (``q * scale``)."""
     ops = _operands(node)
+    split = [o for o in ops if isinstance(o, fx.Node) and A.info(o) is not None and A.info(o).split]
+    if split:
+        tensors = [o for o in ops if isinstance(o, fx.Node)]
+        if len(tensors) == 1 and all(isinstance(o, (int, float)) for o in ops if o is not tensors[0]) \
+                and A.shape(node) == A.shape(tensors[0]):
+            return _mapped_values(node, A, tensors[0], A.info(tensors[0]))
+        A.freeze(tensors)
+        return None
+    out_shape = A.shape(node)
     if out_shape is None:
         A.freeze(ops)
         return None
