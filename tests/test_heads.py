@@ -289,3 +289,44 @@ def test_hf_gpt2_dead_heads_through_split():
         assert params(s)[f"transformer.h.{i}.attn.c_proj.weight"].shape == (24, 32)
     for b, t in [(2, 12), (3, 7)]:
         assert_same(m, s, (_ids(b, t, seed=t),), rtol=1e-9)
+
+
+# ---- channel shuffle: the same split/merge machinery with the axes swapped ----------------------
+class Shuffle(nn.Module):
+    """conv -> view(B, g, C/g, H, W) -> transpose(1, 2) -> view(B, C, H, W) -> conv (ShuffleNet's shuffle
+    with literal widths; ``b, _, h, w = y.shape`` reads no channel count)."""
+
+    def __init__(self, c: int = 12, g: int = 3):
+        super().__init__()
+        self.g, self.c = g, c
+        self.a, self.b = nn.Conv2d(4, c, 1, dtype=F64), nn.Conv2d(c, 5, 3, padding=1, dtype=F64)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        b, _, h, w = y.shape
+        y = y.view(b, self.g, self.c // self.g, h, w).transpose(1, 2).contiguous().view(b, self.c, h, w)
+        return self.b(y)
+
+
+def test_channel_shuffle_loses_a_whole_group():
+    torch.manual_seed(0)
+    m = Shuffle().eval()
+    with torch.no_grad():
+        m.b.weight[:, [0, 3, 6, 9]] = 0  # shuffled position d * g + h: group h = 0 entirely unread
+        m.b.weight[:, [1, 4]] = 0        # two of group 1: uneven, padded back
+    s = minimize(m, (randn(2, 4, 5, 5),))
+    assert params(s)["a.weight"].shape[0] == 8 and params(s)["b.weight"].shape[1] == 8
+    for b, hw in [(2, 5), (3, 7), (1, 1)]:
+        assert_same(m, s, (randn(b, 4, hw, hw, seed=hw),), rtol=1e-9)
+    assert_fixpoint(s, (randn(2, 4, 5, 5),))
+
+
+def test_flatten_after_pooling_at_batch_one():
+    """[1, C, 1, 1] -> [1, C]: the channel block is found past the leading size-1 dims."""
+    m = nn.Sequential(nn.Conv2d(3, 6, 3, dtype=F64), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(6, 2, dtype=F64)).eval()
+    with torch.no_grad():
+        m[4].weight[:, 1] = 0
+    s = minimize(m, (randn(1, 3, 8, 8),))
+    assert params(s)["0.weight"].shape[0] == 5
+    assert_same(m, s, (randn(4, 3, 9, 7, seed=2),), rtol=1e-9)

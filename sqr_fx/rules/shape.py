@@ -3,6 +3,7 @@
 * graph inputs carry fresh ids (an input feature no layer reads is gathered away);
   graph outputs freeze what they return (outputs keep their shapes);
 * ``cat`` on the channel axis concatenates index spaces; on another axis it couples;
+* Swin's ``_patch_merging_pad`` repeats channel j 4 times with one id; zero padding keeps only zero constants;
 * ``flatten``/``view``/``reshape`` that merge the channel axis with the dims after it
   repeat each channel id over its block of features (a conv channel -> H*W Linear columns);
 * pooling and reductions over other axes keep channel j in place;
@@ -108,13 +109,36 @@ def cat(node, A, a):
     return None
 
 
+try:
+    from torchvision.models.swin_transformer import _patch_merging_pad as _tv_pmp
+except ImportError:  # pragma: no cover - torchvision is optional
+    _tv_pmp = None
+
+
+@rule("patch_merging_pad", _tv_pmp, names=("x",))
+def patch_merging_pad(node, A, a):
+    """Swin's ``_patch_merging_pad``: zero-pad H, W (axes -3, -2) to even sizes, then cat the four 2x2
+    sub-grids on the last (channel) axis: channel j appears 4 times, with one id (one tensor, one fate).
+    A padded position holds 0, not the constant: only zero constants stay constant. Copied as is (the
+    function reads its widths from the tensor)."""
+    x = a["x"]
+    src, s, out_s = A.info(x), A.shape(x), A.shape(node)
+    if src is None or s is None or out_s is None or len(s) < 3 or src.dim != len(s) - 1 \
+            or out_s[-1] != 4 * len(src):
+        A.freeze(src)
+        return None
+    zero = src.zero  # odd H or W at some input size: padding can happen
+    return ChanInfo.concat([ChanInfo(src.dim, src.ids, zero, np.zeros(len(src)))] * 4, src.dim)
+
+
 # ---- flatten / view / reshape -----------------------------------------------------------------
 def _reshape_map(in_shape, out_shape, info: ChanInfo):
     """(out_dim, inner) when the reshape keeps channel blocks intact, else None.
 
     With P = prod(in[:c]): the channel axis maps to out dim k when prod(out[:k]) == P and
     out[k] == C * prod(in[c+1:c+1+m]) for some m: each channel becomes a contiguous block of
-    ``inner`` positions. Any other reshape mixes channels across dims and is not followed.
+    ``inner`` positions (any such k is exact: the P leading elements and the block layout are
+    the same). Any other reshape mixes channels across dims and is not followed.
     """
     c, C = info.dim, in_shape[info.dim]
     P = math.prod(in_shape[:c])
@@ -127,7 +151,7 @@ def _reshape_map(in_shape, out_shape, info: ChanInfo):
                     return k, inner
                 if m < len(in_shape):
                     inner *= in_shape[m]
-            return None
+            # no block here; with size-1 dims (batch 1) a later k may still have prod(out[:k]) == P
         acc *= size
         if acc > P:
             return None
@@ -494,10 +518,12 @@ def size(node, A, a):
     src = A.info(x)
     if src is None:
         return None
-    if node.target is getattr:
-        # x.shape used only as x.shape[i] for other axes (batch size, sequence length) is harmless
+    whole = node.target is getattr or (node.op == "call_method" and len(node.args) < 2 and "dim" not in node.kwargs)
+    if whole:
+        # x.shape / x.size() used only as [i] for other axes (batch size, sequence length) is harmless
+        # (an unpacked size nothing uses, as in ``b, _, h, w = x.shape``, reads nothing)
         if all(u.target is operator.getitem and type(u.args[1]) is int
-               and _norm_dim(u.args[1], len(A.shape(x) or ())) != src.dim for u in node.users):
+               and (_norm_dim(u.args[1], len(A.shape(x) or ())) != src.dim or not u.users) for u in node.users):
             return None
         A.freeze(src)
         return None
