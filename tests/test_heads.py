@@ -330,3 +330,26 @@ def test_flatten_after_pooling_at_batch_one():
     s = minimize(m, (randn(1, 3, 8, 8),))
     assert params(s)["0.weight"].shape[0] == 5
     assert_same(m, s, (randn(4, 3, 9, 7, seed=2),), rtol=1e-9)
+
+
+class FirstToken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6, dtype=F64), nn.Linear(6, 3, dtype=F64)
+
+    def forward(self, x):
+        return self.b(self.a(x)[:, 0])
+
+
+def test_select_on_another_axis_after_export():
+    """``x[:, 0]`` is ``aten.select.int`` after torch.export: the token axis goes, channels stay."""
+    torch.manual_seed(0)
+    m = FirstToken().eval()
+    with torch.no_grad():
+        m.b.weight[:, 2] = 0
+    x = randn(2, 5, 4)
+    auto = torch.export.Dim.AUTO
+    for model in (m, torch.export.export(m, (x,), dynamic_shapes=({0: auto, 1: auto},)).module()):
+        s = minimize(model, (x,))
+        assert params(s)["a.weight"].shape[0] == 5
+        assert_same(m, s, (randn(3, 7, 4, seed=1),), rtol=1e-9)

@@ -385,6 +385,22 @@ def getitem(node, A, a):
     return src.take(pos)
 
 
+@rule("select", torch.select, method("select"), aten.select.int, names=("input", "dim", "index"))
+def select(node, A, a):
+    """x.select(d, i) (``x[:, 0]`` after torch.export) on another axis drops that axis and keeps
+    every channel with its value; selecting on the channel axis freezes."""
+    x = a["input"]
+    src, s_in = A.info(x), A.shape(x)
+    if src is None or s_in is None or A.shape(node) is None or isinstance(a["dim"], fx.Node):
+        A.freeze(src)
+        return None
+    d = _norm_dim(int(a["dim"]), len(s_in))
+    if d == src.dim:
+        A.freeze(src)
+        return None
+    return src.with_dim(src.dim - (d < src.dim))
+
+
 _INDEX_SELECT = (torch.index_select, aten.index_select.default)
 
 
