@@ -296,7 +296,9 @@ class Analysis:
 
     def _keep_heads_rectangular(self, removed: np.ndarray, root_of: np.ndarray) -> bool:
         """A head-split tensor stays [.., H', D', ..]: every kept head keeps the same number of
-        positions, and paired tensors (``align_heads``) keep the same heads."""
+        positions, and paired tensors (``align_heads``) keep the same heads. Laid out (dim, head)
+        in memory (a transposed merge follows), the i-th kept dim of every head lands together:
+        there the kept positions must form a full grid of kept heads x kept dims."""
         changed = False
 
         def keep_first(info: ChanInfo, h: int) -> None:
@@ -315,6 +317,12 @@ class Analysis:
             i = node.meta.get(META_KEY)
             if i is None or not i.split:
                 continue
+            if i.head > i.dim:  # memory order (dim, head) (channel shuffle): kept = heads x dims grid
+                gone = i.per_head(removed[root_of[i.ids]])
+                grid = (~gone).any(1)[:, None] & (~gone).any(0)[None, :] & gone
+                if grid.any():
+                    removed[root_of[i.per_head(i.ids)[grid]]] = False
+                    changed = True
             while True:
                 kept = (~i.per_head(removed[root_of[i.ids]])).sum(1)
                 short = np.flatnonzero((kept > 0) & (kept < kept.max()))

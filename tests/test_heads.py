@@ -353,3 +353,119 @@ def test_select_on_another_axis_after_export():
         s = minimize(model, (x,))
         assert params(s)["a.weight"].shape[0] == 5
         assert_same(m, s, (randn(3, 7, 4, seed=1),), rtol=1e-9)
+
+
+# ---- regressions from the adversarial review: each was a wrong answer or a crash -------------------
+_C, _H, _D = 8, 2, 4
+
+
+def _close(m, small, *xs):
+    with torch.no_grad():
+        r, c = m(*xs), small(*xs)
+    r, c = (r, c) if isinstance(r, tuple) else ((r,), (c,))
+    for a, b in zip(r, c):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+
+
+class _Written(nn.Module):
+    def __init__(self, mode, fill=0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mode, self.fill = mode, fill
+        self.q, self.k, self.v, self.o = (nn.Linear(_C, _C, dtype=F64) for _ in range(4))
+        with torch.no_grad():
+            self.k.weight[1] = 0; self.k.weight[_D + 1] = 0     # constant key dim 1 in both heads
+            self.k.bias[1], self.k.bias[_D + 1] = 2.0, -1.5
+            if mode in ("return_p", "mean_p"):
+                self.o.weight[:, _D:] = 0                        # head 1 dead
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        sp = lambda t: t.view(B, T, _H, _D).transpose(1, 2)
+        q, k, v = sp(self.q(x)), sp(self.k(x)), sp(self.v(x))
+        s = q @ k.transpose(-2, -1)
+        if self.mode == "square":
+            s = s * s
+        if self.mode == "fill":
+            s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), self.fill)
+        p = F.softmax(s, dim=-1)
+        y = self.o((p @ v).transpose(1, 2).reshape(B, T, _C))
+        if self.mode == "return_p":
+            return y, p
+        if self.mode == "mean_p":
+            return y + p.mean(1)[..., :1]
+        return y
+
+
+@pytest.mark.parametrize("mode,fill", [("square", 0.0), ("fill", 0.0), ("fill", -5.0), ("return_p", 0.0),
+                                       ("mean_p", 0.0)])
+def test_written_out_attention_guards(mode, fill):
+    m = _Written(mode, fill).eval()
+    small = minimize(m, (torch.randn(2, 5, _C, dtype=F64),))
+    _close(m, small, torch.randn(3, 7, _C, dtype=F64))
+
+
+def test_masked_fill_minus_inf_still_removes():
+    m = _Written("fill", float("-inf")).eval()
+    small = minimize(m, (torch.randn(2, 5, _C, dtype=F64),))
+    _close(m, small, torch.randn(3, 7, _C, dtype=F64))
+    assert small.sqr_report.params_after < small.sqr_report.params_before
+
+
+class _SplitTuple(nn.Module):
+    def __init__(self, rev):
+        super().__init__()
+        torch.manual_seed(2)
+        self.rev = rev
+        self.a, self.b = nn.Linear(4, _C, dtype=F64), nn.Linear(_C, 3, dtype=F64)
+        with torch.no_grad():
+            self.a.weight[1] = 0; self.a.bias[1] = 0.7
+            self.b.weight[:, 6] = 0
+
+    def forward(self, x):
+        h = self.a(x)
+        pieces = h.chunk(2, -1)
+        if self.rev:
+            pieces = pieces[::-1]
+        return self.b(h) + torch.hstack(pieces).mean(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("rev", [False, True])
+def test_split_tuple_read_whole_freezes(rev):
+    m = _SplitTuple(rev).eval()
+    small = minimize(m, (torch.randn(3, 4, dtype=F64),))
+    _close(m, small, torch.randn(5, 4, dtype=F64))
+
+
+def test_cat_of_sliced_split_tuple_does_not_crash():
+    class M(_SplitTuple):
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(torch.cat(h.split(2, -1)[::-1], -1))
+    m = M(False).eval()
+    small = minimize(m, (torch.randn(3, 4, dtype=F64),))
+    _close(m, small, torch.randn(5, 4, dtype=F64))
+
+
+def test_channel_shuffle_with_ragged_per_head_dims():
+    torch.manual_seed(3)
+    Cs, Hs, Ds = 12, 3, 4
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5, Cs, dtype=F64), nn.Linear(Cs, 4, dtype=F64)
+            with torch.no_grad():
+                self.a.weight[1] = 0; self.a.bias[1] = 0.7
+                self.a.weight[Ds + 1] = 0; self.a.bias[Ds + 1] = -0.3
+                self.b.weight[:, 6] = 0
+                self.b.weight[:, 2 * Ds:] = 0
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            return self.b(self.a(x).view(B, T, Hs, Ds).transpose(2, 3).reshape(B, T, Cs))
+
+    m = M().eval()
+    small = minimize(m, (torch.randn(2, 3, 5, dtype=F64),))
+    _close(m, small, torch.randn(3, 6, 5, dtype=F64))

@@ -125,6 +125,9 @@ def sdpa(node: fx.Node, A, a) -> ChanInfo | None:
 _MATMUL = (operator.matmul, torch.matmul, method("matmul"), aten.matmul.default, torch.bmm, method("bmm"),
            aten.bmm.default)
 _SOFTMAX = (F.softmax, torch.softmax, method("softmax"), aten.softmax.int, aten._softmax.default)
+# a masked_fill value this low gives exp(value - row max) == 0 in every float dtype (scores below
+# 1e29 in magnitude): -inf, or the dtype minimum Hugging Face's eager attention uses
+_MASKED = -1e30
 _AFTER_SOFTMAX = ("dropout", "to", "type_as", "contiguous", "clone", "float", "double")
 
 
@@ -148,12 +151,15 @@ def _shift_step(node: fx.Node, s: fx.Node, A) -> bool:
         so = A.shape(o) if isinstance(o, fx.Node) else None
         if isinstance(o, fx.Node) and (so is None or (len(so) >= 3 and so[-3] != 1)):
             return False
-    if name in ("mul", "truediv", "div", "imul", "itruediv"):  # by a number: the shift scales
-        return node.args[0] is s and all(isinstance(o, (int, float)) and not isinstance(o, bool) for o in others)
+    if name in ("mul", "truediv", "div", "imul", "itruediv"):  # by one number: the shift scales
+        operands = list(node.args) + list(node.kwargs.values())
+        return (len(operands) == 2 and operands[0] is s and operands[1] is not s
+                and isinstance(operands[1], (int, float)) and not isinstance(operands[1], bool))
     if name in ("add", "sub", "iadd", "isub"):  # + a mask / bias that does not depend on s
         return s in node.args[:2] and not (name in ("sub", "isub") and node.args[1] is s)
-    if name in ("masked_fill", "masked_fill_"):
-        return node.args[0] is s
+    if name in ("masked_fill", "masked_fill_"):  # replaced entries get no shift: they must vanish
+        value = node.kwargs.get("value", node.args[2] if len(node.args) > 2 else None)
+        return node.args[0] is s and node.args[1] is not s and isinstance(value, float) and value <= _MASKED
     return False
 
 
@@ -190,8 +196,11 @@ def _follow_scores(s: fx.Node, A) -> tuple[fx.Node, bool] | None:
         s = u
     while len(p.users) == 1 and _keeps_values(next(iter(p.users)), A):
         p = next(iter(p.users))  # eval dropout, dtype casts: p's values unchanged (eval models only)
-    pv = [u for u in p.users if _is(u, _MATMUL) and u.args[0] is p and u.args[1] is not p]
-    return (pv[0], masked) if len(pv) == 1 else None
+    # p must reach nothing but p @ v: any other reader would see the removed heads go
+    if len(p.users) != 1:
+        return None
+    (pv,) = p.users
+    return (pv, masked) if _is(pv, _MATMUL) and pv.args[0] is p and pv.args[1] is not p else None
 
 
 @rule("matmul", *_MATMUL, names=("input", "other"), heads=True)

@@ -89,6 +89,9 @@ def output(node, A, a):
 @rule("cat", torch.cat, torch.concat, aten.cat.default, names=("tensors", "dim"))
 def cat(node, A, a):
     """cat on the channel axis: ids concatenate; on another axis: channel j of every part is one."""
+    if isinstance(a["tensors"], fx.Node):  # a tuple made elsewhere (split(...)[::-1]): not followed
+        A.freeze(a["tensors"])
+        return None
     parts = list(a["tensors"])
     infos, shapes = [A.info(p) for p in parts], [A.shape(p) for p in parts]
     out_shape = A.shape(node)
@@ -450,9 +453,10 @@ def split(node, A, a):
     src, s_in = A.info(x), A.shape(x)
     sections = next((a.get(k) for k in ("sections", "split_size_or_sections", "split_size", "split_sizes", "chunks",
                                          "indices_or_sections") if a.get(k) is not None), None)
-    if src is None or s_in is None or sections is None or isinstance(sections, fx.Node) or (
+    pieces_only = all(u.target is operator.getitem and type(u.args[1]) is int for u in node.users)
+    if src is None or s_in is None or sections is None or isinstance(sections, fx.Node) or not pieces_only or (
             isinstance(sections, (list, tuple)) and any(isinstance(v, fx.Node) for v in sections)):
-        A.freeze(src)
+        A.freeze(src)  # the tuple read as a whole (cat of a slice of it, hstack ...): untracked
         return None
     d = _norm_dim(int(a.get("dim", 0)), len(s_in))
     fn = {"chunk": torch.chunk, "tensor_split": torch.tensor_split}.get(
