@@ -469,3 +469,25 @@ def test_channel_shuffle_with_ragged_per_head_dims():
     m = M().eval()
     small = minimize(m, (torch.randn(2, 3, 5, dtype=F64),))
     _close(m, small, torch.randn(3, 6, 5, dtype=F64))
+
+
+class Unflattened(HeadAttention):
+    """The head split written with ``unflatten(-1, (H, D))``."""
+
+    def forward(self, x):
+        q = self.q(x).unflatten(-1, (self.h, self.dq)).transpose(1, 2)
+        k = self.k(x).unflatten(-1, (self.h, self.dq)).transpose(1, 2)
+        v = self.v(x).unflatten(-1, (self.h, -1)).transpose(1, 2)
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+def test_unflatten_head_split():
+    torch.manual_seed(0)
+    m = Unflattened(4, 3, 2, 2).eval()
+    with torch.no_grad():
+        m.k.weight[[0, 2, 4]] = 0  # dim 0 of every head: constant key
+        m.o.weight[:, 2:4] = 0     # head 1
+    s = minimize(m, (randn(2, 5, 4),))
+    assert params(s)["q.weight"].shape[0] == 2 and params(s)["v.weight"].shape[0] == 4
+    for b, t in [(2, 5), (3, 2)]:
+        assert_same(m, s, (randn(b, t, 4, seed=t),), rtol=1e-9)

@@ -256,6 +256,34 @@ def view(node, A, a):
     return out
 
 
+def _unflatten_rewrite(node, R, a):
+    """The literal sizes of the unflattened axes that carry channels become the kept widths."""
+    out_info = R.info(node)
+    if out_info is None or R.keep(out_info).all():
+        return R.copy(node)
+    x, sizes = node.args[0], list(a["sizes"])
+    d = _norm_dim(int(a["dim"]), len(x.meta["tensor_meta"].shape))
+    widths = dict(zip((out_info.head, out_info.dim), head_widths(R.keep(out_info), out_info))) if out_info.split \
+        else {out_info.dim: int(R.keep(out_info).sum())}
+    for axis, n in widths.items():
+        if d <= axis < d + len(sizes) and sizes[axis - d] != -1:
+            sizes[axis - d] = n
+    return R.graph.call_function(torch.unflatten, (R.arg(x), d, tuple(sizes)))
+
+
+@rule("unflatten", torch.unflatten, method("unflatten"), aten.unflatten.int, names=("input", "dim", "sizes"),
+      rewrite=_unflatten_rewrite, heads=True)
+def unflatten(node, A, a):
+    """``x.unflatten(d, sizes)`` is a view: followed like ``view`` (channel blocks, head splits)."""
+    out = _reshaped(node, A, a["input"])
+    sizes = a.get("sizes")
+    if out is not None and (isinstance(a.get("dim"), fx.Node) or not isinstance(sizes, (list, tuple))
+                            or any(isinstance(v, fx.Node) for v in sizes)):
+        A.freeze(out)
+        return None
+    return out
+
+
 # ---- permutations and broadcasting views -------------------------------------------------------
 try:
     from torchvision.ops.misc import Permute as _Permute
