@@ -99,7 +99,10 @@ def expected_widths(case: dict) -> tuple[int, int, int] | None:
     """(heads, q/k dims, v dims) kept, when no keep-one-channel step interferes (else None)."""
     heads = case["heads"] - len(case["dead_heads"])
     dq = case["dq"] - len(case["k_const"] | case["q_zero"])
-    v_gone = case["v_unread"] | (case["v_const"] if case["mask"] in ("none", "causal") else set())
+    # constant values fold only where no mask can empty a softmax row: no mask, or sdpa's is_causal
+    # (written out, the causal mask is a masked_fill like any other)
+    unmasked = case["mask"] == "none" or (case["mask"] == "causal" and case["impl"] == "sdpa")
+    v_gone = case["v_unread"] | (case["v_const"] if unmasked else set())
     dv = case["dv"] - len(v_gone)
     return (heads, dq, dv) if min(heads, dq, dv) >= 1 else None
 
