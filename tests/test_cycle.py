@@ -166,3 +166,54 @@ def test_amount_override_replaces_the_schedule_and_group_lasso_penalty():
         lin.weight.copy_(torch.tensor([[3.0, 0.0, 4.0], [0.0, 0.0, 0.0]]))
     # rows: 5 + 0, columns: 3 + 0 + 4 (plus the 1e-12 guards that keep the gradient finite at 0)
     assert float(group_lasso_penalty(lin).detach()) == pytest.approx(12.0, abs=1e-5)
+    assert float(group_lasso_penalty(lin, inputs=2.0).detach()) == pytest.approx(19.0, abs=1e-5)
+
+
+def test_final_phase_releases_the_last_model_and_trains_it_without_pruning():
+    net, x, y = _toy()
+    calls: list[tuple[str, int]] = []
+
+    def trainer(tag):
+        def train(model, epochs):
+            calls.append((tag, epochs))
+            opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+            for _ in range(epochs * 5):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+        return train
+
+    evaluate = lambda m: float((m(x).argmax(1) == y).float().mean())  # noqa: E731
+    small, hist = squeeze_release(net, trainer("cycle"), evaluate, (x[:4],), cycles=2,
+                                  target_sparsity=[0.6, 0.8], epochs=1, final_epochs=2,
+                                  final_train=trainer("final"), progress=False)
+    assert [r.phase for r in hist.records] == ["cycle", "cycle", "final"]
+    last, final = hist.records[1], hist.records[2]
+    assert calls[-1] == ("final", 2) and ("final", 2) not in calls[:-1]
+    # the last cycle's deliverable was released (its zeros trained again), the size did not grow
+    assert last.released > 0 and last.release_change is not None
+    assert final.cycle == 3 and final.amount == 0.0 and final.stored_floats <= last.stored_floats
+    assert final.nonzeros > last.nonzeros and final.released == 0
+    assert hist.config["final_epochs"] == 2 and "3F" in str(hist)
+    r = get_recipe("digits-fc", final_epochs=3, distill=0.5, teacher_epochs=4)
+    assert r.budget_epochs == get_recipe("digits-fc").budget_epochs + 3 + 4
+
+
+def test_distillation_loss_uses_the_teacher_logits():
+    from sqr_fx.data import Split, Splits
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 5)
+    y = x[:, :3].argmax(1)  # linearly learnable labels
+    data = Splits(Split(x, y), Split(x, y), Split(x, y), 3, "toy")
+    teacher = torch.zeros(64, 3)
+    teacher[torch.arange(64), (y + 1) % 3] = 20.0  # a confident teacher that is always wrong
+    outs = {}
+    for distill in (0.0, 1.0):
+        train, evaluate = classifier_loops(data, lr=5e-2, teacher_logits=teacher, distill=distill)
+        torch.manual_seed(1)
+        model = nn.Linear(5, 3)
+        train(model, 30)
+        outs[distill] = evaluate(model)
+    # pure distillation learns the teacher's (wrong) labels, pure cross-entropy the true ones
+    assert outs[1.0] < 0.2 < 0.5 < outs[0.0]
