@@ -208,8 +208,9 @@ RECIPES: dict[str, Callable[..., Recipe]] = {
     "fashion-convnext": lambda arch="small", limit_train=None, **kw: Recipe(
         "fashion-convnext", lambda: convnext(arch),
         lambda: _pad_fashion(load_fashion_mnist(install=True, limit_train=limit_train)),
-        cycles=3, amount=0.8, target_sparsity=[0.7, 0.85, 0.92], epochs=[2, 1, 1], finetune_epochs=1,
-        lr=2e-3, weight_decay=0.05, batch_size=128, extra={"arch": arch, "limit_train": limit_train},
+        cycles=3, amount=0.8, target_sparsity=[0.7, 0.85, 0.95], epochs=[2, 1, 1], finetune_epochs=[1, 1, 0],
+        final_epochs=1, group_lasso=3e-3, lr=2e-3, weight_decay=0.05, batch_size=128,
+        extra={"arch": arch, "limit_train": limit_train},
         notes=f"torchvision ConvNeXt ({arch}), 1-channel stem, Fashion-MNIST zero-padded to 32x32"),
 }
 
