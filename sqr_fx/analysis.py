@@ -17,13 +17,12 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from torch import fx
-from torch.fx.passes.shape_prop import TensorMetadata
 
 from .coupling import Groups
 from .errors import UnsupportedOpError
 from .rules import lookup
 from .trace import fetch_attr, shared_ties, tied_targets
-from .values import META_KEY, ChanInfo
+from .values import META_KEY, ChanInfo, shape_of
 
 __all__ = ["Analysis", "Plan"]
 
@@ -80,10 +79,7 @@ class Analysis:
             return None
         return a.meta.get(META_KEY)
 
-    @staticmethod
-    def shape(a: Any) -> Optional[tuple[int, ...]]:
-        tm = a.meta.get("tensor_meta") if isinstance(a, fx.Node) else None
-        return tuple(int(s) for s in tm.shape) if isinstance(tm, TensorMetadata) else None
+    shape = staticmethod(shape_of)
 
     def tensor(self, a: Any) -> Optional[torch.Tensor]:
         """The constant tensor behind a ``get_attr`` node (None for anything computed, and for a

@@ -15,14 +15,22 @@ rules registered with ``heads=True`` see such an info; for every other op it is 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
+from torch import fx
+from torch.fx.passes.shape_prop import TensorMetadata
 
-__all__ = ["ChanInfo", "META_KEY"]
+__all__ = ["ChanInfo", "META_KEY", "shape_of"]
 
 #: the one namespaced ``node.meta`` key the analysis writes
 META_KEY = "sqr_fx.chan"
+
+
+def shape_of(a: Any) -> Optional[tuple[int, ...]]:
+    """The traced shape of a tensor node (``tensor_meta`` from shape propagation); None otherwise."""
+    tm = a.meta.get("tensor_meta") if isinstance(a, fx.Node) else None
+    return tuple(int(s) for s in tm.shape) if isinstance(tm, TensorMetadata) else None
 
 
 @dataclass

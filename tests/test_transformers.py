@@ -301,6 +301,16 @@ def plant_units(blocks, dead_const: list[set[int]], dead_unread: list[set[int]],
             fc2.weight[:, u] = 0
 
 
+def assert_dead_units_gone(s: torch.fx.GraphModule, case: dict) -> int:
+    """Every block's planted dead MLP units are removed (a layer whose units are all dead keeps one:
+    no zero-width tensors); returns how many units could go in all."""
+    h = case["h"]
+    dead = [a | b for a, b in zip(case["dead_const"], case["dead_unread"])]
+    for i, d in enumerate(dead):
+        assert rows(s, f"blocks.{i}.mlp.fc1.weight") <= max(h - len(d), 1), f"dead MLP units of block {i} kept"
+    return sum(min(len(d), h - 1) for d in dead)
+
+
 # ---- hypothesis: random transformer and ConvNeXt-style models ------------------------------------
 @st.composite
 def transformer_cases(draw):
@@ -345,11 +355,8 @@ def test_random_transformer_blocks_minimize_exactly(case):
     assert_same(m, s, (x,), rtol=1e-9)
     assert_same(m, s, (x2,), rtol=1e-9)
 
-    c, h = case["c"], case["h"]
-    dead = [a | b for a, b in zip(case["dead_const"], case["dead_unread"])]
-    for i, d in enumerate(dead):  # a layer whose units are all dead keeps one (no zero-width tensors)
-        assert rows(s, f"blocks.{i}.mlp.fc1.weight") <= max(h - len(d), 1), f"dead MLP units of block {i} kept"
-    removable_units = sum(min(len(d), h - 1) for d in dead)
+    c = case["c"]
+    removable_units = assert_dead_units_gone(s, case)
     # every kind of attention reads the stream only through Linear q/k/v (nn.MultiheadAttention: its
     # in_proj, rewritten per head) and writes it through a Linear output projection
     stream_removable = bool(case["stream"])
@@ -405,11 +412,8 @@ def test_random_convnext_blocks_minimize_exactly(case):
     assert_same(m, s, (x,), rtol=1e-9)
     assert_same(m, s, (x2,), rtol=1e-9)
 
-    c, h = case["c"], case["h"]
-    dead = [a | b for a, b in zip(case["dead_const"], case["dead_unread"])]
-    for i, d in enumerate(dead):  # a layer whose units are all dead keeps one (no zero-width tensors)
-        assert rows(s, f"blocks.{i}.mlp.fc1.weight") <= max(h - len(d), 1), f"dead MLP units of block {i} kept"
-    removable_units = sum(min(len(d), h - 1) for d in dead)
+    c = case["c"]
+    removable_units = assert_dead_units_gone(s, case)
     if case["stream"]:
         kept = c - len(case["stream"])
         assert rows(s, "stem.weight") <= kept, "planted stream channels kept"

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from ..values import ChanInfo
-from .registry import method, rule
+from .registry import method, op_name, rule
 
 aten = torch.ops.aten
 
@@ -131,6 +131,9 @@ _MASKED = -1e30
 _AFTER_SOFTMAX = ("dropout", "to", "type_as", "contiguous", "clone", "float", "double")
 
 
+_SCALE_OPS = ("mul", "truediv", "div", "imul", "itruediv")
+
+
 def _key(node: fx.Node):
     return method(node.target) if node.op == "call_method" else node.target
 
@@ -143,7 +146,7 @@ def _shift_step(node: fx.Node, s: fx.Node, A) -> bool:
     """``node`` maps the scores ``s`` [.., H, T, S] so that a per-row shift of ``s`` stays a per-row
     shift, and keeps its shape. Tensor operands (a mask, a bias) must not depend on the head (size 1
     on axis -3): a per-head bias would need gathering to the kept heads, which is not done here."""
-    name = str(getattr(node.target, "__name__", node.target)).split(".")[0]
+    name = op_name(node)
     others = [o for o in list(node.args) + list(node.kwargs.values()) if o is not s]
     if A.shape(node) is None or A.shape(node) != A.shape(s):
         return False
@@ -151,7 +154,7 @@ def _shift_step(node: fx.Node, s: fx.Node, A) -> bool:
         so = A.shape(o) if isinstance(o, fx.Node) else None
         if isinstance(o, fx.Node) and (so is None or (len(so) >= 3 and so[-3] != 1)):
             return False
-    if name in ("mul", "truediv", "div", "imul", "itruediv"):  # by one number: the shift scales
+    if name in _SCALE_OPS:  # by one number: the shift scales
         operands = list(node.args) + list(node.kwargs.values())
         return (len(operands) == 2 and operands[0] is s and operands[1] is not s
                 and isinstance(operands[1], (int, float)) and not isinstance(operands[1], bool))
@@ -167,8 +170,7 @@ def _keeps_values(node: fx.Node, A) -> bool:
     """Dropout (eval: minimize admits eval models only), casts, copies."""
     if node.op == "call_module":
         return isinstance(A.module(node), torch.nn.modules.dropout._DropoutNd)
-    name = str(getattr(node.target, "__name__", node.target)).split(".")[0]
-    return name in _AFTER_SOFTMAX and node.kwargs.get("training", False) is not True
+    return op_name(node) in _AFTER_SOFTMAX and node.kwargs.get("training", False) is not True
 
 
 def _softmax_dim(node: fx.Node) -> Any:
@@ -191,8 +193,7 @@ def _follow_scores(s: fx.Node, A) -> tuple[fx.Node, bool] | None:
             break
         if not _shift_step(u, s, A):
             return None
-        masked |= str(getattr(u.target, "__name__", u.target)).split(".")[0] not in ("mul", "truediv", "div",
-                                                                                      "imul", "itruediv")
+        masked |= op_name(u) not in _SCALE_OPS
         s = u
     while len(p.users) == 1 and _keeps_values(next(iter(p.users)), A):
         p = next(iter(p.users))  # eval dropout, dtype casts: p's values unchanged (eval models only)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 from torch import fx, nn
 
-__all__ = ["OpRule", "Args", "RULES", "rule", "method", "lookup"]
+__all__ = ["OpRule", "Args", "RULES", "rule", "method", "lookup", "op_name"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,11 @@ class Method:
 
 def method(name: str) -> Method:
     return Method(name)
+
+
+def op_name(node: fx.Node) -> str:
+    """``mul`` for operator.mul, torch.mul, aten.mul.Tensor and ``x.mul(...)`` alike."""
+    return str(getattr(node.target, "__name__", node.target)).split(".")[0]
 
 
 @dataclass

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..values import ChanInfo
+from ..values import ChanInfo, shape_of
 from .pointwise import _param_info
-from .registry import method, rule
+from .registry import method, op_name, rule
 
 aten = torch.ops.aten
 
@@ -262,7 +262,7 @@ def _unflatten_rewrite(node, R, a):
     if out_info is None or R.keep(out_info).all():
         return R.copy(node)
     x, sizes = node.args[0], list(a["sizes"])
-    d = _norm_dim(int(a["dim"]), len(x.meta["tensor_meta"].shape))
+    d = _norm_dim(int(a["dim"]), len(shape_of(x)))
     widths = dict(zip((out_info.head, out_info.dim), head_widths(R.keep(out_info), out_info))) if out_info.split \
         else {out_info.dim: int(R.keep(out_info).sum())}
     for axis, n in widths.items():
@@ -488,7 +488,7 @@ def split(node, A, a):
         return None
     d = _norm_dim(int(a.get("dim", 0)), len(s_in))
     fn = {"chunk": torch.chunk, "tensor_split": torch.tensor_split}.get(
-        getattr(node.target, "__name__", str(node.target)).split(".")[0].split("_with")[0], torch.split)
+        op_name(node).split("_with")[0], torch.split)
     if d != src.dim:
         n = len(fn(torch.empty(s_in[d]), sections))
         node.meta[_PIECES] = [src] * n

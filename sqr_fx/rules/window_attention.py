@@ -32,7 +32,7 @@ import torch
 from torch import fx
 
 from ..trace import tied_targets
-from ..values import ChanInfo
+from ..values import ChanInfo, shape_of
 from ..window_attention import window_attention
 from .attention import head_layout, pack_cols, pack_rows, shrinks
 from .registry import rule
@@ -50,17 +50,12 @@ _SQ_NAMES = ("input", "q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v
 _PROJ = ("q", "k", "v")
 
 
-def _shape(a: Any) -> Optional[tuple[int, ...]]:
-    tm = a.meta.get("tensor_meta") if isinstance(a, fx.Node) else None
-    return tuple(int(s) for s in tm.shape) if tm is not None and hasattr(tm, "shape") else None
-
-
 def _head_axis(a: Any, H: int) -> Optional[int]:
     """Axis of a per-head tensor (relative position bias ``[1, H, N, N]``, logit scale ``[H, 1, 1]``)
     that holds the heads; -1 when it broadcasts over them; None when not understood (the op stays frozen)."""
     if a is None:
         return -1
-    s = _shape(a)
+    s = shape_of(a)
     if s is None:
         return None
     if all(d == 1 for d in s) or (len(s) >= 3 and s[-3] == 1 != H):
@@ -182,7 +177,7 @@ def _slice_heads(R, a: Any, ax: int, heads: list[int], hint: str) -> Any:
             and own(a.args[0]) and not a.kwargs):
         table, index, ws = a.args
         t = R.tensor(table)
-        if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == _shape(a)[ax]:
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == shape_of(a)[ax]:
             t = t.index_select(1, torch.as_tensor(heads, device=t.device))
             return R.graph.call_function(_tv_rpb, (R.attr(table.target, t), R.arg(index), ws))
     return R.index_select(R.arg(a), ax, np.asarray(heads), hint)
