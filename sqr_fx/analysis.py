@@ -223,7 +223,7 @@ class Analysis:
                     x = found[1]["input"]
                     src, s = x.meta.get(META_KEY) if isinstance(x, fx.Node) else None, self.shape(x)
                     ok = (out is not None and src is not None and s is not None and src.dim == len(s) - 1
-                          and not getattr(src, "split", False))
+                          and not src.split)
                     out = src if ok else None
                 cols.append(out.ids if out is not None and len(out) == width else None)
         for cols in readers.values():

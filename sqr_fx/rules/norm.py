@@ -119,24 +119,6 @@ def _group_layout(A, a, compensated: bool, n: int):
     return np.arange(n) // (n // groups)
 
 
-@rule("group_norm", F.group_norm, aten.group_norm.default, compensated_group_norm,
-      names=("input", "num_groups", "weight", "bias", "eps"),
-      per_target={aten.group_norm.default: ("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled"),
-                  compensated_group_norm: ("input", "weight", "bias", "group_index", "group_size",
-                                           "removed_count", "removed_mean", "removed_m2", "eps")},
-      rewrite=lambda n, R, a: _group_norm_rewrite(n, R, a))
-def group_norm(node, A, a):
-    """GroupNorm over axis 1: as LayerNorm, per group (channel j couples input and output; input j
-    must be a known constant to leave its group's statistic)."""
-    x = a["input"]
-    src, s = A.info(x), A.shape(x)
-    if (src is None or s is None or len(s) < 2 or src.dim != 1 or getattr(src, "split", False)
-            or _group_layout(A, a, node.target is compensated_group_norm, len(src)) is None):
-        A.freeze(src)
-        return None
-    return _affine_out(A, src, a.get("weight"), a.get("bias"))
-
-
 def _group_norm_rewrite(node: fx.Node, R, a) -> fx.Node:
     src = R.info(a["input"])
     if src is None or R.keep(src).all():
@@ -167,6 +149,24 @@ def _group_norm_rewrite(node: fx.Node, R, a) -> fx.Node:
         R.buffer(f"{node.name}_removed_count", torch.as_tensor(count, dtype=torch.long)),
         R.buffer(f"{node.name}_removed_mean", mean), R.buffer(f"{node.name}_removed_m2", m2),
         1e-5 if eps is None else float(eps)))
+
+
+@rule("group_norm", F.group_norm, aten.group_norm.default, compensated_group_norm,
+      names=("input", "num_groups", "weight", "bias", "eps"),
+      per_target={aten.group_norm.default: ("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled"),
+                  compensated_group_norm: ("input", "weight", "bias", "group_index", "group_size",
+                                           "removed_count", "removed_mean", "removed_m2", "eps")},
+      rewrite=_group_norm_rewrite)
+def group_norm(node, A, a):
+    """GroupNorm over axis 1: as LayerNorm, per group (channel j couples input and output; input j
+    must be a known constant to leave its group's statistic)."""
+    x = a["input"]
+    src, s = A.info(x), A.shape(x)
+    if (src is None or s is None or len(s) < 2 or src.dim != 1
+            or _group_layout(A, a, node.target is compensated_group_norm, len(src)) is None):
+        A.freeze(src)
+        return None
+    return _affine_out(A, src, a.get("weight"), a.get("bias"))
 
 
 @rule("embedding", F.embedding, aten.embedding.default, names=("input", "weight"),
