@@ -494,3 +494,34 @@ def test_unflatten_head_split():
     assert params(s)["q.weight"].shape[0] == 2 and params(s)["v.weight"].shape[0] == 4
     for b, t in [(2, 5), (3, 2)]:
         assert_same(m, s, (randn(b, t, 4, seed=t),), rtol=1e-9)
+
+
+# ---- guards: the same ops where the channel axis itself is touched --------------------------------
+class ChannelReaders(nn.Module):
+    """Channel 1 of ``a`` is read by ``select`` / ``softmax`` / ``unflatten`` over the channel axis,
+    besides a Linear that ignores it: it must stay."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Linear(4, 6, dtype=F64), nn.Linear(6, 3, dtype=F64)
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.how == "select":
+            return self.b(y) + y.select(-1, 1).unsqueeze(-1)
+        if self.how == "softmax":
+            return self.b(torch.softmax(y, -1))
+        return self.b(y) + y.unflatten(-1, (2, 3)).sum(-1)[..., :1]  # sums channels within a block
+
+
+@pytest.mark.parametrize("how", ["select", "softmax", "unflatten"])
+def test_guard_channel_axis_reads_keep_the_channel(how):
+    torch.manual_seed(0)
+    m = ChannelReaders(how).eval()
+    with torch.no_grad():
+        m.b.weight[:, 1] = 0
+    x = randn(2, 5, 4)
+    s = minimize(m, (x,))
+    assert params(s)["a.weight"].shape[0] == 6
+    assert_same(m, s, (randn(3, 7, 4, seed=1),), rtol=1e-9)
