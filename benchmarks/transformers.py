@@ -12,8 +12,8 @@ at the moderate configurations of ``HF_CONFIGS``. Masks:
 * ``dims``: in every head, 25 % of the key dims constant (zero key rows: a per-query shift of the
   scores) and 25 % of the value dims constant (zero value rows, non-zero bias), positions drawn per head
   (same count in every head, so a rectangular [H, D'] layout can hold them);
-* ``d25+m70``: the standard mask of the CNN benchmark (``benchmarks/workload.py``; not for GPT-2,
-  whose Conv1D layers ``sqr_fx.masking`` does not see).
+* ``d25+m70``: the standard mask of the CNN benchmark (``benchmarks/workload.py``; GPT-2's Conv1D
+  projections included, rows = output units).
 
 Measured per (model, mask): size ratio (stored floats dense / minimized), max relative output
 error in float32 against the masked model on fresh inputs at the traced shape and at a second
@@ -522,9 +522,7 @@ def cases() -> dict[str, Case]:
                      vocab=vocab["bert"], no_stream="no stream channels planted: BertModel returns the residual "
                                                     "stream (last_hidden_state), so none can go"),
         "gpt2": Case("gpt2", _hf_desc("gpt2"), lambda: build_hf("gpt2"), plant_gpt2, dims_gpt2, tokens=True,
-                     vocab=vocab["gpt2"],
-                     skip_masks={"d25+m70": "sqr_fx.masking.prunable_weights sees no transformers Conv1D: only the "
-                                            "tied lm_head/wte would be masked"}),
+                     vocab=vocab["gpt2"]),
         "hf_vit": Case("hf_vit", _hf_desc("hf_vit"), lambda: build_hf("hf_vit"), plant_hf_vit, dims_hf_vit,
                        tokens=False, fixed_size=True),
     }

@@ -40,7 +40,9 @@ class PrunableWeight:
     """A weight matrix whose rows are output units and whose columns are input units.
 
     ``groups`` > 1 only for grouped convolutions: output row ``o`` then reads the input
-    channels of group ``o // (out_units // groups)`` only.
+    channels of group ``o // (out_units // groups)`` only. ``transposed``: the tensor is stored
+    ``[in, out]`` (Hugging Face ``Conv1D``, GPT-2's projections); :attr:`matrix` is then its
+    ``[out, in]`` view (writes through it land in the tensor).
     """
 
     name: str  # qualified module name
@@ -48,10 +50,16 @@ class PrunableWeight:
     weight: str  # attribute name of the weight on ``module``
     bias: str | None  # attribute name of the matching bias (None if absent)
     groups: int = 1
+    transposed: bool = False
 
     @property
     def tensor(self) -> torch.Tensor:
         return getattr(self.module, self.weight)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The weight as ``[out units, in units, ...]`` (a view of :attr:`tensor`)."""
+        return self.tensor.t() if self.transposed else self.tensor
 
     @property
     def bias_tensor(self) -> torch.Tensor | None:
@@ -61,8 +69,9 @@ class PrunableWeight:
 def prunable_weights(model: nn.Module, exclude: Iterable[str] = ()) -> Iterator[PrunableWeight]:
     """Weights that magnitude pruning acts on, in module order.
 
-    ``Linear`` (and subclasses such as attention's ``out_proj``), ``ConvNd`` and the packed
-    ``in_proj_weight`` of ``nn.MultiheadAttention`` (rows are the q, k and v units).
+    ``Linear`` (and subclasses such as attention's ``out_proj``), ``ConvNd``, the packed
+    ``in_proj_weight`` of ``nn.MultiheadAttention`` (rows are the q, k and v units) and Hugging
+    Face's ``Conv1D`` (GPT-2; weight stored ``[in, out]``: ``transposed``).
     Modules named in ``exclude`` (qualified names) are skipped.
     """
     skip = set(exclude)
@@ -76,6 +85,16 @@ def prunable_weights(model: nn.Module, exclude: Iterable[str] = ()) -> Iterator[
         elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
             yield PrunableWeight(name, m, "in_proj_weight",
                                  "in_proj_bias" if m.in_proj_bias is not None else None)
+        elif _is_hf_conv1d(m):
+            yield PrunableWeight(name, m, "weight", "bias" if m.bias is not None else None, transposed=True)
+
+
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """Hugging Face ``transformers.pytorch_utils.Conv1D`` (no import of transformers needed):
+    ``y = x @ weight + bias`` with ``weight`` of shape ``[nx, nf]``."""
+    w = getattr(m, "weight", None)
+    return (type(m).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
+            and getattr(m, "nf", None) == w.shape[1])
 
 
 @torch.no_grad()
@@ -151,7 +170,7 @@ def plant_dead_units(
     out = copy.deepcopy(model)
     keep_rows, keep_columns = set(exclude_rows), set(exclude_columns)
     for w in prunable_weights(out, exclude):
-        weight, bias = w.tensor, w.bias_tensor
+        weight, bias = w.matrix, w.bias_tensor
         n_out, n_in_per_group = weight.shape[0], weight.shape[1]
         if rows and w.name not in keep_rows:
             dead = _pick(n_out, fraction, generator)

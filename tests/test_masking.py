@@ -156,6 +156,36 @@ def test_multihead_attention_in_proj_is_prunable():
     assert (masked.in_proj_weight == 0).any()
 
 
+class Conv1D(nn.Module):
+    """The layout of Hugging Face's ``transformers.pytorch_utils.Conv1D``: ``x @ W + b``, ``W`` is [in, out]."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+
+def test_hugging_face_conv1d_is_prunable_with_rows_as_output_units():
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv1D(12, 6), nn.ReLU(), Conv1D(5, 12))
+    ws = list(prunable_weights(net))
+    assert [(w.name, w.transposed) for w in ws] == [("0", True), ("2", True)]
+    assert ws[0].matrix.shape == (12, 6)  # [out, in]
+    dead = plant_dead_units(net, 0.5, torch.Generator().manual_seed(1))
+    w0 = dead[0].weight
+    rows = (w0 == 0).all(dim=0)  # an output unit of a Conv1D is a column of the stored tensor
+    assert int(rows.sum()) == 6 and (dead[0].bias[rows] == 0).all()
+    assert int((w0 == 0).all(dim=1).sum()) == 3  # input units: rows of the stored tensor
+    x = torch.randn(4, 6)
+    assert torch.equal(dead[0](x)[:, rows], torch.zeros(4, 6))  # dead units output exactly 0
+    masked = global_magnitude_mask(net, 0.5)
+    assert sparsity(masked) == pytest.approx(0.5, abs=0.02)
+
+
 def test_randomize_norm_stats_is_a_copy():
     model = _net()
     before = _state(model)
