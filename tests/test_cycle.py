@@ -122,8 +122,11 @@ def test_schedules_and_errors():
 
 def test_cli_runs_a_recipe(tmp_path, capsys):
     assert cli_main(["squeeze-release", "--recipe", "digits-fc", "--cycles", "1", "--epochs", "4",
-                     "--finetune-epochs", "1", "--threads", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+                     "--finetune-epochs", "1", "--threads", "1", "--out", str(tmp_path), "--no-progress",
+                     "--target-ratio", "1.02"]) == 0
     assert (tmp_path / "digits-fc.json").exists() and (tmp_path / "digits-fc.png").exists()
+    saved = json.loads((tmp_path / "digits-fc.json").read_text())
+    assert saved["config"]["target_ratio"] == 1.02 and saved["records"][-1]["ratio"] >= 1.02
     assert "digits-fc: dense" in capsys.readouterr().out
 
 
@@ -217,3 +220,38 @@ def test_distillation_loss_uses_the_teacher_logits():
         outs[distill] = evaluate(model)
     # pure distillation learns the teacher's (wrong) labels, pure cross-entropy the true ones
     assert outs[1.0] < 0.2 < 0.5 < outs[0.0]
+
+
+def test_target_ratio_stops_at_the_size_budget_without_overshooting():
+    """The cycle that would overshoot the budget prunes only as much as reaches it, and is the last."""
+    from sqr_fx.size import count_stored_floats
+
+    net, x, y = _toy()
+    dense = count_stored_floats(net)
+    evaluate = lambda m: 0.0  # noqa: E731
+    sr = SqueezeRelease(lambda m, e: None, evaluate, (x[:4],), cycles=4,
+                        target_sparsity=[0.5, 0.9, 0.97, 0.99], target_ratio=4.0, progress=False)
+    small, hist = sr.run(__import__("copy").deepcopy(net))
+    budget = dense / 4.0
+    last = hist.records[-1]
+    assert last.stored_floats <= budget and count_stored_floats(small) == last.stored_floats
+    assert len(hist.records) < 4 and hist.config["target_ratio"] == 4.0  # stopped early
+    # without the target the same schedule's cycle overshoots the budget by more than the bisection
+    _, free = squeeze_release(net, lambda m, e: None, evaluate, (x[:4],), cycles=len(hist.records),
+                              target_sparsity=[0.5, 0.9, 0.97, 0.99][:len(hist.records)], progress=False)
+    assert free.records[-1].stored_floats < last.stored_floats
+    # the bisected amount is the smallest that meets the budget: a little less would miss it
+    before = sr.amount_for_size(net, 0.0, int(budget))
+    assert before == (0.0, dense)  # nothing pruned: the dense size, above the budget
+    amount, size = sr.amount_for_size(net, 0.95, int(budget))
+    assert size <= budget < sr.amount_for_size(net, amount * 0.97, int(budget))[1]
+    with pytest.raises(ValueError, match="target_ratio"):
+        SqueezeRelease(lambda m, e: None, evaluate, (x,), target_ratio=0.5)
+
+
+def test_target_ratio_out_of_reach_warns():
+    net, x, _ = _toy()
+    with pytest.warns(UserWarning, match="target_ratio 50 not reached"):
+        _, hist = squeeze_release(net, lambda m, e: None, lambda m: 0.0, (x[:4],), cycles=1, amount=0.5,
+                                  target_ratio=50.0, progress=False)
+    assert len(hist.records) == 1 and hist.records[0].ratio < 50
