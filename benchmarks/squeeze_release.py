@@ -18,6 +18,7 @@ import copy
 import json
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ def run(exp: str, args: argparse.Namespace) -> dict[str, Any]:
     dense = history.baselines["dense"]["accuracy"]
     pareto = []
     for c in args.pareto_cycles or ():  # the same recipe cut after c cycles (then its final phase)
-        short = recipe.with_cycles(c)
+        short = replace(recipe.with_cycles(c), target_ratio=None)  # a cut run stops short of any target
         _, h = run_recipe(short, None, device=args.device, progress=not args.no_progress, data=data,
                           teacher=teacher)
         r = h.records[-1]
