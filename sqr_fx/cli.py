@@ -15,6 +15,13 @@ from typing import Sequence
 __all__ = ["main", "build_parser"]
 
 
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not value > 1.0:
+        raise argparse.ArgumentTypeError(f"a compression ratio above 1 (e.g. 39), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with the ``squeeze-release`` and ``demo`` subcommands."""
     from .recipes import RECIPES
@@ -35,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--release-reference", choices=("energy", "threshold", "rms"),
                     help="release calibration (default: energy)")
     sr.add_argument("--group-lasso", type=float, help="row/column group-lasso weight in the training loop")
-    sr.add_argument("--target-ratio", type=float,
+    sr.add_argument("--target-ratio", type=_ratio,
                     help="stop at this compression ratio, pruning just enough in the last cycle to reach it")
     sr.add_argument("--seed", type=int)
     sr.add_argument("--arch", choices=("small", "tiny"), help="fashion-convnext: ConvNeXt size")

@@ -283,15 +283,17 @@ class SqueezeRelease:
                         iterations: int = 12) -> tuple[float, int]:
         """The smallest prune amount in ``[0, amount]`` whose minimized model stores at most
         ``max_floats`` floats, by bisection (``iterations`` probes, each prunes and minimizes a
-        copy; ``model`` is not changed). Returns ``(amount, floats)``; ``(amount, floats at
-        amount)`` unchanged when even ``amount`` leaves more than ``max_floats``."""
+        copy on the CPU; ``model`` is not changed). Returns ``(amount, floats)``; ``(amount,
+        floats at amount)`` unchanged when even ``amount`` leaves more than ``max_floats``.
+        Cost: one probe at ``amount``, plus ``iterations`` when the budget is within reach."""
         from .minimize import minimize
         from .size import count_stored_floats
 
         xs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in self.example_inputs)
+        base = copy.deepcopy(model).eval().cpu()  # one copy (on the model's device), then CPU copies
 
         def floats(a: float) -> int:
-            probe = copy.deepcopy(model).eval().cpu()
+            probe = copy.deepcopy(base)
             prune(probe, a, self.scope, weights=self._weights(probe))
             return count_stored_floats(minimize(probe, xs))
 
@@ -367,8 +369,8 @@ class SqueezeRelease:
         bar.close()
         if self.target_ratio is not None and history.records[-1].ratio < self.target_ratio:
             warnings.warn(f"target_ratio {self.target_ratio:g} not reached: {history.records[-1].ratio:.2f}x "
-                          f"after {self.cycles} cycles; schedule more cycles or higher target_sparsity/amount",
-                          stacklevel=2)
+                          f"after {len(history.records)} cycles; schedule more cycles or higher "
+                          f"target_sparsity/amount", stacklevel=2)
         if self.final_epochs > 0:  # release (above) + train without pruning: zeros inside cost no size
             t0 = time.perf_counter()
             self._train(model, self.final_epochs, self.final_train)

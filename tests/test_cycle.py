@@ -247,6 +247,15 @@ def test_target_ratio_stops_at_the_size_budget_without_overshooting():
     assert size <= budget < sr.amount_for_size(net, amount * 0.97, int(budget))[1]
     with pytest.raises(ValueError, match="target_ratio"):
         SqueezeRelease(lambda m, e: None, evaluate, (x,), target_ratio=0.5)
+    with pytest.raises(SystemExit):  # the CLI refuses it before any work
+        cli_main(["squeeze-release", "--recipe", "digits-fc", "--target-ratio", "0.5"])
+    # with a final phase: the last cycle is released, and the final record follows the cycles run
+    _, fin = squeeze_release(net, lambda m, e: None, evaluate, (x[:4],), cycles=4,
+                             target_sparsity=[0.5, 0.9, 0.97, 0.99], target_ratio=4.0, final_epochs=1,
+                             progress=False)
+    n = len(hist.records)
+    assert [r.phase for r in fin.records] == ["cycle"] * n + ["final"]
+    assert fin.records[-1].cycle == n + 1 and fin.records[n - 1].released > 0
 
 
 def test_target_ratio_out_of_reach_warns():
