@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--release-reference", choices=("energy", "threshold", "rms"),
                     help="release calibration (default: energy)")
     sr.add_argument("--group-lasso", type=float, help="row/column group-lasso weight in the training loop")
+    sr.add_argument("--target-sparsity", type=lambda v: [float(c) for c in v.split(",") if c],
+                    help="cumulative sparsity schedule, one value per cycle (e.g. 0.7,0.85,0.95)")
+    sr.add_argument("--final-epochs", type=int, help="epochs of the final release-and-train phase")
     sr.add_argument("--target-ratio", type=_ratio,
                     help="stop at this compression ratio, pruning just enough in the last cycle to reach it")
     sr.add_argument("--seed", type=int)
@@ -68,7 +71,10 @@ def _squeeze_release(args: argparse.Namespace) -> int:
     overrides = {"cycles": args.cycles, "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
                  "amount": args.amount, "scope": args.scope, "release_scale": args.release_scale,
                  "release_reference": args.release_reference, "group_lasso": args.group_lasso,
-                 "seed": args.seed, "target_ratio": args.target_ratio}
+                 "seed": args.seed, "target_ratio": args.target_ratio,
+                 "target_sparsity": args.target_sparsity, "final_epochs": args.final_epochs}
+    if args.target_sparsity and args.cycles is None:  # one cycle per schedule value
+        overrides["cycles"] = len(args.target_sparsity)
     if args.recipe == "fashion-convnext":
         overrides.update(arch=args.arch or "small", limit_train=args.limit_train)
     elif args.arch or args.limit_train:

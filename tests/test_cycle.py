@@ -123,10 +123,11 @@ def test_schedules_and_errors():
 def test_cli_runs_a_recipe(tmp_path, capsys):
     assert cli_main(["squeeze-release", "--recipe", "digits-fc", "--cycles", "1", "--epochs", "4",
                      "--finetune-epochs", "1", "--threads", "1", "--out", str(tmp_path), "--no-progress",
-                     "--target-ratio", "1.02"]) == 0
+                     "--target-ratio", "1.02", "--target-sparsity", "0.6", "--final-epochs", "1"]) == 0
     assert (tmp_path / "digits-fc.json").exists() and (tmp_path / "digits-fc.png").exists()
     saved = json.loads((tmp_path / "digits-fc.json").read_text())
     assert saved["config"]["target_ratio"] == 1.02 and saved["records"][-1]["ratio"] >= 1.02
+    assert saved["config"]["target_sparsity"] == [0.6] and saved["records"][-1]["phase"] == "final"
     assert "digits-fc: dense" in capsys.readouterr().out
 
 
