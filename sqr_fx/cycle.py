@@ -349,8 +349,9 @@ class SqueezeRelease:
             amount = self._amount(model, k, dense_prunable)
             reached = False
             if self.target_ratio is not None:
-                amount, size = self.amount_for_size(model, amount, int(history.dense_floats / self.target_ratio))
-                reached = size <= history.dense_floats / self.target_ratio
+                budget = int(history.dense_floats / self.target_ratio)
+                amount, size = self.amount_for_size(model, amount, budget)
+                reached = size <= budget
             last = reached or k + 1 == self.cycles
             prune(model, amount, self.scope, weights=self._weights(model))
             if self.finetune_epochs[k] > 0:

@@ -236,8 +236,7 @@ def teacher_logits(recipe: Recipe, data: Splits, device: str = "cpu") -> torch.T
     loop for ``recipe.teacher_epochs`` (seed ``recipe.seed + 1``); None without distillation."""
     if not (recipe.distill and recipe.teacher_epochs):
         return None
-    train, _ = classifier_loops(data, lr=recipe.lr, weight_decay=recipe.weight_decay,
-                                batch_size=recipe.batch_size, device=device, seed=recipe.seed + 1)
+    train, _ = _loops(recipe, device, data, group_lasso=0.0, seed=recipe.seed + 1)  # plain loop
     torch.manual_seed(recipe.seed + 1)
     teacher = recipe.build_model().to(device)
     train(teacher, recipe.teacher_epochs)
@@ -247,15 +246,22 @@ def teacher_logits(recipe: Recipe, data: Splits, device: str = "cpu") -> torch.T
                           for i in range(0, len(data.train), 1000)])
 
 
-def _setup(recipe: Recipe, device: str, data: Splits | None = None, teacher: torch.Tensor | None = None,
-           group_lasso: float | None = None):
+def _loops(recipe: Recipe, device: str, data: Splits, teacher: torch.Tensor | None = None, *,
+           group_lasso: float | None = None, seed: int | None = None):
+    """The recipe's ``(train, evaluate)`` (:func:`classifier_loops`); ``group_lasso``/``seed``
+    replace the recipe's (the final phase's loop); distillation only with a ``teacher``."""
+    return classifier_loops(data, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                            batch_size=recipe.batch_size, device=device,
+                            seed=recipe.seed if seed is None else seed,
+                            group_lasso=recipe.group_lasso if group_lasso is None else group_lasso,
+                            group_lasso_inputs=recipe.group_lasso_inputs,
+                            teacher_logits=teacher, distill=recipe.distill if teacher is not None else 0.0,
+                            temperature=recipe.temperature)
+
+
+def _setup(recipe: Recipe, device: str, data: Splits | None = None, teacher: torch.Tensor | None = None):
     data = data if data is not None else recipe.load_data()
-    train, evaluate = classifier_loops(data, lr=recipe.lr, weight_decay=recipe.weight_decay,
-                                       batch_size=recipe.batch_size, device=device, seed=recipe.seed,
-                                       group_lasso=recipe.group_lasso if group_lasso is None else group_lasso,
-                                       group_lasso_inputs=recipe.group_lasso_inputs,
-                                       teacher_logits=teacher, distill=recipe.distill if teacher is not None else 0.0,
-                                       temperature=recipe.temperature)
+    train, evaluate = _loops(recipe, device, data, teacher)
     torch.manual_seed(recipe.seed)
     model = recipe.build_model().to(device)
     calib = (data.train.x[:recipe.calibration_size],)
@@ -291,11 +297,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None, *, device: str = "cpu
     data, train, evaluate, model, calib = _setup(recipe, device, data, teacher)
     final_train = None
     if recipe.final_epochs:  # the final phase's own loop (no or another group lasso), seeded apart
-        final_train, _ = classifier_loops(
-            data, lr=recipe.lr, weight_decay=recipe.weight_decay, batch_size=recipe.batch_size,
-            device=device, seed=recipe.seed + 2, group_lasso=recipe.final_group_lasso,
-            group_lasso_inputs=recipe.group_lasso_inputs, teacher_logits=teacher,
-            distill=recipe.distill if teacher is not None else 0.0, temperature=recipe.temperature)
+        final_train = _loops(recipe, device, data, teacher, group_lasso=recipe.final_group_lasso,
+                             seed=recipe.seed + 2)[0]
     sr = SqueezeRelease(train, evaluate, (calib[0][:8],), cycles=recipe.cycles, amount=recipe.amount,
                         scope=recipe.scope, target_sparsity=recipe.target_sparsity, epochs=recipe.epochs, finetune_epochs=recipe.finetune_epochs,
                         release_scale=recipe.release_scale, release_reference=recipe.release_reference,
@@ -304,8 +307,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None, *, device: str = "cpu
                         target_ratio=recipe.target_ratio)
     small, history = sr.run(model)
     ran = sum(r.phase == "cycle" for r in history.records)  # fewer than scheduled with target_ratio
-    used = (sum(recipe.schedule("epochs")[:ran]) + sum(recipe.schedule("finetune_epochs")[:ran])
-            + recipe.final_epochs + (recipe.teacher_epochs if teacher is not None else 0))
+    used = recipe.with_cycles(ran).budget_epochs
     history.config.update(recipe=recipe.name, notes=recipe.notes, lr=recipe.lr, device=device,
                           weight_decay=recipe.weight_decay, batch_size=recipe.batch_size,
                           group_lasso=recipe.group_lasso, group_lasso_inputs=recipe.group_lasso_inputs,
@@ -362,7 +364,7 @@ def imp_baseline(recipe: Recipe, *, device: str = "cpu", data: Splits | None = N
         with keep_zeros(model):
             train(model, ft[k])
     if recipe.final_epochs:  # the same budget: masked training with Squeeze-Release's final loop
-        final_train = _setup(recipe, device, data, teacher, group_lasso=recipe.final_group_lasso)[1]
+        final_train = _loops(recipe, device, data, teacher, group_lasso=recipe.final_group_lasso)[0]
         with keep_zeros(model):
             final_train(model, recipe.final_epochs)
     out = {"imp-masks": {"stored_floats": count_stored_floats(model), "accuracy": evaluate(model),
