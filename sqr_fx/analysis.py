@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from .coupling import Groups
-from .errors import UnsupportedOpError
+from .errors import SqrFxError, UnsupportedOpError
 from .rules import lookup
 from .trace import fetch_attr, shared_ties, tied_targets
 from .values import META_KEY, ChanInfo, shape_of
@@ -193,8 +193,13 @@ class Analysis:
                     self.freeze(list(self._hidden))
                 try:
                     out = r.analyze(node, self, args)
-                except Exception as e:  # noqa: BLE001 - re-raise with the node named
-                    raise type(e)(f"{e}\n  while analysing node {node.format_node()} (rule {r.family!r})") from e
+                except Exception as e:  # noqa: BLE001 - a rule outside its preconditions: keep the channels
+                    msg = f"rule {r.family!r} failed on node {node.format_node()}: {type(e).__name__}: {e}"
+                    if self.strict:
+                        raise SqrFxError(msg) from e
+                    self.unknown.append(f"{node.name} ({msg})")
+                    self.freeze(list(node.args), dict(node.kwargs))
+                    out = None
                 finally:
                     self._hidden = set()
             if out is not None and self._mutates_shared_input(node):

@@ -15,14 +15,16 @@ import torch
 from torch import fx, nn
 
 from .analysis import Analysis, Plan
-from .errors import UnsupportedDtypeError
+from .errors import SqrFxError, UnsupportedDtypeError
 from .report import LayerRow, MinimizeReport
-from .rewrite import rewrite
+from .rewrite import RuleFailure, rewrite
 from .rules import lookup
+from .rules.registry import OPAQUE
 from .rules.shape import is_input_gather
 from .size import count_parameters, count_stored_floats
 from .trace import fetch_attr, propagate_shapes, to_graph
 from .values import META_KEY
+from .verify import self_check
 
 __all__ = ["minimize"]
 
@@ -88,6 +90,7 @@ def minimize(
     drop_inputs: bool = True,
     max_rounds: int = 100,
     verbose: bool = False,
+    verify: bool = True,
 ) -> fx.GraphModule:
     """Return a new, smaller GraphModule computing the same function as ``model``.
 
@@ -105,6 +108,10 @@ def minimize(
             keeping (freezing) the channels they touch.
         drop_inputs: gather away input features no layer reads (graph inputs keep their shape).
         verbose: print the per-layer report.
+        verify: the self-check (``sqr_fx.verify``): before returning, run the original and the result
+            on the example inputs, one more batch row, and another spatial / sequence size where the
+            original accepts one; raise :class:`~sqr_fx.EquivalenceError` naming the first differing
+            output instead of returning a wrong model. Its CPU time is ``report.verify_seconds``.
 
     Returns:
         A ``torch.fx.GraphModule`` with plain dense parameters; ``result.sqr_report`` holds
@@ -128,8 +135,13 @@ def minimize(
         rows[a["weight"].target] = LayerRow(a["weight"].target.rsplit(".", 1)[0], fam, shape, params_before=n)
     report = MinimizeReport(frontend, params_before=count_parameters(model), floats_before=count_stored_floats(model))
     frozen: list[str] = []
+    traced = gm
+    set_aside: set[str] = set()  # nodes whose rule failed: frozen in every later analysis
     for _ in range(max_rounds):
         propagate_shapes(gm, example_inputs)
+        for node in gm.graph.nodes:
+            if node.name in set_aside:
+                node.meta[OPAQUE] = True
         analysis = Analysis(gm, strict=strict, drop_inputs=drop_inputs).run()
         plan = analysis.plan()
         frozen = plan.frozen_nodes
@@ -137,8 +149,16 @@ def minimize(
         report.shared_tensors = sorted(analysis.shared)
         if not plan.any:
             break
+        try:
+            new = rewrite(gm, plan)
+        except RuleFailure as e:  # the rule could not emit its node: redo this round with it frozen
+            if strict or e.node in set_aside:
+                raise SqrFxError(str(e)) from e.__cause__
+            set_aside.add(e.node)
+            report.set_aside.append(str(e))
+            continue
         report.input_features_dropped += _record(gm, plan, rows)
-        gm = rewrite(gm, plan)
+        gm = new
         report.rounds += 1
     _strip_meta(gm)
     for node, a in _weighted_nodes(gm):
@@ -148,6 +168,9 @@ def minimize(
     report.rows = list(rows.values())
     report.params_after, report.floats_after = count_parameters(gm), count_stored_floats(gm)
     report.frozen_ops = frozen
+    if verify:
+        report.verified_on, report.fixed_shapes, report.verify_seconds = self_check(
+            model, traced, gm, example_inputs)
     report.seconds = time.perf_counter() - t0
     gm.sqr_report = report
     if verbose:
@@ -157,5 +180,5 @@ def minimize(
 
 def _strip_meta(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
-        for k in (META_KEY, "sqr_fx.slice_pos"):
+        for k in [k for k in node.meta if k.startswith("sqr_fx.")]:
             node.meta.pop(k, None)

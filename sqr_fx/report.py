@@ -39,6 +39,10 @@ class MinimizeReport:
     tied_tensors: list[str] = field(default_factory=list)
     shared_tensors: list[str] = field(default_factory=list)  # tied, sliced once for all readers
     seconds: float = 0.0
+    verified_on: list[str] = field(default_factory=list)  # input variants the self-check compared
+    fixed_shapes: list[str] = field(default_factory=list)  # variants the traced program itself refuses
+    verify_seconds: float = 0.0  # CPU seconds of the self-check
+    set_aside: list[str] = field(default_factory=list)  # rules that failed to rewrite their node: frozen
 
     @property
     def ratio(self) -> float:
@@ -72,6 +76,12 @@ class MinimizeReport:
         if self.frozen_ops:
             shown = ", ".join(self.frozen_ops[:8]) + (" ..." if len(self.frozen_ops) > 8 else "")
             lines.append(f"ops without a rule (their channels kept): {shown}")
+        if self.verified_on:
+            lines.append(f"self-check passed on: {'; '.join(self.verified_on)} ({self.verify_seconds:.2f} s CPU)")
+        if self.fixed_shapes:
+            lines.append(f"the traced program is tied to the example's shape; it refuses: {'; '.join(self.fixed_shapes)}")
+        if self.set_aside:
+            lines.append("rules that could not rewrite their node (frozen instead): " + "; ".join(self.set_aside))
         if self.tied_tensors:
             lines.append(f"tensors read by several ops (tied), kept whole: {', '.join(self.tied_tensors)}")
         if self.shared_tensors:

@@ -21,7 +21,15 @@ from .rules import lookup
 from .trace import fetch_attr
 from .values import META_KEY, ChanInfo
 
-__all__ = ["Rewriter", "rewrite"]
+__all__ = ["Rewriter", "rewrite", "RuleFailure"]
+
+
+class RuleFailure(Exception):
+    """A rule's rewrite raised: ``node`` names the node; minimize redoes the round with it frozen."""
+
+    def __init__(self, node: str, message: str):
+        super().__init__(message)
+        self.node = node
 
 _KEEP_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
 
@@ -34,6 +42,7 @@ class Rewriter:
         self.graph = fx.Graph()
         self.graph._codegen = copy.deepcopy(gm.graph._codegen)  # export's pytree in/out handling
         self.env: dict[fx.Node, Any] = {}
+        self.raw_inputs: dict[fx.Node, fx.Node] = {}  # graph input -> its new placeholder (before any gather)
         self.attrs: dict[str, tuple[torch.Tensor, bool]] = {}
         self.modules: dict[str, nn.Module] = {}
         self._n = 0
@@ -61,10 +70,11 @@ class Rewriter:
     def arg(self, a: Any) -> Any:
         return fx.node.map_arg(a, lambda n: self.env[n])
 
-    def copy(self, node: fx.Node) -> fx.Node:
+    def copy(self, node: fx.Node, env: Optional[dict[fx.Node, Any]] = None) -> fx.Node:
+        """``node`` unchanged, its arguments mapped to the new graph (through ``env`` first)."""
         if node.op == "call_module" and node.target not in self.modules:
             self.modules[node.target] = copy.deepcopy(self.old.get_submodule(node.target))
-        return self.graph.node_copy(node, lambda n: self.env[n])
+        return self.graph.node_copy(node, lambda n: (env or {}).get(n, self.env[n]))
 
     def emit_like(self, node: fx.Node, args, new: dict[str, Any]) -> fx.Node:
         """Re-emit ``node``'s call with some arguments replaced (others mapped to the new graph)."""
@@ -127,7 +137,11 @@ class Rewriter:
             found = lookup(node, self.old)
             r = found[0] if found else None
             if r is not None and r.rewrite is not None:
-                new = r.rewrite(node, self, found[1])
+                try:
+                    new = r.rewrite(node, self, found[1])
+                except Exception as e:  # noqa: BLE001 - named, and the node is frozen by the caller
+                    raise RuleFailure(node.name, f"rule {r.family!r} failed to rewrite node {node.format_node()}: "
+                                                 f"{type(e).__name__}: {e}") from e
             else:
                 new = self.copy(node)
             if isinstance(new, fx.Node):
@@ -143,7 +157,7 @@ class Rewriter:
                     is_param and isinstance(value, torch.Tensor)) else value
             _install(root, name, made[id(value)], buffer=not is_param)
         gm = fx.GraphModule(root, self.graph, class_name=type(self.old).__name__)
-        gm.graph.eliminate_dead_code()  # needs the owning module for its purity checks
+        gm.graph.eliminate_dead_code(is_impure_node=_impure)  # needs the owning module for purity checks
         live = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
         for name in self.attrs:
             if name not in live:
@@ -154,6 +168,14 @@ class Rewriter:
         gm.delete_all_unused_submodules()
         gm.recompile()
         return gm.train(self.old.training)
+
+
+def _impure(node: fx.Node) -> bool:
+    """Never delete a node that writes into a tensor (an in-place op whose result nobody reads
+    still mutates its input), nor anything torch itself calls impure."""
+    from .normalize import is_inplace
+
+    return node.is_impure() or is_inplace(node, node.graph.owning_module)
 
 
 def _install(root: nn.Module, qualname: str, obj: Any, buffer: bool) -> None:

@@ -23,6 +23,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .attention import functionalize_mha
 from .errors import SqrFxError, TiedWeightsError, TraceError, TrainingModeError, UnsupportedDtypeError
+from .normalize import NotFunctional, is_inplace, normalize_args, resolve_inplace
+from .rules.registry import has_hooks
+from .verify import outputs_match, run_cloned
 
 __all__ = ["to_graph", "fetch_attr", "propagate_shapes", "check_model", "tied_targets", "shared_ties"]
 
@@ -40,30 +43,44 @@ def fetch_attr(root: nn.Module, target: str) -> Any:
 
 
 def check_model(model: nn.Module) -> None:
-    """Clear errors for inputs the exact rewrite cannot take (training mode, dtypes)."""
-    if model.training:
-        culprits = [n for n, m in model.named_modules() if m.training and isinstance(m, _TRAIN_SENSITIVE)]
-        if culprits:
-            raise TrainingModeError(
-                "model is in training mode and these modules compute a different function in "
-                f"training mode: {culprits[:5]}{' ...' if len(culprits) > 5 else ''}. "
-                "minimize() preserves the eval-mode function: call model.eval() first."
-            )
+    """Clear errors for inputs the exact rewrite cannot take (training mode, dtypes).
+
+    Every submodule counts, not only the root: ``model.eval(); model.bn.train()`` leaves a BatchNorm
+    that normalizes with batch statistics, a different function from the eval one."""
+    culprits = [n or type(model).__name__ for n, m in model.named_modules()
+                if m.training and isinstance(m, _TRAIN_SENSITIVE)]
+    if culprits:
+        raise TrainingModeError(
+            "these modules are in training mode and compute a different function there: "
+            f"{culprits[:5]}{' ...' if len(culprits) > 5 else ''}. minimize() preserves the eval-mode "
+            "function: call model.eval() first (and do not switch submodules back to train())."
+        )
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_floating_point() and t.dtype not in _FLOAT_DTYPES:
             raise UnsupportedDtypeError(f"tensor {name!r} has dtype {t.dtype}")
         if t.is_complex() or t.is_quantized:
             raise UnsupportedDtypeError(f"tensor {name!r} has dtype {t.dtype}; only real floating tensors are supported")
+        if t.is_meta:
+            raise SqrFxError(f"tensor {name!r} is on the meta device: minimize reads weight values; "
+                             "load the weights first")
 
 
 def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    """``torch.export`` with every dim dynamic where the model allows it (static otherwise); a graph
+    that still holds in-place ops on views is functionalized by ``run_decompositions({})``."""
     auto = torch.export.Dim.AUTO
     dyn = tuple({d: auto for d in range(x.dim())} if isinstance(x, torch.Tensor) else None for x in example_inputs)
     try:
         ep = torch.export.export(model, example_inputs, dynamic_shapes=dyn)
     except Exception:  # noqa: BLE001 - fall back to a static export
         ep = torch.export.export(model, example_inputs)
-    return ep.module()
+    gm = ep.module()
+    if any(is_inplace(n, gm) for n in gm.graph.nodes if n.op == "call_function"):
+        try:
+            resolve_inplace(_functional(copy.deepcopy(gm)))
+        except NotFunctional:
+            gm = ep.run_decompositions({}).module()
+    return gm
 
 
 def _functional(gm: fx.GraphModule) -> fx.GraphModule:
@@ -77,7 +94,7 @@ def _functional(gm: fx.GraphModule) -> fx.GraphModule:
             functionalize_mha(gm, node, mod)
             continue
         build = _FUNCTIONALIZE.get(type(mod))
-        if build is None or len(node.args) != 1 or node.kwargs:
+        if build is None or len(node.args) != 1 or node.kwargs or has_hooks(mod):  # hooks: kept as a module
             continue
         with g.inserting_before(node):
             params = {p: g.get_attr(f"{node.target}.{p}") if getattr(mod, p, None) is not None else None
@@ -128,11 +145,17 @@ _FUNCTIONALIZE: dict[type, Callable[..., Any]] = {
 def _unwrap_parametrizations(model: nn.Module) -> nn.Module:
     """Bake ``torch.nn.utils.prune`` / ``parametrize`` masks into plain dense tensors (on a copy)."""
     from torch.nn.utils import parametrize, prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
 
     for mod in model.modules():
         for hook in list(getattr(mod, "_forward_pre_hooks", {}).values()):
             if isinstance(hook, prune.BasePruningMethod):
                 prune.remove(mod, hook._tensor_name)
+            elif isinstance(hook, WeightNorm):  # the hook recomputes w = g v / |v|: bake it once
+                torch.nn.utils.remove_weight_norm(mod, hook.name)
+            elif isinstance(hook, SpectralNorm) and not mod.training:  # eval: fixed u, v; exact to bake
+                torch.nn.utils.remove_spectral_norm(mod, hook.name)
         if parametrize.is_parametrized(mod):
             # not parametrize.remove_parametrizations: it deletes the property from the class,
             # which the copy shares with the user's original module
@@ -210,30 +233,49 @@ def shared_ties(gm: fx.GraphModule) -> dict[str, list[str]]:
     return shared
 
 
+def _symbolic(model: nn.Module, example_inputs: tuple, expected: Any) -> fx.GraphModule:
+    """``symbolic_trace`` + the functional front end, checked against the model on the example inputs.
+
+    ``symbolic_trace`` records Python's ``h += 1`` out of place and cannot see aliasing, so a
+    trace may compute another function than the model: the check catches that (and any
+    in-place op it cannot make functional) and the caller falls back to ``torch.export``."""
+    gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
+    normalize_args(gm)
+    gm = _functional(gm)
+    resolve_inplace(gm)
+    got = run_cloned(gm, example_inputs)
+    problem = outputs_match(expected, got)
+    if problem is not None:
+        raise NotFunctional(f"the symbolic trace computes another function than the model ({problem})")
+    return gm
+
+
 def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> tuple[fx.GraphModule, str]:
     """Trace a private copy of ``model`` to a functional GraphModule; return it and the tracer used.
 
-    ``model`` is never modified. A ``GraphModule`` is copied, not re-traced.
+    ``model`` is never modified. A ``GraphModule`` is copied, not re-traced (unless it mutates
+    tensors in a way its graph cannot express: then it goes through ``torch.export`` too).
     """
     check_model(model)
     model = _unwrap_parametrizations(_private_copy(model))
-    if isinstance(model, fx.GraphModule):
-        gm, frontend = model, "GraphModule"
-    else:
+    expected = _runs(model, example_inputs)
+    try:
+        gm = _symbolic(_private_copy(model), example_inputs, expected)
+        frontend = "GraphModule" if isinstance(model, fx.GraphModule) else "fx"
+    except Exception as fx_err:  # noqa: BLE001 - any tracer failure (or a trace that differs) means: try export
         try:
-            gm, frontend = fx.symbolic_trace(model), "fx"
-        except Exception as fx_err:  # noqa: BLE001 - any tracer failure means: try export
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    gm, frontend = _export(model, example_inputs), "export"
-            except Exception as ex_err:  # noqa: BLE001
-                raise TraceError(
-                    f"could not trace {type(model).__name__}: torch.fx.symbolic_trace failed with "
-                    f"{type(fx_err).__name__}: {fx_err}; torch.export.export failed with "
-                    f"{type(ex_err).__name__}: {str(ex_err)[:500]}"
-                ) from ex_err
-    gm = _functional(gm)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                gm, frontend = _export(model, example_inputs), "export"
+            normalize_args(gm)
+            gm = _functional(gm)
+            resolve_inplace(gm)
+        except Exception as ex_err:  # noqa: BLE001
+            raise TraceError(
+                f"could not trace {type(model).__name__}: torch.fx.symbolic_trace failed with "
+                f"{type(fx_err).__name__}: {str(fx_err)[:500]}; torch.export.export failed with "
+                f"{type(ex_err).__name__}: {str(ex_err)[:500]}"
+            ) from ex_err
     shared = shared_ties(gm)
     whole = {k: v for k, v in tied_targets(gm).items() if k not in shared}
     if strict and whole:
@@ -244,6 +286,18 @@ def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> t
             "bias-untied linear weights is sliced once along its columns and needs no strict exception.)"
         )
     return gm, frontend
+
+
+def _runs(model: nn.Module, example_inputs: tuple) -> Any:
+    """The model's outputs on its example inputs; it must run there (everything downstream is checked
+    against that run)."""
+    try:
+        return run_cloned(model, example_inputs)
+    except Exception as e:  # noqa: BLE001 - the user's inputs do not fit the model
+        raise SqrFxError(
+            f"the model does not run on example_inputs ({_describe(example_inputs)}): {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:

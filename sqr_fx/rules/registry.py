@@ -13,7 +13,14 @@ from typing import Any, Callable, Optional
 
 from torch import fx, nn
 
-__all__ = ["OpRule", "Args", "RULES", "rule", "method", "lookup", "op_name"]
+__all__ = ["OpRule", "Args", "RULES", "rule", "method", "lookup", "op_name", "has_hooks", "UNNORMALIZED", "OPAQUE"]
+
+
+def has_hooks(mod: nn.Module) -> bool:
+    """Forward hooks or pre-hooks (with or without kwargs) registered on ``mod`` itself."""
+    return bool(mod._forward_hooks or mod._forward_pre_hooks
+                or getattr(mod, "_forward_hooks_with_kwargs", None)
+                or getattr(mod, "_forward_pre_hooks_with_kwargs", None))
 
 
 @dataclass(frozen=True)
@@ -90,14 +97,28 @@ def rule(family: str, *targets: Any, names: tuple[str, ...] = ("input",), rewrit
     return deco
 
 
+#: ``node.meta`` keys: a call whose arguments bind to no single schema layout (``normalize.py``), and a
+#: node the pass has set aside (its rule raised): either way it gets no rule and is frozen
+UNNORMALIZED = "sqr_fx.unnormalized"
+OPAQUE = "sqr_fx.opaque"
+
+
 def lookup(node: fx.Node, root: nn.Module) -> Optional[tuple[OpRule, Args]]:
-    """The rule for ``node`` with its arguments by name, or None when the op has no rule."""
+    """The rule for ``node`` with its arguments by name, or None when the op has no rule.
+
+    A call whose arguments could not be normalized, a node set aside after its rule failed, and a
+    module with forward hooks (it computes more than its type says) have no rule."""
+    if node.meta.get(UNNORMALIZED) or node.meta.get(OPAQUE):
+        return None
     if node.op == "call_function":
         key: Any = node.target
     elif node.op == "call_method":
         key = Method(node.target)
     elif node.op == "call_module":
-        key = type(root.get_submodule(node.target))
+        mod = root.get_submodule(node.target)
+        if has_hooks(mod):
+            return None
+        key = type(mod)
     else:
         key = node.op  # placeholder / get_attr / output
     r = RULES.get(key)

@@ -36,6 +36,7 @@ def _norm_dim(d: int, nd: int) -> int:
 # ---- graph interface --------------------------------------------------------------------------
 def _placeholder_rewrite(node, R, a):
     new = R.copy(node)
+    R.raw_inputs[node] = new
     info = R.info(node)
     if info is None or R.keep(info).all():
         return new
@@ -587,7 +588,13 @@ except ImportError:  # pragma: no cover - older torch
     _GuardsFn = None
 
 
-@rule("shape_guard", method("dim"), _GuardsFn)
+def _guard_rewrite(node, R, a):
+    """export's guard checks the caller's inputs: it reads the graph inputs themselves, never
+    minimize's gather of them (which has fewer features than the guard expects)."""
+    return R.copy(node, R.raw_inputs)
+
+
+@rule("shape_guard", method("dim"), _GuardsFn, rewrite=_guard_rewrite)
 def shape_guard(node, A, a):
     """Reads only the rank / the graph inputs' shapes: no channel is affected."""
     return None
