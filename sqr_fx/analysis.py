@@ -52,14 +52,20 @@ class Plan:
         return bool(self.removed.any()) or bool(self.local_changes)
 
 
+def _read_cols(nz: Optional[np.ndarray], live_rows: np.ndarray, n: int) -> np.ndarray:
+    """Input positions read by the live output rows (``nz`` None: every row reads every position)."""
+    if nz is None:
+        return np.full(n, bool(live_rows.any()))
+    return nz[live_rows].any(0)
+
+
 class Analysis:
     """State shared by the rules during the forward sweep (see module docstring)."""
 
     def __init__(self, gm: fx.GraphModule, strict: bool = False, drop_inputs: bool = True):
         self.gm, self.strict, self.drop_inputs = gm, strict, drop_inputs
         self.groups = Groups()
-        self.edges: list[tuple[ChanInfo, np.ndarray, np.ndarray]] = []
-        self.stat_reads: list[ChanInfo] = []
+        self.edges: list[tuple[ChanInfo, np.ndarray, Optional[np.ndarray]]] = []
         self.local: list[str] = []
         self.unknown: list[str] = []
         self.head_links: list[list[ChanInfo]] = []
@@ -123,10 +129,11 @@ class Analysis:
         """A weighted op reads ``src``; ``nz[o, i]``: output position o reads input position i."""
         self.edges.append((src, out_ids, np.asarray(nz, bool)))
 
-    def need_const(self, src: ChanInfo) -> None:
-        """A statistic over the channel axis (LayerNorm's mean and variance) reads ``src``: a channel
-        may leave it only when its value there is a known constant, which the rewrite compensates."""
-        self.stat_reads.append(src)
+    def need_const(self, src: ChanInfo, out_ids: np.ndarray) -> None:
+        """A statistic over the channel axis (LayerNorm's mean and variance) reads ``src`` for every
+        output position ``out_ids``: while any output is live, a channel may leave it only when its
+        value there is a known constant, which the rewrite compensates. An unread output reads nothing."""
+        self.edges.append((src, out_ids, None))
 
     def align_heads(self, *infos: ChanInfo) -> None:
         """Head-split infos whose heads pair up (attention's q, k, v): the same heads must stay."""
@@ -259,8 +266,6 @@ class Analysis:
             i = node.meta.get(META_KEY)
             if i is not None:
                 present[root_of[i.ids]] = True
-        for src in self.stat_reads:  # removable only where the statistic can be compensated
-            frozen[root_of[src.ids[~src.const]]] = True
         used = frozen.copy()
         changed = True
         while changed:  # backward liveness over weighted reads, to a fixpoint
@@ -269,7 +274,7 @@ class Analysis:
                 live_rows = used[root_of[out_ids]]
                 if not live_rows.any():
                     continue
-                read_roots = root_of[src.ids[nz[live_rows].any(0)]]
+                read_roots = root_of[src.ids[_read_cols(nz, live_rows, len(src))]]
                 if not used[read_roots].all():
                     used[read_roots] = True
                     changed = True
@@ -277,7 +282,7 @@ class Analysis:
         for src, out_ids, nz in self.edges:
             live_rows = used[root_of[out_ids]]
             if live_rows.any():
-                read_dynamic[root_of[src.ids[nz[live_rows].any(0) & ~src.const]]] = True
+                read_dynamic[root_of[src.ids[_read_cols(nz, live_rows, len(src)) & ~src.const]]] = True
         removed = present & ~read_dynamic
         while self._keep_one_channel(removed, root_of) | self._keep_heads_rectangular(removed, root_of):
             pass  # each step only keeps more, so this ends

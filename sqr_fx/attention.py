@@ -32,6 +32,9 @@ def self_attention(x: Tensor, q_weight: Tensor, q_bias: Tensor, k_weight: Tensor
     >>> torch.allclose(y, mha(x, x, x, need_weights=False)[0], atol=1e-6)
     True
     """
+    if x.dim() == 2:  # unbatched [L, E] (batch_first does not apply): attend as a batch of one
+        return self_attention(x.unsqueeze(0), q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight,
+                              out_bias, num_heads, scale, True).squeeze(0)
     if not batch_first:
         x = x.transpose(0, 1)
     b, t = x.shape[0], x.shape[1]

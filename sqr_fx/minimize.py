@@ -44,7 +44,8 @@ def _check_inputs(example_inputs: Sequence[Any]) -> tuple:
 def _weighted_nodes(gm: fx.GraphModule):
     for node in gm.graph.nodes:
         found = lookup(node, gm)
-        if found and found[0].family in _WEIGHTED and isinstance(found[1].get("weight"), fx.Node):
+        w = found[1].get("weight") if found and found[0].family in _WEIGHTED else None
+        if isinstance(w, fx.Node) and w.op == "get_attr":  # (a weight computed in forward has no row)
             yield node, found[1]
 
 

@@ -46,7 +46,7 @@ def _affine_out(A, src: ChanInfo, w, b) -> ChanInfo | None:
                 A.freeze(src)
                 return None
             A.attach(p, 0, src.ids)
-    A.need_const(src)
+    A.need_const(src, src.ids)
     n = len(src)
     if w is None:
         return ChanInfo.dynamic(src.dim, src.ids)

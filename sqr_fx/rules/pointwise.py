@@ -82,8 +82,11 @@ def pointwise(node: fx.Node, A, a) -> ChanInfo | None:
     x = _first_tensor_arg(node)
     src = A.info(x)
     others = [v for v in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(v, fx.Node)]
-    if any(A.info(v) is not None or A.tensor(v) is None for v in others if A.shape(v) is not None):
-        A.freeze(src, others)  # a second tensor operand (pow(x, y)): not a one-input channel-wise op
+    if any(A.info(v) is not None or A.tensor(v) is None or A.tensor(v).numel() != 1
+           for v in others if A.shape(v) is not None):
+        # a second tensor operand (pow(x, y), clamp(x, min=P) with a per-channel P): not a one-input
+        # channel-wise op, and P would need slicing with x's channels; a one-element tensor is a scalar
+        A.freeze(src, others)
         return None
     if src is None or A.shape(node) != A.shape(x):
         A.freeze(src)

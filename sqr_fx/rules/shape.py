@@ -223,8 +223,15 @@ def head_widths(keep: np.ndarray, info: ChanInfo) -> tuple[int, int]:
       *[getattr(aten.squeeze, o) for o in aten.squeeze.overloads()],
       *[getattr(aten.unsqueeze, o) for o in aten.unsqueeze.overloads()], heads=True)
 def flatten(node, A, a):
-    """Shape-only re-indexing with no channel sizes in its arguments: copied as is."""
-    return _reshaped(node, A, node.args[0] if node.args else a["input"])
+    """Shape-only re-indexing with no channel sizes in its arguments: copied as is.
+    Precondition: ``squeeze`` names its axes. ``x.squeeze()`` drops whichever axes have size 1 at run
+    time (the batch axis at batch 1), so the channel axis' position is not a property of the graph."""
+    x = a["input"]
+    if "squeeze" in op_name(node) and "unsqueeze" not in op_name(node) and len(node.args) < 2 \
+            and "dim" not in node.kwargs:
+        A.freeze(A.info(x))
+        return None
+    return _reshaped(node, A, x)
 
 
 def _view_rewrite(node, R, a):
@@ -349,9 +356,13 @@ def expand(node, A, a):
         A.freeze(src)
         return None
     dim = src.dim + len(s_out) - len(s_in)
-    if node.target == "expand_as":
-        A.freeze(node.args[1])  # its channels set this tensor's width
-        return src.with_dim(dim)
+    if node.target == "expand_as":  # the other tensor's width sets this one's: one group, or both kept
+        other = A.info(node.args[1])
+        if other is not None and not other.split and other.dim == dim and len(other) == len(src) == s_out[dim]:
+            A.union(src.ids, other.ids)
+            return src.with_dim(dim)
+        A.freeze(src, node.args[1])
+        return None
     sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
     if s_out[dim] != len(src) or sizes[dim] != -1:
         A.freeze(src)
@@ -364,9 +375,9 @@ def _slice_rewrite(node, R, a):
     if _PIECES in getattr(node.args[0], "meta", {}):
         return R.copy(node)  # one output of a split: the split itself was rewritten
     out_info, src = R.info(node), R.info(node.args[0])
-    if out_info is None or (R.keep(src, 0).all() and R.keep(out_info).all()):
-        return R.copy(node)
-    pos = node.meta["sqr_fx.slice_pos"]
+    pos = node.meta.get("sqr_fx.slice_pos")
+    if out_info is None or pos is None or (R.keep(src, 0).all() and R.keep(out_info).all()):
+        return R.copy(node)  # (no positions: the op indexes another axis and is copied as is)
     if src is None:  # the input gather of a graph input, which keeps its shape: select from it directly
         return R.index_select(R.arg(node.args[0]), out_info.dim, pos[R.keep(out_info)], f"{node.name}_idx")
     if len(pos) == len(src) and (pos == np.arange(len(src))).all():
@@ -510,30 +521,39 @@ _POOL = [F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adap
          aten._adaptive_avg_pool2d.default]
 
 
-def _avg_pads(node, A) -> bool:
-    """avg pooling whose windows can include padding or cut-off borders: constants become static."""
-    name = getattr(node.target, "__name__", str(node.target)) if node.op != "call_module" else type(A.module(node)).__name__
-    if "avg" not in name.lower() or "adaptive" in name.lower():
+def _pool_name(node, A) -> str:
+    return (type(A.module(node)).__name__ if node.op == "call_module"
+            else str(getattr(node.target, "__name__", node.target))).lower()
+
+
+def _avg_changes_constants(node, A) -> bool:
+    """avg pooling whose windows can include padding or cut-off borders, or that divides by a
+    ``divisor_override`` (a constant c becomes c k^2 / d): a constant does not stay that constant."""
+    name = _pool_name(node, A)
+    if "avg" not in name or "adaptive" in name:
         return False
     if node.op == "call_module":
         m = A.module(node)
-        pad, ceil = m.padding, m.ceil_mode
-    else:
-        pad = node.kwargs.get("padding", node.args[3] if len(node.args) > 3 else 0)
-        ceil = node.kwargs.get("ceil_mode", node.args[4] if len(node.args) > 4 else False)
+        pad, ceil, div = m.padding, m.ceil_mode, getattr(m, "divisor_override", None)
+    else:  # canonical layout: (input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+        args = list(node.args) + [None] * 7
+        pad, ceil, div = args[3] or 0, args[4] or False, args[6]
     pads = pad if isinstance(pad, (list, tuple)) else [pad]
-    return any(int(p) != 0 for p in pads) or bool(ceil)
+    return any(int(p) != 0 for p in pads) or bool(ceil) or div is not None
 
 
 @rule("pool", *_POOL)
 def pool(node, A, a):
-    """Spatial pooling keeps channel j in place; max/adaptive-avg of a constant is the constant."""
-    x = node.args[0]
-    src = A.info(x)
-    if src is None or src.dim != 1 or A.shape(node) is None:
+    """Spatial pooling keeps channel j in place; max/adaptive-avg of a constant is the constant.
+    Precondition: the input has the op's batched rank (``*pool2d`` on [N, C, H, W]); on a lower rank
+    torch pools an unbatched tensor and axis 1 is a spatial axis, not the channels."""
+    x = a["input"]
+    src, s = A.info(x), A.shape(x)
+    rank = next((r for k, r in (("1d", 3), ("2d", 4), ("3d", 5)) if k in _pool_name(node, A)), None)
+    if src is None or src.dim != 1 or A.shape(node) is None or s is None or len(s) != rank:
         A.freeze(src)
         return None
-    if _avg_pads(node, A):
+    if _avg_changes_constants(node, A):
         return ChanInfo(src.dim, src.ids, np.zeros(len(src), bool), np.zeros(len(src)))
     return src
 
@@ -567,6 +587,8 @@ def size(node, A, a):
     src = A.info(x)
     if src is None:
         return None
+    if node.target is getattr and node.args[1] not in ("shape",):
+        return None  # x.ndim, x.dtype, x.device, x.is_cuda ...: nothing that counts channels
     whole = node.target is getattr or (node.op == "call_method" and len(node.args) < 2 and "dim" not in node.kwargs)
     if whole:
         # x.shape / x.size() used only as [i] for other axes (batch size, sequence length) is harmless

@@ -24,6 +24,9 @@ from .registry import rule
 
 aten = torch.ops.aten
 
+#: ``node.meta`` key: the input info a weighted op's analysis followed (None: declined, nothing sliced)
+READS = "sqr_fx.reads"
+
 __all__ = ["ones_map"]
 
 
@@ -58,10 +61,14 @@ def _weight(t: torch.Tensor | None, transposed: bool) -> torch.Tensor | None:
 def _weighted_analyze(node: fx.Node, A, a, *, conv: bool, transposed: bool = False) -> ChanInfo | None:
     x, W = a["input"], _weight(A.tensor(a["weight"]), transposed)
     out_shape, x_shape = A.shape(node), A.shape(x)
-    if W is None or out_shape is None or x_shape is None:  # weight computed at run time: no rule applies
+    b = A.tensor(a.get("bias"))
+    if (W is None or out_shape is None or x_shape is None  # weight computed at run time: no rule applies
+            or (a.get("bias") is not None and b is None)  # a computed bias: not sliceable
+            or (conv and len(x_shape) != W.dim())  # unbatched conv input [C, *spatial]: another layout
+            or not bool(torch.isfinite(W).all()) or (b is not None and not bool(torch.isfinite(b).all()))):
+        # (inf/NaN weights: 0 * inf is NaN, so even a zero input channel is read: keep everything)
         A.freeze(list(node.args), dict(node.kwargs))
         return None
-    b = A.tensor(a.get("bias"))
     bias = _np(b) if b is not None else np.zeros(W.shape[0])
     src = A.info(x)
     dim = 1 if conv else len(out_shape) - 1
@@ -69,9 +76,10 @@ def _weighted_analyze(node: fx.Node, A, a, *, conv: bool, transposed: bool = Fal
     nzw = ((W != 0).flatten(2).any(-1) if conv else (W != 0)).cpu().numpy()
     wsum = _np(W.flatten(2).sum(-1) if conv else W)
     padded = conv and _has_padding(a.get("padding", 0))
-    if src is not None and src.dim != (1 if conv else len(x_shape) - 1):
-        A.freeze(src)
+    if src is not None and (src.dim != (1 if conv else len(x_shape) - 1) or len(src) != W.shape[1] * groups):
+        A.freeze(src)  # the tracked axis is not the one the weight reads (token mixing): not followed
         src = None
+    node.meta[READS] = src  # the rewrite slices the input side by THIS decision, never by a declined info
     if groups == 1:
         out_ids = A.fresh(W.shape[0])
         if src is not None:
@@ -115,7 +123,7 @@ def _weighted_rewrite(node: fx.Node, R, a, *, conv: bool, transposed: bool = Fal
         return R.copy(node)
     W = _weight(R.tensor(a["weight"]), transposed)
     b = R.tensor(a.get("bias"))
-    out_info, src = R.info(node), R.info(a["input"])
+    out_info, src = R.info(node), node.meta.get(READS)
     keep_out = R.keep(out_info, W.shape[0])
     groups = int(a.get("groups", 1)) if conv else 1
     Wn, bn = W, b

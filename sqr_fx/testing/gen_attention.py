@@ -1,0 +1,235 @@
+"""Attention: ``nn.MultiheadAttention`` (every call form), q/k/v projections with head split into
+``scaled_dot_product_attention`` or into matmul / softmax / matmul (masks, fills, bmm), torchvision's
+shifted-window attention (V1, V2, functional) and patch merging; with planted dead head dims, dead
+heads, unused inputs and constant outputs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .core import Ctx, Skip, State, divisors, fan_in_scale, gen, param_of
+
+P = param_of
+ATT_PLANTS = ("none", "q_rows", "k_rows", "v_rows", "o_cols", "head", "in_cols", "o_rows")
+
+
+@torch.no_grad()
+def plant_attention(c: Ctx, Wq, bq, Wk, Wv, Wo, bo, H: int, mode: str) -> None:
+    """Zero structure into q/k/v/out projections (rows are ``H`` heads of ``E // H`` dims)."""
+    E = Wq.shape[0]
+    D = E // H
+    if mode == "q_rows":
+        rows = c.subset(E)
+        Wq[rows], bq[rows] = 0.0, 0.0
+    elif mode == "k_rows":
+        Wk[c.subset(E)] = 0.0
+    elif mode == "v_rows":
+        Wv[c.subset(E)] = 0.0
+    elif mode == "o_cols":
+        Wo[:, c.subset(E)] = 0.0
+    elif mode == "head":
+        h = int(c.prng.integers(H))
+        Wv[h * D:(h + 1) * D] = 0.0
+        Wo[:, h * D:(h + 1) * D] = 0.0
+    elif mode == "in_cols":
+        cols = c.subset(Wq.shape[1])
+        for W in (Wq, Wk, Wv):
+            W[:, cols] = 0.0
+    elif mode == "o_rows":
+        rows = c.subset(Wo.shape[0])
+        Wo[rows] = 0.0
+        if bo is not None:
+            bo[rows] = torch.as_tensor(1.0 + c.prng.random(len(rows)), dtype=bo.dtype)
+
+
+def _qkvo(c: Ctx, E: int, H: int):
+    W = [c.randn(E, E, scale=fan_in_scale(E)) for _ in range(4)]
+    b = [c.randn(E, scale=0.3) for _ in range(4)]
+    plant_attention(c, W[0], b[0], W[1], W[2], W[3], b[3], H, c.pick("plant", ATT_PLANTS))
+    return W, b
+
+
+def _heads(c: Ctx, E: int) -> int:
+    return c.pick("heads", [d for d in divisors(E) if d <= 4])
+
+
+@gen("mha", ("seq",), weight=1.5, families=("attention",))
+def mha(c: Ctx, st: State) -> State:
+    E = st.C
+    H = _heads(c, E)
+    forms = ["pos3", "kw", "noweights", "unpack", "weights_used", "seq_first", "nobias", "mask"]
+    form = c.pick("form", forms)
+    (Wq, Wk, Wv, Wo), (bq, bk, bv, bo) = _qkvo(c, E, H)
+    mod = nn.MultiheadAttention(E, H, bias=form != "nobias", batch_first=form != "seq_first")
+    with torch.no_grad():
+        mod.in_proj_weight.copy_(torch.cat([Wq, Wk, Wv]))
+        mod.out_proj.weight.copy_(Wo)
+        if form != "nobias":
+            mod.in_proj_bias.copy_(torch.cat([bq, bk, bv]))
+            mod.out_proj.bias.copy_(bo)
+    key = c.module(mod, "mha")
+    if form == "mask":
+        T = st.sp[0]
+        mask = c.buffer(torch.ones(T, T, dtype=torch.bool).triu(1), "mask")
+    if form == "weights_used" and not st.batched:
+        raise Skip("weights shape")
+
+    def fn(m, h):
+        a = m.M[key]
+        if form in ("pos3", "nobias", "seq_first"):
+            return a(h, h, h)[0]
+        if form == "kw":
+            return a(query=h, key=h, value=h)[0]
+        if form == "noweights":
+            return a(h, h, h, need_weights=False)[0]
+        if form == "unpack":
+            out, _ = a(h, h, h)
+            return out
+        if form == "mask":
+            return a(h, h, h, attn_mask=P(m, mask))[0]
+        out, w = a(h, h, h)  # weights_used: rows of the attention weights sum to 1
+        return out * w.sum(-1, keepdim=True)
+    c.step_h(fn)
+    return st
+
+
+CORES = ["sdpa", "sdpa_kw", "sdpa_scale", "sdpa_causal", "sdpa_mask", "manual", "manual_mask", "manual_fill",
+         "manual_dropout", "manual_bmm"]
+
+
+@gen("attention", ("seq",), weight=2, families=("sdpa", "matmul", "softmax", "view", "unflatten", "permute"))
+def attention(c: Ctx, st: State) -> State:
+    E, T, b = st.C, st.sp[0], st.batched
+    H = _heads(c, E)
+    D = E // H
+    core = c.pick("core", CORES if not b else CORES[:-1])
+    proj = c.pick("proj", ["separate", "fused_chunk", "fused_split"])
+    split = c.pick("split", ["view", "unflatten"] if b else ["unflatten"])
+    merge = c.pick("merge", ["reshape", "flatten"])
+    sm = c.pick("softmax", ["F", "torch", "method"]) if core.startswith("manual") else None
+    mm = c.pick("matmul", ["op", "torch", "method"]) if core.startswith("manual") else None
+    (Wq, Wk, Wv, Wo), (bq, bk, bv, bo) = _qkvo(c, E, H)
+    if proj == "separate":
+        names = [(c.param(W), c.param(bb, "b")) for W, bb in ((Wq, bq), (Wk, bk), (Wv, bv))]
+    else:
+        wqkv, bqkv = c.param(torch.cat([Wq, Wk, Wv]), "wqkv"), c.param(torch.cat([bq, bk, bv]), "bqkv")
+    wo, bo_ = c.param(Wo, "wo"), c.param(bo, "bo")
+    mask = c.buffer(torch.randn(T, T, generator=c.g, dtype=torch.float64) * 0.5, "mask") if core in (
+        "sdpa_mask", "manual_mask") else None
+    fill = c.buffer(torch.ones(T, T, dtype=torch.bool).triu(1), "fill") if core == "manual_fill" else None
+    scale = 0.3 if core == "sdpa_scale" else 1.0 / math.sqrt(D)
+    matmul = {"op": lambda x, y: x @ y, "torch": torch.matmul, "method": lambda x, y: x.matmul(y)}.get(mm)
+    softmax = {"F": lambda s: F.softmax(s, dim=-1), "torch": lambda s: torch.softmax(s, -1),
+               "method": lambda s: s.softmax(-1)}.get(sm)
+
+    def heads(t):
+        if split == "view":
+            return t.view(t.shape[0], t.shape[1], H, D).transpose(1, 2)
+        return t.unflatten(-1, (H, D)).transpose(-3, -2)
+
+    def fn(m, h):
+        if proj == "separate":
+            q, k, v = (F.linear(h, P(m, w), P(m, bb)) for w, bb in names)
+        else:
+            qkv = F.linear(h, P(m, wqkv), P(m, bqkv))
+            q, k, v = qkv.chunk(3, dim=-1) if proj == "fused_chunk" else qkv.split(E, -1)
+        q, k, v = heads(q), heads(k), heads(v)
+        if core == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v)
+        elif core == "sdpa_kw":
+            o = F.scaled_dot_product_attention(query=q, key=k, value=v)
+        elif core == "sdpa_scale":
+            o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        elif core == "sdpa_causal":
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif core == "sdpa_mask":
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=P(m, mask))
+        elif core == "manual_bmm":
+            o = torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)) * scale, -1), v)
+        else:
+            s = matmul(q, k.transpose(-2, -1)) * scale
+            if core == "manual_mask":
+                s = s + P(m, mask)
+            elif core == "manual_fill":
+                s = s.masked_fill(P(m, fill), float("-inf"))
+            p = softmax(s)
+            if core == "manual_dropout":
+                p = F.dropout(p, 0.1, False)
+            o = matmul(p, v)
+        o = o.transpose(-3, -2)
+        o = o.reshape(o.shape[:-2] + (E,)) if merge == "reshape" else o.flatten(-2)
+        return F.linear(o, P(m, wo), P(m, bo_))
+    c.step_h(fn)
+    return st
+
+
+# ---- Swin -------------------------------------------------------------------------------------------------------
+@gen("swin", ("hw",), weight=1.5, families=("window_attention",))
+def swin(c: Ctx, st: State) -> State:
+    from torchvision.models.swin_transformer import (ShiftedWindowAttention, ShiftedWindowAttentionV2,
+                                                     shifted_window_attention)
+    if not st.batched:
+        raise Skip("Swin needs [B, H, W, C]")
+    C = st.C
+    H = _heads(c, C)
+    form = c.pick("form", ["v1", "v2", "F"])
+    w = c.pick("window", [2, 3, 4])
+    s = c.pick("shift", [0, 1])
+    if s >= w:
+        raise Skip("shift")
+    (Wq, Wk, Wv, Wo), (bq, bk, bv, bo) = _qkvo(c, C, H)
+    if form == "F":
+        N = w * w
+        names = [c.param(torch.cat([Wq, Wk, Wv]), "qkv"), c.param(Wo, "proj"),
+                 c.param(c.randn(1, H, N, N, scale=0.3), "rpb"), c.param(torch.cat([bq, bk, bv]), "qkvb"),
+                 c.param(bo, "projb")]
+        c.step_h(lambda m, h: shifted_window_attention(h, P(m, names[0]), P(m, names[1]), P(m, names[2]), [w, w], H,
+                                                       [s, s], 0.0, 0.0, P(m, names[3]), P(m, names[4]),
+                                                       training=False))
+        return st
+    mod = (ShiftedWindowAttention if form == "v1" else ShiftedWindowAttentionV2)(C, [w, w], [s, s], H)
+    with torch.no_grad():
+        mod.qkv.weight.copy_(torch.cat([Wq, Wk, Wv]))
+        mod.qkv.bias.copy_(torch.cat([bq, bk, bv]))
+        mod.proj.weight.copy_(Wo)
+        mod.proj.bias.copy_(bo)
+        mod.relative_position_bias_table.normal_(0, 0.3, generator=c.g)
+    key = c.module(mod, "swa")
+    c.step_h(lambda m, h: m.M[key](h))
+    return st
+
+
+@gen("patch_merging", ("hw",), weight=1, families=("patch_merging_pad", "layer_norm", "linear"))
+def patch_merging(c: Ctx, st: State) -> State:
+    from torchvision.models.swin_transformer import PatchMerging, PatchMergingV2, _patch_merging_pad
+    if not st.batched or 4 * st.C > 64:
+        raise Skip("batched, narrow")
+    form = c.pick("form", ["v1", "v2", "F"])
+    C = st.C
+    W = c.randn(2 * C, 4 * C, scale=fan_in_scale(4 * C))
+    gamma = c.rand(4 * C if form != "v2" else 2 * C, lo=0.5, hi=1.5)
+    mode = c.pick("plant", ["none", "rows", "cols", "gamma0"])
+    with torch.no_grad():
+        if mode == "rows":
+            W[c.subset(2 * C)] = 0.0
+        elif mode == "cols":
+            W[:, c.subset(4 * C)] = 0.0
+        elif mode == "gamma0":
+            gamma[c.subset(len(gamma))] = 0.0
+    new = State("hw", 2 * C, tuple((v + 1) // 2 for v in st.sp), True)
+    if form == "F":
+        w, g = c.param(W), c.param(gamma, "g")
+        c.step_h(lambda m, h: F.linear(F.layer_norm(_patch_merging_pad(h), (4 * C,), P(m, g)), P(m, w)))
+        return new
+    mod = (PatchMerging if form == "v1" else PatchMergingV2)(C)
+    with torch.no_grad():
+        mod.reduction.weight.copy_(W)
+        mod.norm.weight.copy_(gamma)
+        mod.norm.bias.normal_(0, 0.3, generator=c.g)
+    key = c.module(mod, "pm")
+    c.step_h(lambda m, h: m.M[key](h))
+    return new
