@@ -7,6 +7,7 @@ outputs unread, so rounds repeat until a plan removes nothing.
 """
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any, Sequence
 
@@ -22,7 +23,7 @@ from .rules import lookup
 from .rules.registry import OPAQUE
 from .rules.shape import is_input_gather
 from .size import count_parameters, count_stored_floats
-from .trace import fetch_attr, propagate_shapes, to_graph
+from .trace import ShapeFailure, fetch_attr, propagate_shapes, to_graph
 from .values import META_KEY
 from .verify import self_check
 
@@ -138,8 +139,25 @@ def minimize(
     frozen: list[str] = []
     traced = gm
     set_aside: set[str] = set()  # nodes whose rule failed: frozen in every later analysis
+    previous: fx.GraphModule | None = None
     for _ in range(max_rounds):
-        propagate_shapes(gm, example_inputs)
+        try:
+            propagate_shapes(gm, example_inputs)
+        except ShapeFailure as e:
+            if previous is None:
+                raise  # the traced model itself: the inputs do not fit
+            # the last rewrite broke the graph at e.node (a bug in one rule): undo that round and keep
+            # the nodes around the failure as they are from now on
+            culprits = _near(gm, e.node) & {n.name for n in previous.graph.nodes}
+            if strict or not culprits or culprits <= set_aside:
+                raise SqrFxError(f"internal error: a rewrite round produced a graph that fails at node "
+                                 f"{e.node} on the example inputs ({e.detail}); please report this model") from e
+            set_aside |= culprits
+            report.set_aside.append(f"{', '.join(sorted(culprits))} (the rewritten graph failed at {e.node}: {e.detail})")
+            gm, previous = previous, None
+            rows, report.input_features_dropped = snapshot
+            report.rounds -= 1
+            continue
         for node in gm.graph.nodes:
             if node.name in set_aside:
                 node.meta[OPAQUE] = True
@@ -158,8 +176,9 @@ def minimize(
             set_aside.add(e.node)
             report.set_aside.append(str(e))
             continue
+        snapshot = (copy.deepcopy(rows), report.input_features_dropped)  # restored if this round is undone
         report.input_features_dropped += _record(gm, plan, rows)
-        gm = new
+        gm, previous = new, gm
         report.rounds += 1
     _strip_meta(gm)
     for node, a in _weighted_nodes(gm):
@@ -177,6 +196,17 @@ def minimize(
     if verbose:
         print(report)
     return gm
+
+
+def _near(gm: fx.GraphModule, name: str | None, depth: int = 2) -> set[str]:
+    """``name`` and the nodes it reads, ``depth`` steps up: the candidates for a failed rewrite."""
+    found = [n for n in gm.graph.nodes if n.name == name]
+    out: set[str] = set()
+    frontier = found
+    for _ in range(depth + 1):
+        out |= {n.name for n in frontier}
+        frontier = [a for n in frontier for a in n.all_input_nodes if a.op not in ("placeholder", "get_attr")]
+    return out
 
 
 def _strip_meta(gm: fx.GraphModule) -> None:

@@ -27,7 +27,7 @@ from .normalize import NotFunctional, is_inplace, normalize_args, resolve_inplac
 from .rules.registry import has_hooks
 from .verify import outputs_match, run_cloned
 
-__all__ = ["to_graph", "fetch_attr", "propagate_shapes", "check_model", "tied_targets", "shared_ties"]
+__all__ = ["to_graph", "fetch_attr", "propagate_shapes", "check_model", "tied_targets", "shared_ties", "ShapeFailure"]
 
 # modules whose forward differs between train() and eval()
 _TRAIN_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.RReLU)
@@ -300,16 +300,32 @@ def _runs(model: nn.Module, example_inputs: tuple) -> Any:
         ) from e
 
 
+class ShapeFailure(SqrFxError):
+    """Shape propagation failed at ``node`` (its name): the graph does not run on the example inputs."""
+
+    def __init__(self, message: str, node: str | None, detail: str = ""):
+        super().__init__(message)
+        self.node, self.detail = node, detail
+
+
+class _NamingShapeProp(ShapeProp):
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n.name
+        return super().run_node(n)
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Record every node's output shape/dtype in ``node.meta['tensor_meta']``."""
+    prop = _NamingShapeProp(gm)
+    prop.current = None
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+            prop.propagate(*example_inputs)
     except Exception as e:  # noqa: BLE001 - the user's inputs do not fit the model
-        raise SqrFxError(
-            f"the model does not run on example_inputs ({_describe(example_inputs)}): {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
+        cause = e.__cause__ if isinstance(e, RuntimeError) and e.__cause__ is not None else e
+        detail = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        raise ShapeFailure(f"the model does not run on example_inputs ({_describe(example_inputs)}): {detail}",
+                           prop.current, detail) from e
 
 
 def _describe(inputs: tuple) -> str:
