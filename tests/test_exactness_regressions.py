@@ -769,3 +769,25 @@ def test_reading_ndim_dtype_device_does_not_freeze_channels(read):
     m = ReadsMetadata(read).double().eval()
     s = minimize_exact(m, batches((2, 3, 6, 6), (3, 3, 6, 6), (2, 3, 5, 9)))
     shrinks(s)
+
+
+# ---- identity index_select on the channel axis: its index tensor must follow the kept channels -----
+class IdentityGather(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.register_buffer("idx", torch.arange(6))
+        with torch.no_grad():
+            self.a.weight[2], self.a.bias[2] = 0, -1.0  # dead after relu
+
+    def forward(self, x):
+        return self.b(torch.index_select(torch.relu(self.a(x)), 1, self.idx))
+
+
+def test_identity_index_select_follows_removed_channels():
+    torch.manual_seed(0)
+    m = IdentityGather().double().eval()
+    s = minimize_exact(m, batches((3, 4), (5, 4)))
+    shrinks(s)
+    s2 = minimize_exact(s, batches((3, 4), (5, 4)))  # and again: no stale index in a later round
+    assert s2.sqr_report.rounds == 0

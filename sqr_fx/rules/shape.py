@@ -380,8 +380,9 @@ def _slice_rewrite(node, R, a):
         return R.copy(node)  # (no positions: the op indexes another axis and is copied as is)
     if src is None:  # the input gather of a graph input, which keeps its shape: select from it directly
         return R.index_select(R.arg(node.args[0]), out_info.dim, pos[R.keep(out_info)], f"{node.name}_idx")
-    if len(pos) == len(src) and (pos == np.arange(len(src))).all():
-        return R.copy(node)  # the channel axis is not sliced: removed channels leave by themselves
+    if len(pos) == len(src) and (pos == np.arange(len(src))).all() and node.target not in _INDEX_SELECT:
+        return R.copy(node)  # x[:, :] does not slice the channel axis: removed channels leave by themselves
+        # (an identity index_select holds an index tensor of the old width: it is re-emitted below)
     rank = np.cumsum(R.keep(src)) - 1
     idx = rank[pos[R.keep(out_info)]]
     x = R.arg(node.args[0])
@@ -394,7 +395,8 @@ def _slice_rewrite(node, R, a):
     return R.index_select(x, out_info.dim, idx, f"{node.name}_idx")
 
 
-@rule("slice", operator.getitem, aten.slice.Tensor, names=("input", "index"), rewrite=_slice_rewrite)
+@rule("slice", operator.getitem, aten.slice.Tensor, names=("input", "index"), rewrite=_slice_rewrite,
+      per_target={aten.slice.Tensor: ("input", "dim", "start", "end", "step")})
 def getitem(node, A, a):
     """x[..., a:b:s, ...] on the channel axis keeps the selected ids (other axes: unchanged)."""
     x = node.args[0]
