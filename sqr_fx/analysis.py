@@ -21,6 +21,7 @@ from torch import fx
 from .coupling import Groups
 from .errors import SqrFxError, UnsupportedOpError
 from .rules import lookup
+from .rules.registry import UNNORMALIZED, has_hooks
 from .trace import fetch_attr, shared_ties, tied_targets
 from .values import META_KEY, ChanInfo, shape_of
 
@@ -36,6 +37,7 @@ class Plan:
     unused: np.ndarray
     frozen_nodes: list[str] = field(default_factory=list)
     local_changes: list[str] = field(default_factory=list)
+    declined: list[str] = field(default_factory=list)  # nodes outside their rule's preconditions, with why
 
     def removed_at(self, info: Optional[ChanInfo]) -> np.ndarray:
         """Bool mask of removed positions of ``info`` (all False for an untracked tensor)."""
@@ -68,6 +70,8 @@ class Analysis:
         self.edges: list[tuple[ChanInfo, np.ndarray, Optional[np.ndarray]]] = []
         self.local: list[str] = []
         self.unknown: list[str] = []
+        self.declined: list[str] = []
+        self._rule = ""
         self.head_links: list[list[ChanInfo]] = []
         self.pending: dict[fx.Node, Any] = {}  # facts a rule leaves for a later node (attention's q, k)
         self._hidden: set[fx.Node] = set()
@@ -104,6 +108,15 @@ class Analysis:
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         self.groups.union(a, b)
+
+    def decline(self, node: fx.Node, reason: str, *items: Any) -> None:
+        """``node`` is outside its rule's preconditions (``reason`` names the failed one): keep every
+        channel of ``items`` (default: all its arguments); ``strict=True`` raises naming both."""
+        msg = f"node {node.format_node()} is outside rule {self._rule!r}'s preconditions: {reason}"
+        if self.strict:
+            raise UnsupportedOpError(msg + " (pass strict=False to keep its channels)")
+        self.declined.append(f"{node.name}: {reason}")
+        self.freeze(*(items or (list(node.args), dict(node.kwargs))))
 
     def freeze(self, *items: Any) -> None:
         """Keep every channel of the given infos / nodes (nested lists allowed)."""
@@ -184,9 +197,12 @@ class Analysis:
         for node in self.gm.graph.nodes:
             found = lookup(node, self.gm)
             if found is None:
+                why = ("its arguments bind to no single schema layout" if node.meta.get(UNNORMALIZED) else
+                       "the module has forward hooks" if node.op == "call_module" and has_hooks(self.module(node))
+                       else "no sqr_fx rule")
                 if self.strict:
                     raise UnsupportedOpError(
-                        f"no sqr_fx rule for node {node.format_node()} (target {node.target!r}); "
+                        f"{why} for node {node.format_node()} (target {node.target!r}); "
                         "add one in sqr_fx/rules/ or pass strict=False to keep its channels"
                     )
                 self.unknown.append(node.name)
@@ -194,12 +210,15 @@ class Analysis:
                 out = None
             else:
                 r, args = found
+                self._rule = r.family
                 if not r.heads:  # head-split channels reach only head-aware rules; others freeze them
                     self._hidden = {a for a in node.all_input_nodes
                                     if a.meta.get(META_KEY) is not None and a.meta[META_KEY].split}
                     self.freeze(list(self._hidden))
                 try:
                     out = r.analyze(node, self, args)
+                except SqrFxError:
+                    raise  # raised on purpose (strict mode): already names the node
                 except Exception as e:  # noqa: BLE001 - a rule outside its preconditions: keep the channels
                     msg = f"rule {r.family!r} failed on node {node.format_node()}: {type(e).__name__}: {e}"
                     if self.strict:
@@ -286,7 +305,7 @@ class Analysis:
         removed = present & ~read_dynamic
         while self._keep_one_channel(removed, root_of) | self._keep_heads_rectangular(removed, root_of):
             pass  # each step only keeps more, so this ends
-        return Plan(root_of, removed, ~used, list(self.unknown), list(self.local))
+        return Plan(root_of, removed, ~used, list(self.unknown), list(self.local), list(self.declined))
 
     # Keeping a removable group is always exact: a constant one is simply not folded, an unused one
     # is read by no kept reader whatever it holds. The two steps below only ever keep more.

@@ -164,6 +164,7 @@ def minimize(
         analysis = Analysis(gm, strict=strict, drop_inputs=drop_inputs).run()
         plan = analysis.plan()
         frozen = plan.frozen_nodes
+        report.declined = plan.declined
         report.tied_tensors = sorted(analysis.tied)
         report.shared_tensors = sorted(analysis.shared)
         if not plan.any:

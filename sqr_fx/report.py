@@ -36,6 +36,7 @@ class MinimizeReport:
     floats_after: int = 0
     input_features_dropped: int = 0
     frozen_ops: list[str] = field(default_factory=list)
+    declined: list[str] = field(default_factory=list)  # ops outside their rule's preconditions (why), kept
     tied_tensors: list[str] = field(default_factory=list)
     shared_tensors: list[str] = field(default_factory=list)  # tied, sliced once for all readers
     seconds: float = 0.0
@@ -76,6 +77,9 @@ class MinimizeReport:
         if self.frozen_ops:
             shown = ", ".join(self.frozen_ops[:8]) + (" ..." if len(self.frozen_ops) > 8 else "")
             lines.append(f"ops without a rule (their channels kept): {shown}")
+        if self.declined:
+            shown = "; ".join(self.declined[:6]) + (" ..." if len(self.declined) > 6 else "")
+            lines.append(f"ops outside their rule's preconditions (their channels kept): {shown}")
         if self.verified_on:
             lines.append(f"self-check passed on: {'; '.join(self.verified_on)} ({self.verify_seconds:.2f} s CPU)")
         if self.fixed_shapes:

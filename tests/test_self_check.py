@@ -216,3 +216,22 @@ def test_functional_relu_inplace_keyword():
     assert s.sqr_report.frontend == "fx" and s.sqr_report.params_after < s.sqr_report.params_before
     check_equivalence(w, s, (_x(7, 4),), rtol=1e-12, atol=1e-12)
     assert sqr_fx.minimize(s, (_x(5, 4),)).sqr_report.rounds == 0  # a fixpoint
+
+
+def test_strict_mode_names_the_failed_precondition():
+    """max_pool1d on a [N, C] tensor pools across the channels: outside the pool rule's precondition.
+    Default: kept and listed in the report; strict: an error naming the node and the precondition."""
+    class PoolFeatures(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 6), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.b(F.max_pool1d(self.a(x), 2))
+
+    m = PoolFeatures().double().eval()
+    s = minimize(m, (_x(4, 3),))
+    assert any("unbatched" in d for d in s.sqr_report.declined)
+    assert "preconditions" in str(s.sqr_report)
+    with pytest.raises(sqr_fx.UnsupportedOpError, match=r"max_pool1d.*outside rule 'pool'.*rank 2"):
+        minimize(m, (_x(4, 3),), strict=True)

@@ -86,7 +86,7 @@ def pointwise(node: fx.Node, A, a) -> ChanInfo | None:
            for v in others if A.shape(v) is not None):
         # a second tensor operand (pow(x, y), clamp(x, min=P) with a per-channel P): not a one-input
         # channel-wise op, and P would need slicing with x's channels; a one-element tensor is a scalar
-        A.freeze(src, others)
+        A.decline(node, "a second tensor operand (only scalars and one-element tensors)", src, others)
         return None
     if src is None or A.shape(node) != A.shape(x):
         A.freeze(src)

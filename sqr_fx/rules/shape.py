@@ -229,7 +229,8 @@ def flatten(node, A, a):
     x = a["input"]
     if "squeeze" in op_name(node) and "unsqueeze" not in op_name(node) and len(node.args) < 2 \
             and "dim" not in node.kwargs:
-        A.freeze(A.info(x))
+        if A.info(x) is not None:
+            A.decline(node, "squeeze() without axes: which axes go depends on the run-time shape", A.info(x))
         return None
     return _reshaped(node, A, x)
 
@@ -552,7 +553,10 @@ def pool(node, A, a):
     x = a["input"]
     src, s = A.info(x), A.shape(x)
     rank = next((r for k, r in (("1d", 3), ("2d", 4), ("3d", 5)) if k in _pool_name(node, A)), None)
-    if src is None or src.dim != 1 or A.shape(node) is None or s is None or len(s) != rank:
+    if src is not None and s is not None and len(s) != rank:
+        A.decline(node, f"input of rank {len(s)}: torch pools it as unbatched, over the channel axis", src)
+        return None
+    if src is None or src.dim != 1 or A.shape(node) is None or s is None:
         A.freeze(src)
         return None
     if _avg_changes_constants(node, A):

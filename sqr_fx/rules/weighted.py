@@ -62,11 +62,17 @@ def _weighted_analyze(node: fx.Node, A, a, *, conv: bool, transposed: bool = Fal
     x, W = a["input"], _weight(A.tensor(a["weight"]), transposed)
     out_shape, x_shape = A.shape(node), A.shape(x)
     b = A.tensor(a.get("bias"))
-    if (W is None or out_shape is None or x_shape is None  # weight computed at run time: no rule applies
-            or (a.get("bias") is not None and b is None)  # a computed bias: not sliceable
-            or (conv and len(x_shape) != W.dim())  # unbatched conv input [C, *spatial]: another layout
-            or not bool(torch.isfinite(W).all()) or (b is not None and not bool(torch.isfinite(b).all()))):
-        # (inf/NaN weights: 0 * inf is NaN, so even a zero input channel is read: keep everything)
+    why = ("the weight is computed in forward, not a parameter" if W is None
+           else "the bias is computed in forward" if a.get("bias") is not None and b is None
+           else "unbatched input (its rank is not the weight's)" if conv and x_shape is not None
+           and len(x_shape) != W.dim()
+           # 0 * inf is NaN: even a zero input channel is read by a non-finite weight
+           else "non-finite weight or bias" if not bool(torch.isfinite(W).all())
+           or (b is not None and not bool(torch.isfinite(b).all())) else None)
+    if why is not None:
+        A.decline(node, why)
+        return None
+    if out_shape is None or x_shape is None:
         A.freeze(list(node.args), dict(node.kwargs))
         return None
     bias = _np(b) if b is not None else np.zeros(W.shape[0])
