@@ -5,6 +5,7 @@
 >>> small = sqr_fx.minimize(net, (torch.randn(3, 8),))
 >>> _ = sqr_fx.check_equivalence(net, small, (torch.randn(5, 8),))
 """
+from .backend import last_report, make_backend
 from .cycle import History, SqueezeRelease, squeeze_release
 from .equivalence import check_equivalence, max_relative_error
 from .errors import (
@@ -18,6 +19,7 @@ from .errors import (
 )
 from .layers import CompensatedGroupNorm, CompensatedLayerNorm, CompensatedRMSNorm
 from .minimize import minimize
+from .passes import MinimizePass
 from .prune import prune
 from .release import release
 from .report import LayerRow, MinimizeReport
@@ -25,6 +27,9 @@ from .size import count_parameters, count_stored_floats
 
 __all__ = [
     "minimize",
+    "MinimizePass",
+    "make_backend",
+    "last_report",
     "prune",
     "release",
     "SqueezeRelease",

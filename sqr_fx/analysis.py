@@ -12,6 +12,7 @@ cannot follow (``freeze``). Then :meth:`Analysis.plan` decides, per coupling gro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Optional
 
 import numpy as np
@@ -189,7 +190,10 @@ class Analysis:
         if node.target not in self._probe_cache:
             import copy
 
-            self._probe_cache[node.target] = copy.deepcopy(self.module(node)).double().eval()
+            mod = self.module(node)
+            stateless = next(iter(chain(mod.parameters(), mod.buffers(), mod.children())), None) is None
+            # a module with no tensors and no children converts nothing: a shallow copy takes .eval()
+            self._probe_cache[node.target] = (copy.copy(mod) if stateless else copy.deepcopy(mod)).double().eval()
         return self._probe_cache[node.target]
 
     # ---- the sweep ---------------------------------------------------------------------------
@@ -287,9 +291,9 @@ class Analysis:
                 present[root_of[i.ids]] = True
         used = frozen.copy()
         changed = True
-        while changed:  # backward liveness over weighted reads, to a fixpoint
+        while changed:  # backward liveness over weighted reads, to a fixpoint (the least one: any order)
             changed = False
-            for src, out_ids, nz in self.edges:
+            for src, out_ids, nz in reversed(self.edges):  # readers first: a chain settles in one sweep
                 live_rows = used[root_of[out_ids]]
                 if not live_rows.any():
                     continue

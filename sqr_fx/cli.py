@@ -1,4 +1,10 @@
-"""Command line: ``python -m sqr_fx squeeze-release --recipe mnist-fc`` and ``python -m sqr_fx demo``.
+"""Command line: ``python -m sqr_fx minimize in.pt2 -o out.pt2``, ``python -m sqr_fx squeeze-release
+--recipe mnist-fc`` and ``python -m sqr_fx demo``.
+
+``minimize`` reads a saved ``torch.export`` program (or, with ``--module``, a ``torch.save``d
+``nn.Module`` driven by ``--input-shape``), minimizes and verifies it, prints the per-layer report
+and writes the smaller program with ``torch.export.save`` (loadable without sqr_fx); ``--onnx``
+also writes ONNX. Exit status 0 on success, 1 with a one-line reason on failure.
 
 ``squeeze-release`` runs a recipe end to end (see :mod:`sqr_fx.recipes`) and writes
 ``<out>/<recipe>.json`` (the per-cycle history) and ``<out>/<recipe>.png`` (size vs accuracy).
@@ -9,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -55,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--threads", type=int, help="torch.set_num_threads")
     sr.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub.add_parser("demo", help="minimize a pruned model and print the report")
+    mz = sub.add_parser("minimize", help="minimize a saved torch.export program (.pt2) or torch.save'd module")
+    mz.add_argument("input", help="a torch.export.save'd program (.pt2), or a torch.save'd nn.Module with --module")
+    mz.add_argument("-o", "--output", required=True, help="where to torch.export.save the smaller program")
+    mz.add_argument("--onnx", help="also write the smaller program as ONNX here (needs the onnx package)")
+    mz.add_argument("--module", action="store_true", help="the input is a torch.save'd nn.Module (needs --input-shape)")
+    mz.add_argument("--input-shape", action="append", type=lambda v: tuple(int(c) for c in v.split(",")),
+                    help="example input shape for --module, e.g. 1,3,224,224 (repeat for several inputs)")
+    mz.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"),
+                    help="dtype of the --input-shape examples (default: %(default)s)")
+    mz.add_argument("--strict", action="store_true", help="fail on an op without a rule instead of keeping it")
+    mz.add_argument("--no-verify", action="store_true", help="skip the self-check against the input")
+    mz.add_argument("--quiet", action="store_true", help="no per-layer report")
     return parser
 
 
@@ -88,6 +107,55 @@ def _squeeze_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def _step(text: str) -> None:
+    print(f"[sqr_fx] {text}", file=sys.stderr, flush=True)
+
+
+def _minimize(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import minimize
+    from .errors import SqrFxError
+
+    try:
+        if not os.path.exists(args.input):
+            raise OSError(f"no such file: {args.input}")
+        if args.module:
+            if not args.input_shape:
+                raise SqrFxError("--module needs --input-shape (e.g. --input-shape 1,3,224,224)")
+            _step(f"loading module {args.input}")
+            model = torch.load(args.input, weights_only=False, map_location="cpu")
+            if not isinstance(model, torch.nn.Module):
+                raise SqrFxError(f"{args.input} holds a {type(model).__name__}, not an nn.Module")
+            dtype = getattr(torch, args.dtype)
+            inputs = tuple(torch.randn(s, dtype=dtype) for s in args.input_shape)
+            model = model.eval()
+        else:
+            _step(f"loading program {args.input}")
+            model, inputs = torch.export.load(args.input), None
+        _step("minimizing" + ("" if args.no_verify else " and verifying"))
+        small = minimize(model, inputs, strict=args.strict, verify=not args.no_verify)
+        report = small.sqr_report
+        if args.module:
+            _step("exporting the result")
+            auto = torch.export.Dim.AUTO
+            small = torch.export.export(small, inputs, dynamic_shapes=tuple({d: auto for d in range(x.dim())}
+                                                                            for x in inputs))
+        _step(f"saving {args.output}")
+        torch.export.save(small, args.output)
+        if args.onnx:
+            _step(f"writing ONNX {args.onnx}")
+            torch.onnx.export(small, (), args.onnx, dynamo=True)
+    except (SqrFxError, OSError, RuntimeError, ImportError, ValueError) as e:
+        print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(report)
+    print(f"{args.input} -> {args.output}: stored floats {report.floats_before:,} -> {report.floats_after:,} "
+          f"({report.ratio:.2f}x smaller)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m sqr_fx`` and the ``sqr-fx`` script; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -96,4 +164,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         result = demo.main()
         return int(result) if isinstance(result, int) else 0
+    if args.command == "minimize":
+        return _minimize(args)
     return _squeeze_release(args)

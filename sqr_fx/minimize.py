@@ -23,7 +23,7 @@ from .rules import lookup
 from .rules.registry import OPAQUE
 from .rules.shape import is_input_gather
 from .size import count_parameters, count_stored_floats
-from .trace import ShapeFailure, fetch_attr, propagate_shapes, to_graph
+from .trace import ShapeFailure, fetch_attr, keyword_adapter, propagate_shapes, to_graph
 from .values import META_KEY
 from .verify import self_check
 
@@ -33,6 +33,8 @@ _WEIGHTED = ("linear", "conv", "addmm")
 
 
 def _check_inputs(example_inputs: Sequence[Any]) -> tuple:
+    if example_inputs is None:
+        raise SqrFxError("example_inputs are needed (a tuple of tensors, or a dict of keyword inputs)")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
@@ -85,8 +87,8 @@ def _record(gm: fx.GraphModule, plan: Plan, rows: dict[str, LayerRow]) -> int:
 
 
 def minimize(
-    model: nn.Module,
-    example_inputs: Sequence[Any] | torch.Tensor,
+    model: nn.Module | torch.export.ExportedProgram,
+    example_inputs: Sequence[Any] | torch.Tensor | None = None,
     *,
     strict: bool = False,
     drop_inputs: bool = True,
@@ -102,9 +104,12 @@ def minimize(
 
     Args:
         model: an ``nn.Module`` in eval mode (traced with ``torch.fx.symbolic_trace``,
-            falling back to ``torch.export``) or a ``torch.fx.GraphModule``. Masks may be
+            falling back to ``torch.export``), a ``torch.fx.GraphModule``, or a
+            ``torch.export.ExportedProgram`` (then an ExportedProgram is returned, exported again
+            with the original's dynamic dims; ``example_inputs`` default to the program's own). Masks may be
             zeros in the weights, ``torch.nn.utils.prune`` or ``parametrize`` masks.
-        example_inputs: a tuple of example inputs; drives shape propagation only.
+        example_inputs: a tuple of example inputs, or a dict of keyword inputs (the result then
+            takes them by the same names); drives shape propagation and the self-check.
         strict: raise :class:`~sqr_fx.UnsupportedOpError` naming the first op with no rule
             (and :class:`~sqr_fx.TiedWeightsError` for a tensor read by several ops), instead of
             keeping (freezing) the channels they touch.
@@ -127,7 +132,14 @@ def minimize(
     True
     >>> _ = sqr_fx.check_equivalence(m, small, (torch.randn(7, 4),))
     """
+    if isinstance(model, torch.export.ExportedProgram):  # a program in, a program out (program.py)
+        from .program import minimize_program
+
+        return minimize_program(model, example_inputs, strict=strict, drop_inputs=drop_inputs,
+                                max_rounds=max_rounds, verbose=verbose, verify=verify)
     t0 = time.perf_counter()
+    if isinstance(example_inputs, dict):  # keyword inputs, as torch.export takes them
+        model, example_inputs = keyword_adapter(model, example_inputs)
     example_inputs = _check_inputs(example_inputs)
     gm, frontend = to_graph(model, example_inputs, strict=strict)
     rows: dict[str, LayerRow] = {}
@@ -140,9 +152,12 @@ def minimize(
     traced = gm
     set_aside: set[str] = set()  # nodes whose rule failed: frozen in every later analysis
     previous: fx.GraphModule | None = None
+    shaped = gm  # the graph whose node shapes are current: to_graph's run on the example inputs
     for _ in range(max_rounds):
         try:
-            propagate_shapes(gm, example_inputs)
+            if gm is not shaped:
+                propagate_shapes(gm, example_inputs)
+                shaped = gm
         except ShapeFailure as e:
             if previous is None:
                 raise  # the traced model itself: the inputs do not fit

@@ -4,12 +4,15 @@ The rewrite walks the old graph in order with an old-node -> new-node map (``env
 A node whose rule has a ``rewrite`` emits its replacement (sliced weights, folded
 constants, rewritten sizes); every other node is copied as is, which is exact because
 its rule only admitted it when its function does not depend on the removed channels'
-count. Tensors are cloned into the new module: training the result never writes into
-the original model.
+count. The new module never shares storage with the user's model: the old module's own
+parameters and buffers are already private (the front end traced a private copy; a later round
+reads an earlier round's result), so an unchanged one is carried over as is and a sliced one is
+a new tensor; only a tensor the traced code captured from outside (a global constant) is cloned.
 """
 from __future__ import annotations
 
 import copy
+from itertools import chain
 from typing import Any, Optional
 
 import numpy as np
@@ -48,6 +51,7 @@ class Rewriter:
         self._n = 0
         self._aliases: dict[int, str] = {}
         self._sliced: dict[int, list[str]] = {}  # id(original tensor) -> names emitted for it
+        self._foreign: Optional[set[int]] = None  # storages the old module reads but does not own
 
     # ---- reading the old graph ---------------------------------------------------------------
     @staticmethod
@@ -72,8 +76,8 @@ class Rewriter:
 
     def copy(self, node: fx.Node, env: Optional[dict[fx.Node, Any]] = None) -> fx.Node:
         """``node`` unchanged, its arguments mapped to the new graph (through ``env`` first)."""
-        if node.op == "call_module" and node.target not in self.modules:
-            self.modules[node.target] = copy.deepcopy(self.old.get_submodule(node.target))
+        if node.op == "call_module" and node.target not in self.modules:  # private already, like tensors
+            self.modules[node.target] = self.old.get_submodule(node.target)
         return self.graph.node_copy(node, lambda n: (env or {}).get(n, self.env[n]))
 
     def emit_like(self, node: fx.Node, args, new: dict[str, Any]) -> fx.Node:
@@ -95,7 +99,8 @@ class Rewriter:
         is_param = isinstance(orig, nn.Parameter) or (orig is None and isinstance(value, torch.Tensor)
                                                       and target.endswith(("weight", "bias")))
         if isinstance(value, torch.Tensor):
-            value = value.detach().clone().contiguous()
+            value = value.detach()
+            value = (value.clone() if self._captured(value) else value).contiguous()
             if isinstance(orig, torch.Tensor):  # a tied tensor sliced alike for every name stays ONE tensor
                 names = self._sliced.setdefault(id(orig), [])
                 for other in names:
@@ -107,6 +112,18 @@ class Rewriter:
                     names.append(target)
         self.attrs[target] = (value, is_param)
         return self.graph.get_attr(target)
+
+    def _captured(self, t: torch.Tensor) -> bool:
+        """``t`` shares storage with a tensor the old graph reads that is no parameter or buffer of the
+        old module (a constant the traced code captured from outside): cloned, never shared."""
+        if self._foreign is None:
+            def ptr(x: Any) -> Optional[int]:
+                return x.untyped_storage().data_ptr() if isinstance(x, torch.Tensor) and x.numel() else None
+
+            owned = {ptr(x) for x in chain(self.old.parameters(), self.old.buffers())}
+            read = {ptr(fetch_attr(self.old, n.target)) for n in self.old.graph.nodes if n.op == "get_attr"}
+            self._foreign = read - owned - {None}
+        return bool(t.numel()) and t.untyped_storage().data_ptr() in self._foreign
 
     def alias(self, node: fx.Node) -> fx.Node:
         """An unchanged ``get_attr``: a tensor read under several names (tied) stays ONE tensor."""
@@ -156,17 +173,10 @@ class Rewriter:
                 made[id(value)] = nn.Parameter(value, requires_grad=value.is_floating_point()) if (
                     is_param and isinstance(value, torch.Tensor)) else value
             _install(root, name, made[id(value)], buffer=not is_param)
+        self.graph.owning_module = root  # the purity checks look modules up
+        self.graph.eliminate_dead_code(is_impure_node=_impure)
+        # the new module takes only what the live graph reads, and compiles once
         gm = fx.GraphModule(root, self.graph, class_name=type(self.old).__name__)
-        gm.graph.eliminate_dead_code(is_impure_node=_impure)  # needs the owning module for purity checks
-        live = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-        for name in self.attrs:
-            if name not in live:
-                *path, leaf = name.split(".")
-                owner = gm.get_submodule(".".join(path)) if path else gm
-                if hasattr(owner, leaf):
-                    delattr(owner, leaf)
-        gm.delete_all_unused_submodules()
-        gm.recompile()
         return gm.train(self.old.training)
 
 

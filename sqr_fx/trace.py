@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .attention import functionalize_mha
 from .errors import SqrFxError, TiedWeightsError, TraceError, TrainingModeError, UnsupportedDtypeError
@@ -27,7 +27,8 @@ from .normalize import NotFunctional, is_inplace, normalize_args, resolve_inplac
 from .rules.registry import has_hooks
 from .verify import outputs_match, run_cloned
 
-__all__ = ["to_graph", "fetch_attr", "propagate_shapes", "check_model", "tied_targets", "shared_ties", "ShapeFailure"]
+__all__ = ["to_graph", "fetch_attr", "propagate_shapes", "check_model", "tied_targets", "shared_ties", "ShapeFailure",
+           "keyword_adapter"]
 
 # modules whose forward differs between train() and eval()
 _TRAIN_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.RReLU)
@@ -84,7 +85,8 @@ def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
 
 
 def _functional(gm: fx.GraphModule) -> fx.GraphModule:
-    """Replace weighted leaf modules by functional calls on ``get_attr`` parameters."""
+    """Replace weighted leaf modules by functional calls on ``get_attr`` parameters (the graph only:
+    the caller recompiles, as :func:`resolve_inplace` does right after)."""
     g = gm.graph
     for node in list(g.nodes):
         if node.op != "call_module":
@@ -110,7 +112,6 @@ def _functional(gm: fx.GraphModule) -> fx.GraphModule:
         node.replace_all_uses_with(new)
         g.erase_node(node)
     g.lint()
-    gm.recompile()
     return gm
 
 
@@ -238,12 +239,14 @@ def _symbolic(model: nn.Module, example_inputs: tuple, expected: Any) -> fx.Grap
 
     ``symbolic_trace`` records Python's ``h += 1`` out of place and cannot see aliasing, so a
     trace may compute another function than the model: the check catches that (and any
-    in-place op it cannot make functional) and the caller falls back to ``torch.export``."""
+    in-place op it cannot make functional) and the caller falls back to ``torch.export``.
+    The check's run of the graph is its shape propagation too (one real run, not two).
+    A ``GraphModule`` ``model`` is edited in place."""
     gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
     normalize_args(gm)
     gm = _functional(gm)
     resolve_inplace(gm)
-    got = run_cloned(gm, example_inputs)
+    got = propagate_shapes(gm, example_inputs)
     problem = outputs_match(expected, got)
     if problem is not None:
         raise NotFunctional(f"the symbolic trace computes another function than the model ({problem})")
@@ -251,18 +254,21 @@ def _symbolic(model: nn.Module, example_inputs: tuple, expected: Any) -> fx.Grap
 
 
 def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> tuple[fx.GraphModule, str]:
-    """Trace a private copy of ``model`` to a functional GraphModule; return it and the tracer used.
+    """Trace a private copy of ``model`` to a functional GraphModule with every node's shape on the
+    example inputs (``node.meta['tensor_meta']``); return it and the tracer used.
 
     ``model`` is never modified. A ``GraphModule`` is copied, not re-traced (unless it mutates
     tensors in a way its graph cannot express: then it goes through ``torch.export`` too).
     """
     check_model(model)
-    model = _unwrap_parametrizations(_private_copy(model))
-    expected = _runs(model, example_inputs)
+    private = _unwrap_parametrizations(_private_copy(model))
+    expected = _runs(private, example_inputs)
     try:
-        gm = _symbolic(_private_copy(model), example_inputs, expected)
-        frontend = "GraphModule" if isinstance(model, fx.GraphModule) else "fx"
+        gm = _symbolic(private, example_inputs, expected)
+        frontend = "GraphModule" if isinstance(private, fx.GraphModule) else "fx"
     except Exception as fx_err:  # noqa: BLE001 - any tracer failure (or a trace that differs) means: try export
+        # the attempt may have edited its copy (a GraphModule's graph, attention modules): export a fresh one
+        model = _unwrap_parametrizations(_private_copy(model))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -276,6 +282,7 @@ def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> t
                 f"{type(fx_err).__name__}: {str(fx_err)[:500]}; torch.export.export failed with "
                 f"{type(ex_err).__name__}: {str(ex_err)[:500]}"
             ) from ex_err
+        propagate_shapes(gm, example_inputs)
     shared = shared_ties(gm)
     whole = {k: v for k, v in tied_targets(gm).items() if k not in shared}
     if strict and whole:
@@ -308,24 +315,59 @@ class ShapeFailure(SqrFxError):
         self.node, self.detail = node, detail
 
 
-class _NamingShapeProp(ShapeProp):
+class _NamingShapeProp(fx.Interpreter):
+    """``ShapeProp`` (real tensors) that remembers the node it runs and prints no traceback."""
+
     def run_node(self, n: fx.Node) -> Any:
         self.current = n.name
-        return super().run_node(n)
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            raise RuntimeError(f"ShapeProp error for: node={n.format_node()}") from e
+        found = False
+
+        def meta(x: Any) -> Any:
+            nonlocal found
+            if isinstance(x, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(x)
+            return x
+
+        tensor_meta = fx.node.map_aggregate(result, meta)
+        if found:
+            n.meta["tensor_meta"] = tensor_meta
+        n.meta["type"] = type(result)
+        return result
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
-    """Record every node's output shape/dtype in ``node.meta['tensor_meta']``."""
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> Any:
+    """Record every node's output shape/dtype in ``node.meta['tensor_meta']``; return the graph's
+    outputs (run on copies of the inputs, without grad)."""
     prop = _NamingShapeProp(gm)
     prop.current = None
     try:
-        with torch.no_grad():
-            prop.propagate(*example_inputs)
+        return run_cloned(lambda *xs: prop.run(*xs), example_inputs)
     except Exception as e:  # noqa: BLE001 - the user's inputs do not fit the model
         cause = e.__cause__ if isinstance(e, RuntimeError) and e.__cause__ is not None else e
         detail = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
         raise ShapeFailure(f"the model does not run on example_inputs ({_describe(example_inputs)}): {detail}",
                            prop.current, detail) from e
+
+
+def keyword_adapter(model: nn.Module, inputs: dict) -> tuple[nn.Module, tuple]:
+    """A module whose ``forward(k1, k2, ...)`` calls ``model(k1=k1, k2=k2, ...)``, and the values in
+    that order: a model driven by keyword inputs (as ``torch.export`` accepts them) traces with graph
+    inputs named by the keys, so the result is called with the same keywords."""
+    names = list(inputs)
+    if not all(isinstance(n, str) and n.isidentifier() for n in names):
+        raise SqrFxError(f"keyword example inputs need identifier keys, got {names}")
+    params = ", ".join(names)
+    call = ", ".join(f"{n}={n}" for n in names)
+    scope: dict[str, Any] = {}
+    exec(f"def forward(self, {params}):\n    return self.model({call})\n", scope)  # noqa: S102 - names checked
+    adapter = type(f"{type(model).__name__}Keywords", (nn.Module,), {"forward": scope["forward"]})()
+    adapter.model = model
+    return adapter.train(model.training), tuple(inputs[n] for n in names)
 
 
 def _describe(inputs: tuple) -> str:

@@ -11,6 +11,8 @@ dim) is the cause, and the report lists the shape under ``fixed_shapes``.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from typing import Any, Callable, Optional
 
@@ -33,9 +35,11 @@ def _clone(x: Any) -> Any:
     return x
 
 
-def run_cloned(model: Callable, inputs: tuple) -> Any:
-    """``model(*inputs)`` on copies of the inputs (a model may write into its inputs), without grad."""
-    with torch.no_grad():
+def run_cloned(model: Callable, inputs: tuple, quiet: bool = False) -> Any:
+    """``model(*inputs)`` on copies of the inputs (a model may write into its inputs), without grad.
+    ``quiet``: a probe that may fail (a shape the model refuses): keep a GraphModule's traceback
+    print off stderr; the exception still propagates."""
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
         return model(*_clone(inputs))
 
 
@@ -135,14 +139,14 @@ def self_check(original: nn.Module, traced: nn.Module, result: nn.Module, exampl
     checked, fixed = [], []
     for label, inputs in derived_inputs(example_inputs):
         try:
-            expected = run_cloned(original, inputs)
+            expected = run_cloned(original, inputs, quiet=True)
         except Exception:  # noqa: BLE001 - the original refuses this shape: nothing to compare
             continue
         try:
-            got = run_cloned(result, inputs)
+            got = run_cloned(result, inputs, quiet=True)
         except Exception as e:  # noqa: BLE001
             try:
-                run_cloned(traced, inputs)
+                run_cloned(traced, inputs, quiet=True)
             except Exception:  # noqa: BLE001 - the front end's program was already tied to the example shape
                 fixed.append(label)
                 continue

@@ -44,10 +44,27 @@ def _placeholder_rewrite(node, R, a):
 
 
 def is_input_gather(x) -> bool:
-    """A graph input read only through ``index_select`` on axis 1: minimize's own input gather."""
-    return isinstance(x, fx.Node) and x.op == "placeholder" and len(x.users) > 0 and all(
+    """A graph input read only through ``index_select`` on axis 1 (minimize's own input gather),
+    apart from torch.export's guard, which checks the caller's input itself."""
+    readers = [u for u in x.users if not _is_guard(u) and not _reads_other_size(u)] if isinstance(x, fx.Node) else []
+    return isinstance(x, fx.Node) and x.op == "placeholder" and len(readers) > 0 and all(
         u.target in (torch.index_select, aten.index_select.default) and u.args[0] is x and u.args[1] == 1
-        for u in x.users)
+        for u in readers)
+
+
+def _reads_other_size(node: fx.Node) -> bool:
+    """``x.size(d)`` / ``aten.sym_size(x, d)`` for a literal d other than the channel axis 1."""
+    is_size = node.target is aten.sym_size.int or (node.op == "call_method" and node.target == "size")
+    s = shape_of(node.args[0]) if node.args else None
+    return (is_size and s is not None and len(node.args) > 1 and type(node.args[1]) is int
+            and _norm_dim(node.args[1], len(s)) != 1)
+
+
+def _is_guard(node: fx.Node) -> bool:
+    if node.op != "call_module" or _GuardsFn is None:
+        return False
+    owner = node.graph.owning_module
+    return owner is not None and isinstance(owner.get_submodule(node.target), _GuardsFn)
 
 
 @rule("placeholder", "placeholder", names=(), rewrite=_placeholder_rewrite)

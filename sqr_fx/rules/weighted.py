@@ -42,16 +42,32 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().double().numpy()
 
 
-def _row_values(nz: np.ndarray, wsum: np.ndarray, bias: np.ndarray, src: ChanInfo | None, exact_const: bool):
-    """Output channels that are constant: every input they read is zero, or const when ``exact_const``."""
-    n_out = nz.shape[0]
-    if src is None:
+def _finite(t: torch.Tensor, sums: torch.Tensor | None = None) -> bool:
+    """Every entry finite. A sum is finite only when every term is (inf or NaN propagates), so a
+    finite ``sums`` (any partial sums of ``t``) settles it without a pass over ``t``; the exact
+    check runs only when a sum is not finite (a NaN/inf entry, or finite entries that overflow)."""
+    s = t.sum() if sums is None else sums
+    return bool(torch.isfinite(s).all()) or bool(torch.isfinite(t).all())
+
+
+def _row_values(nz: np.ndarray, bias: np.ndarray, ok: np.ndarray | None, wsum, probe) -> tuple:
+    """Output rows that are constant, and their values: row ``o`` is const when every input it reads
+    (``nz[o]``) is ``ok`` (const, or zero when the op pads), or reads nothing when ``ok`` is None (an
+    untracked input). Its value is ``bias[o] + sum_i wsum[o, i] * probe[o, i]`` (``wsum(rows)``,
+    ``probe(rows)``: those rows in float64, summed row by row as a full matrix would be), computed only
+    where it can differ from ``bias[o]``: a row that reads nothing adds signed zeros (finite probes),
+    which change only a bias of -0.0."""
+    if ok is None:
         const = ~nz.any(1)
         return const, np.where(const, bias, 0.0)
-    ok_in = src.const if exact_const else src.zero
-    const = ~(nz & ~ok_in[None, :]).any(1)
-    value = bias + (wsum * np.where(src.const, src.value, 0.0)[None, :]).sum(1)
-    return const, np.where(const, value, 0.0)[:n_out]
+    const = ~(nz & ~ok).any(1) if ok.any() else ~nz.any(1)
+    value = np.where(const, bias, 0.0)
+    rows = np.flatnonzero(const)
+    if len(rows):
+        rows = rows[nz[rows].any(1) | ((bias[rows] == 0) & np.signbit(bias[rows])) | ~np.isfinite(probe(rows)).all(1)]
+    if len(rows):
+        value[rows] = bias[rows] + (wsum(rows) * probe(rows)).sum(1)
+    return const, value
 
 
 def _weight(t: torch.Tensor | None, transposed: bool) -> torch.Tensor | None:
@@ -62,13 +78,14 @@ def _weighted_analyze(node: fx.Node, A, a, *, conv: bool, transposed: bool = Fal
     x, W = a["input"], _weight(A.tensor(a["weight"]), transposed)
     out_shape, x_shape = A.shape(node), A.shape(x)
     b = A.tensor(a.get("bias"))
+    # per (output, input) channel: the kernel's sum (exact constants) and whether any tap is non-zero
+    wsum = W.flatten(2).sum(-1) if conv and W is not None else None
     why = ("the weight is computed in forward, not a parameter" if W is None
            else "the bias is computed in forward" if a.get("bias") is not None and b is None
            else "unbatched input (its rank is not the weight's)" if conv and x_shape is not None
            and len(x_shape) != W.dim()
            # 0 * inf is NaN: even a zero input channel is read by a non-finite weight
-           else "non-finite weight or bias" if not bool(torch.isfinite(W).all())
-           or (b is not None and not bool(torch.isfinite(b).all())) else None)
+           else "non-finite weight or bias" if not _finite(W, wsum) or (b is not None and not _finite(b)) else None)
     if why is not None:
         A.decline(node, why)
         return None
@@ -80,33 +97,37 @@ def _weighted_analyze(node: fx.Node, A, a, *, conv: bool, transposed: bool = Fal
     dim = 1 if conv else len(out_shape) - 1
     groups = int(a.get("groups", 1)) if conv else 1
     nzw = ((W != 0).flatten(2).any(-1) if conv else (W != 0)).cpu().numpy()
-    wsum = _np(W.flatten(2).sum(-1) if conv else W)
+    sums = wsum if conv else W  # float64 only for the rows that turn out constant
+
+    def rows_of(rows: np.ndarray) -> np.ndarray:
+        return _np(sums[torch.as_tensor(rows)])
+
     padded = conv and _has_padding(a.get("padding", 0))
     if src is not None and (src.dim != (1 if conv else len(x_shape) - 1) or len(src) != W.shape[1] * groups):
         A.freeze(src)  # the tracked axis is not the one the weight reads (token mixing): not followed
         src = None
     node.meta[READS] = src  # the rewrite slices the input side by THIS decision, never by a declined info
+    ok = None if src is None else src.const if not padded else src.zero
+    probe = None if src is None else np.where(src.const, src.value, 0.0)
     if groups == 1:
         out_ids = A.fresh(W.shape[0])
         if src is not None:
             A.read(src, out_ids, nzw)
-        const, value = _row_values(nzw, wsum, bias, src, exact_const=not padded)
+        const, value = _row_values(nzw, bias, None if ok is None else ok[None, :], rows_of,
+                                   lambda rows: probe[None, :])
         return ChanInfo(dim, out_ids, const, value)
     # grouped conv: couple every input and output channel of each conv group
     if src is None:
         return ChanInfo.dynamic(dim, _frozen(A, W.shape[0]))
     cin_g, cout_g = W.shape[1], W.shape[0] // groups
-    out_ids = np.empty(W.shape[0], np.int64)
-    const = np.zeros(W.shape[0], bool)
-    value = np.zeros(W.shape[0])
-    for g in range(groups):
-        ins, outs = slice(g * cin_g, (g + 1) * cin_g), slice(g * cout_g, (g + 1) * cout_g)
-        gin = src.ids[ins]
-        A.union(gin[:1].repeat(len(gin)), gin)
-        out_ids[outs] = gin[0]
-        sub = src.take(ins)
-        c, v = _row_values(nzw[outs], wsum[outs], bias[outs], sub, exact_const=not padded)
-        const[outs], value[outs] = c, v
+    gin = src.ids.reshape(groups, cin_g)
+    A.union(np.repeat(gin[:, :1], cin_g, 1).ravel(), gin.ravel())
+    out_ids = np.repeat(gin[:, 0], cout_g)
+
+    def per_row(v: np.ndarray) -> np.ndarray:  # [out, cin_g]: each output row's own group's inputs
+        return np.repeat(v.reshape(groups, cin_g), cout_g, 0)
+
+    const, value = _row_values(nzw, bias, per_row(ok), rows_of, lambda rows: per_row(probe)[rows])
     return ChanInfo(dim, out_ids, const, value)
 
 
@@ -137,7 +158,7 @@ def _weighted_rewrite(node: fx.Node, R, a, *, conv: bool, transposed: bool = Fal
     if groups == 1 and src is not None:
         keep_in = R.keep(src, W.shape[1])
         fold = ~keep_in & src.const & (src.value != 0)
-        Wn = W[:, torch.as_tensor(keep_in)]
+        Wn = _take(W, 1, keep_in)
         if fold.any():
             c = torch.as_tensor(src.value[fold], dtype=torch.float64)
             K = torch.einsum("oi...,i->o...", W[:, torch.as_tensor(fold)].double(), c)
@@ -149,17 +170,22 @@ def _weighted_rewrite(node: fx.Node, R, a, *, conv: bool, transposed: bool = Fal
                 bn = bn.to(W.dtype)
     elif groups > 1:
         groups = int(keep_out.sum()) // (W.shape[0] // groups)
-    ko = torch.as_tensor(keep_out)
-    new = {"weight": R.attr(a["weight"].target, _weight(Wn[ko], transposed))}
+    new = {"weight": R.attr(a["weight"].target, _weight(_take(Wn, 0, keep_out), transposed))}
     if bn is not None:
-        new["bias"] = R.attr(a["bias"].target if isinstance(a.get("bias"), fx.Node) else f"{a['weight'].target}_bias", bn[ko])
+        new["bias"] = R.attr(a["bias"].target if isinstance(a.get("bias"), fx.Node) else f"{a['weight'].target}_bias",
+                             _take(bn, 0, keep_out))
     if conv and groups != int(a.get("groups", 1)):
         new["groups"] = groups
     new["input"] = R.arg(a["input"])
     out = R.emit_like(node, a, new)
     if correction is not None:
-        out = _add_correction(node, R, a, out, new["input"], correction[ko])
+        out = _add_correction(node, R, a, out, new["input"], _take(correction, 0, keep_out))
     return out
+
+
+def _take(t: torch.Tensor, dim: int, keep: np.ndarray) -> torch.Tensor:
+    """The kept positions of ``t`` along ``dim`` (one gather; ``t`` itself when all are kept)."""
+    return t if keep.all() else t.index_select(dim, torch.as_tensor(np.flatnonzero(keep)))
 
 
 def _add_correction(node, R, a, out, x_new, K) -> fx.Node:
