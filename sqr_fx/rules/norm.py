@@ -31,6 +31,9 @@ def _norm_analyze(node: fx.Node, A, a, *, has_bias: bool) -> ChanInfo | None:
     x = a["input"]
     src, s = A.info(x), A.shape(x)
     ns = a.get("normalized_shape")
+    if isinstance(ns, fx.Node) or (isinstance(ns, (list, tuple)) and any(isinstance(v, fx.Node) for v in ns)):
+        A.decline(node, "normalized_shape computed at run time", src)
+        return None
     if src is None or s is None or src.dim != len(s) - 1 or (ns is not None and len(ns) != 1):
         A.freeze(src)
         return None
