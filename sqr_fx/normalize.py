@@ -33,7 +33,8 @@ from torch.fx.operator_schemas import get_signature_for_torch_op
 
 from .rules.registry import UNNORMALIZED, has_hooks
 
-__all__ = ["normalize_args", "resolve_inplace", "has_hooks", "is_inplace", "NotFunctional", "UNNORMALIZED"]
+__all__ = ["normalize_args", "resolve_inplace", "linear_from_matmul", "has_hooks", "is_inplace", "NotFunctional",
+           "UNNORMALIZED"]
 
 
 
@@ -88,7 +89,7 @@ def _plausible(sig: inspect.Signature, bound: inspect.BoundArguments) -> bool:
             return False
         if ann in (int, float, bool) and isinstance(v, torch.Tensor):
             return False
-    return "out" not in bound.arguments or "out" in sig.parameters and bound.arguments.get("out") is not None
+    return bound.arguments.get("out") is None  # an out= call writes into a tensor: never admitted
 
 
 def canonical(node: fx.Node, root: nn.Module) -> Optional[tuple[tuple, dict]]:
@@ -242,3 +243,62 @@ def resolve_inplace(gm: fx.GraphModule) -> None:
                 u.replace_input_with(x, node)
         fresh.add(node)  # the in-place output is x's storage, fresh as x was
     gm.recompile()
+
+
+# ---- x @ W.T is a linear layer ------------------------------------------------------------------
+_aten = torch.ops.aten
+_MATMULS = {operator.matmul, torch.matmul, _aten.matmul.default}
+
+
+def _transposed_param(node: Any, root: nn.Module) -> Optional[fx.Node]:
+    """The 2-D ``get_attr`` W when ``node`` is W transposed (``W.T``, ``W.t()``, ``W.transpose(0, 1)``,
+    ``W.permute(1, 0)`` and their aten forms) and nothing else reads that transpose."""
+    if not isinstance(node, fx.Node) or len(node.users) != 1 or not node.args:
+        return None
+    w = node.args[0]
+    if not isinstance(w, fx.Node) or w.op != "get_attr":
+        return None
+    from .trace import fetch_attr
+
+    t = fetch_attr(root, w.target)
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        return None
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+    rest = [a for a in node.args[1:]]
+    if node.target is getattr:
+        ok = rest in (["T"], ["mT"])
+    elif name.split(".")[0] in ("t", "numpy_T"):
+        ok = not rest
+    elif name.split(".")[0] in ("transpose", "swapaxes", "swapdims"):
+        ok = len(rest) == 2 and {int(r) % 2 for r in rest} == {0, 1}
+    elif name.split(".")[0] == "permute":
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        ok = [int(d) % 2 for d in dims] == [1, 0]
+    else:
+        ok = False
+    return w if ok and not node.kwargs else None
+
+
+def linear_from_matmul(gm: fx.GraphModule) -> None:
+    """``x @ W.T`` (``torch.matmul(x, W.t())``, Falcon's linear) with a parameter W is
+    ``F.linear(x, W)`` (``matmul`` of any-rank x with a 2-D matrix multiplies the last axis): rewritten
+    so the linear rule reads it. Exact: the same products, the same storage."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        is_mm = (node.op == "call_function" and node.target in _MATMULS) or (
+            node.op == "call_method" and node.target == "matmul")
+        if not is_mm or len(node.args) != 2 or node.kwargs:
+            continue
+        w = _transposed_param(node.args[1], gm)
+        if w is None:
+            continue
+        tnode = node.args[1]
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.nn.functional.linear, (node.args[0], w))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(tnode)
+        changed = True
+    if changed:
+        gm.recompile()

@@ -23,7 +23,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .attention import functionalize_mha
 from .errors import SqrFxError, TiedWeightsError, TraceError, TrainingModeError, UnsupportedDtypeError
-from .normalize import NotFunctional, is_inplace, normalize_args, resolve_inplace
+from .normalize import NotFunctional, is_inplace, linear_from_matmul, normalize_args, resolve_inplace
 from .rules.registry import has_hooks
 from .verify import outputs_match, run_cloned
 
@@ -246,6 +246,7 @@ def _symbolic(model: nn.Module, example_inputs: tuple, expected: Any) -> fx.Grap
     normalize_args(gm)
     gm = _functional(gm)
     resolve_inplace(gm)
+    linear_from_matmul(gm)
     got = propagate_shapes(gm, example_inputs)
     problem = outputs_match(expected, got)
     if problem is not None:
@@ -276,6 +277,7 @@ def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> t
             normalize_args(gm)
             gm = _functional(gm)
             resolve_inplace(gm)
+            linear_from_matmul(gm)
         except Exception as ex_err:  # noqa: BLE001
             raise TraceError(
                 f"could not trace {type(model).__name__}: torch.fx.symbolic_trace failed with "
