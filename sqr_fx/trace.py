@@ -234,6 +234,12 @@ def shared_ties(gm: fx.GraphModule) -> dict[str, list[str]]:
     return shared
 
 
+def fold_constants(gm: fx.GraphModule) -> int:
+    from .constfold import fold_constants as fold  # constfold reads fetch_attr from here
+
+    return fold(gm)
+
+
 def _symbolic(model: nn.Module, example_inputs: tuple, expected: Any) -> fx.GraphModule:
     """``symbolic_trace`` + the functional front end, checked against the model on the example inputs.
 
@@ -247,6 +253,7 @@ def _symbolic(model: nn.Module, example_inputs: tuple, expected: Any) -> fx.Grap
     gm = _functional(gm)
     resolve_inplace(gm)
     linear_from_matmul(gm)
+    fold_constants(gm)
     got = propagate_shapes(gm, example_inputs)
     problem = outputs_match(expected, got)
     if problem is not None:
@@ -278,6 +285,7 @@ def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> t
             gm = _functional(gm)
             resolve_inplace(gm)
             linear_from_matmul(gm)
+            fold_constants(gm)
         except Exception as ex_err:  # noqa: BLE001
             raise TraceError(
                 f"could not trace {type(model).__name__}: torch.fx.symbolic_trace failed with "

@@ -1,0 +1,97 @@
+"""Weights computed in forward become plain tensors: constant folding of parameter-only expressions.
+
+``F.conv2d(x, self.w * self.mask)``, timm's weight-standardized ``StdConv2d``, ``F.linear(x, W.t())``,
+Gemma's ``(1 + weight) * x``: the weighted op reads a tensor that depends on parameters and buffers
+only, never on the inputs. In eval mode such an expression has the same value at every call, so
+evaluating it once and reading the result as a ``get_attr`` tensor is exact; the rules then see an
+ordinary weight. Folded: call nodes (no modules) whose inputs are all ``get_attr`` tensors or other
+folded nodes, that write into nothing and draw no random numbers. A region is folded only when it does
+not make the model grow: the folded tensors may not hold more floats than the parameters the region
+alone reads (a RoPE table built from a small ``inv_freq`` stays computed).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .normalize import is_inplace
+from .trace import fetch_attr
+
+__all__ = ["fold_constants"]
+
+_RANDOM = ("rand", "bernoulli", "multinomial", "normal", "dropout", "rrelu", "uniform", "poisson", "exponential",
+           "cauchy", "geometric", "empty", "seed")
+
+
+def _deterministic(node: fx.Node, root: nn.Module) -> bool:
+    if node.op not in ("call_function", "call_method") or is_inplace(node, root):
+        return False
+    name = (node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))).lower()
+    return not any(r in name for r in _RANDOM)
+
+
+def fold_constants(gm: fx.GraphModule) -> int:
+    """Fold parameter-only expressions into new ``get_attr`` tensors (see module docstring); returns
+    how many nodes were replaced."""
+    values: dict[fx.Node, Any] = {}
+    param: dict[fx.Node, bool] = {}  # the value derives from a Parameter: stored as one (trainable)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            t = fetch_attr(gm, node.target)
+            if isinstance(t, torch.Tensor):
+                values[node], param[node] = t.detach(), isinstance(t, nn.Parameter)
+            continue
+        if not _deterministic(node, gm) or not node.all_input_nodes:
+            continue
+        if not all(a in values for a in node.all_input_nodes):
+            continue
+        args = fx.node.map_arg(node.args, lambda a: values[a])
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: values[a])
+        try:
+            with torch.no_grad():
+                fn = getattr(args[0], node.target) if node.op == "call_method" else node.target
+                out = fn(*args[1:], **kwargs) if node.op == "call_method" else fn(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - not evaluable here: it stays computed
+            continue
+        if isinstance(out, torch.Tensor):
+            values[node], param[node] = out, any(param[a] for a in node.all_input_nodes)
+    folded = [n for n in values if n.op != "get_attr"]
+    # maximal folded nodes: read by something that is not folded
+    roots = [n for n in folded if any(u not in values or u.op == "get_attr" for u in n.users)]
+    if not roots:
+        return 0
+    region = set(folded)
+    consumed = [a for a in values if a.op == "get_attr" and a.users and all(u in region for u in a.users)]
+    new_floats = sum(values[n].numel() for n in roots)
+    old_floats = sum(values[a].numel() for a in {id(values[a]): a for a in consumed}.values())
+    if new_floats > old_floats:
+        return 0
+    for i, n in enumerate(roots):
+        name = f"sqr_fx_folded_{i}_{n.name}"
+        while hasattr(gm, name):
+            name += "_"
+        value = values[n].clone().contiguous()
+        if param[n] and value.is_floating_point():
+            gm.register_parameter(name, nn.Parameter(value))
+        else:
+            gm.register_buffer(name, value)
+        with gm.graph.inserting_before(n):
+            attr = gm.graph.get_attr(name)
+        attr.meta = dict(n.meta)
+        n.replace_all_uses_with(attr)
+    erased = set()
+    for n in reversed(list(gm.graph.nodes)):  # the folded region and the parameters only it read
+        if n in values and not n.users:
+            if n.op == "get_attr":
+                erased.add(n.target)
+            gm.graph.erase_node(n)
+    live = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in erased - live:  # a parameter now read by nobody is not stored either
+        *path, leaf = target.split(".")
+        owner = gm.get_submodule(".".join(path)) if path else gm
+        if hasattr(owner, leaf):
+            delattr(owner, leaf)
+    gm.recompile()
+    return len(roots)

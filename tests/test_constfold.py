@@ -1,0 +1,87 @@
+"""Weights computed in forward from parameters only are folded into plain tensors, so their layers
+minimize like any other; expressions that would make the model grow (a table built from a small
+buffer) stay computed."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sqr_fx import check_equivalence, count_stored_floats, minimize
+from sqr_fx.constfold import fold_constants
+
+
+def _x(*s, seed=0):
+    return torch.randn(*s, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+class Computed(nn.Module):
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.w = nn.Parameter(torch.randn(6, 3, 3, 3))
+        self.register_buffer("mask", torch.ones(6, 3, 3, 3))
+        self.W = nn.Parameter(torch.randn(6, 4))  # used transposed: [in=6, out=4]
+        self.out = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.mask[1] = 0          # output channel 1 is dead: relu(0 - 1) = 0
+            self.W[3] = 0             # input 3 of the linear unread
+        self.b = nn.Parameter(-torch.ones(6))
+
+    def weight(self):
+        if self.form == "masked":
+            return self.w * self.mask
+        w = self.w * self.mask  # weight standardization (timm StdConv2d's formula), per output channel
+        m = w.mean(dim=(1, 2, 3), keepdim=True)
+        v = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return (w - m) / torch.sqrt(v + 1e-5)
+
+    def forward(self, x):
+        h = torch.relu(F.conv2d(x, self.weight(), self.b)).mean((2, 3))
+        return self.out(F.linear(h, self.W.t()))
+
+
+@pytest.mark.parametrize("form", ["masked", "standardized"])
+def test_computed_weights_minimize(form):
+    m = Computed(form).double().eval()
+    s = minimize(m, (_x(2, 3, 8, 8),))
+    assert s.sqr_report.params_after < s.sqr_report.params_before
+    assert not s.sqr_report.declined
+    check_equivalence(m, s, (_x(3, 3, 10, 9, seed=1),), rtol=1e-10, atol=1e-12)
+    assert minimize(s, (_x(2, 3, 8, 8),)).sqr_report.rounds == 0
+
+
+def test_an_expression_that_would_grow_the_model_stays_computed():
+    """A rotary table [T, D] from a [D/2] inv_freq buffer: folding would store more floats."""
+    class Rope(nn.Module):
+        def __init__(self):
+            super().__init__()
+            # parameters (symbolic_trace evaluates buffer-only expressions itself, into a traced constant)
+            self.inv_freq = nn.Parameter(1.0 / (10000 ** (torch.arange(0, 8, 2).double() / 8)), requires_grad=False)
+            self.pos = nn.Parameter(torch.arange(16).double(), requires_grad=False)
+            self.q = nn.Linear(8, 8)
+
+        def forward(self, x):
+            ang = torch.outer(self.pos, self.inv_freq)
+            return self.q(x) * torch.cat([ang.cos(), ang.sin()], -1)
+
+    m = Rope().double().eval()
+    gm = torch.fx.symbolic_trace(m)
+    assert fold_constants(gm) == 0
+    s = minimize(m, (_x(2, 16, 8),))
+    assert count_stored_floats(s) <= count_stored_floats(m)
+    check_equivalence(m, s, (_x(3, 16, 8, seed=2),), rtol=1e-10, atol=1e-12)
+
+
+def test_random_and_in_place_expressions_are_never_folded():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3))
+
+        def forward(self, x):
+            return F.linear(x, self.w + 0 * torch.randn_like(self.w))
+
+    gm = torch.fx.symbolic_trace(Noisy())
+    assert fold_constants(gm) == 0
