@@ -37,11 +37,13 @@ def fold_constants(gm: fx.GraphModule) -> int:
     how many nodes were replaced."""
     values: dict[fx.Node, Any] = {}
     param: dict[fx.Node, bool] = {}  # the value derives from a Parameter: stored as one (trainable)
+    stored: dict[fx.Node, int] = {}  # get_attr -> identity of the stored tensor (one tensor, several names)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             t = fetch_attr(gm, node.target)
             if isinstance(t, torch.Tensor):
                 values[node], param[node] = t.detach(), isinstance(t, nn.Parameter)
+                stored[node] = id(t)
             continue
         if not _deterministic(node, gm) or not node.all_input_nodes:
             continue
@@ -63,9 +65,14 @@ def fold_constants(gm: fx.GraphModule) -> int:
     if not roots:
         return 0
     region = set(folded)
-    consumed = [a for a in values if a.op == "get_attr" and a.users and all(u in region for u in a.users)]
+    # a stored tensor is freed only when every name it is read under is read inside the region (ties)
+    readers: dict[int, list[fx.Node]] = {}
+    for a, key in stored.items():
+        readers.setdefault(key, []).append(a)
+    freed = [nodes[0] for nodes in readers.values()
+             if all(u in region for a in nodes for u in a.users) and any(a.users for a in nodes)]
     new_floats = sum(values[n].numel() for n in roots)
-    old_floats = sum(values[a].numel() for a in {id(values[a]): a for a in consumed}.values())
+    old_floats = sum(values[a].numel() for a in freed)
     if new_floats > old_floats:
         return 0
     for i, n in enumerate(roots):

@@ -43,8 +43,10 @@ class TinyLM(nn.Module):
         x = self.wte(i)
         x = x + self.fc2(F.gelu(self.fc1(self.ln1(x))))
         x = self.ln_f(x)
-        if self.head == "matmul":  # the tied tensor also goes through a transpose: not followed
+        if self.head == "matmul":  # x @ W.T: the front end reads it as F.linear(x, W), a column-sliced tie
             return torch.matmul(x, self.wte.weight.t())
+        if self.head == "scale":  # the tied tensor also read by a reduction: not followed
+            return self.lm_head(x) * self.wte.weight.sum()
         return self.lm_head(x)
 
 
@@ -104,10 +106,20 @@ def test_tied_embedding_and_head_are_sliced_once_and_stay_tied(front):
         assert again.get_parameter("wte.weight") is again.get_parameter("lm_head.weight")
 
 
-def test_tied_tensor_with_another_reader_is_kept_whole():
-    """``x @ wte.weight.t()``: a transpose reads the tied tensor; it stays whole (and its stream
-    channels with it), strict mode refuses it; the MLP units still go."""
+def test_matmul_with_the_transposed_tied_table_is_a_linear_head():
+    """``x @ wte.weight.t()`` is ``F.linear(x, wte.weight)``: sliced once with the embedding."""
     m = planted(head="matmul")
+    s = minimize(m, (ids(2, 7),), strict=True)
+    assert not s.sqr_report.tied_tensors and s.sqr_report.shared_tensors
+    kept = [j for j in range(C) if j not in STREAM]
+    assert s.get_parameter("wte.weight").shape == (VOCAB, len(kept))
+    check(m, s)
+
+
+def test_tied_tensor_with_another_reader_is_kept_whole():
+    """``wte.weight.sum()`` reads the tied tensor outside the embedding/linear slicing: it stays whole
+    (and its stream channels with it), strict mode refuses it; the MLP units still go."""
+    m = planted(head="scale")
     with pytest.raises(sqr_fx.TiedWeightsError, match="wte.weight"):
         minimize(m, (ids(2, 7),), strict=True)
     s = minimize(m, (ids(2, 7),))

@@ -85,9 +85,13 @@ def _rewrite(node: fx.Node, R, a):
     mask = a.get("attn_mask")
     alive = _alive_heads(R, iq) | _alive_heads(R, iv)
     if node.meta.get("sqr_fx.mask_per_head") is not None and not alive.all():
-        m = R.arg(mask)
-        new["attn_mask"] = R.index_select(m, node.meta["sqr_fx.mask_per_head"], np.flatnonzero(alive),
-                                          f"{node.name}_heads")
+        dim, kept = node.meta["sqr_fx.mask_per_head"], np.flatnonzero(alive)
+        if isinstance(mask, fx.Node) and mask.op == "get_attr" and len(mask.users) == 1:
+            # a stored mask read only here: store its kept heads (not the whole mask and a gather)
+            t = R.tensor(mask).index_select(dim, torch.as_tensor(kept, dtype=torch.long))
+            new["attn_mask"] = R.buffer(f"{node.name}_mask", t)
+        else:
+            new["attn_mask"] = R.index_select(R.arg(mask), dim, kept, f"{node.name}_heads")
     return R.emit_like(node, a, new)
 
 
