@@ -1,0 +1,110 @@
+"""Written-out normalizations recognized as the op they compute (needs traced shapes).
+
+Hugging Face writes RMSNorm out (Llama, Mistral, Qwen, Gemma, T5, OLMo ...)::
+
+    variance = x.pow(2).mean(-1, keepdim=True)          # or (x * x).mean, x.square().mean
+    x = x * torch.rsqrt(variance + eps)                  # operands in either order
+
+The ``mean`` over the channel axis would freeze the residual stream. The subgraph computes exactly
+``F.rms_norm(x, (C,), None, eps)`` (the same formula; only float rounding may differ), so it is
+rewritten to that call, whose rule removes stream channels with a compensated RMS (the weight
+multiply after it, ``weight * x`` or Gemma's ``(1 + weight) * x``, stays an ordinary per-channel
+product). Matched only when every intermediate has no other reader, the mean is over the last axis
+with ``keepdim=True``, and ``eps`` is a Python number; anything else is left as it is.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .rules.registry import op_name
+from .values import shape_of
+
+__all__ = ["rms_norm_from_pattern"]
+
+aten = torch.ops.aten
+
+
+def _only_user(n: Any) -> bool:
+    return isinstance(n, fx.Node) and len(n.users) == 1
+
+
+def _squared(n: Any) -> Optional[fx.Node]:
+    """X when ``n`` is X ** 2 (``pow(X, 2)``, ``X * X``, ``square(X)``)."""
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method"):
+        return None
+    name = op_name(n)
+    if name in ("pow", "pow_") and len(n.args) == 2 and n.args[1] == 2 and isinstance(n.args[0], fx.Node):
+        return n.args[0]
+    if name == "mul" and len(n.args) == 2 and n.args[0] is n.args[1] and isinstance(n.args[0], fx.Node):
+        return n.args[0]
+    if name == "square" and len(n.args) == 1:
+        return n.args[0]
+    return None
+
+
+def _mean_last(n: Any) -> Optional[fx.Node]:
+    """The squared tensor when ``n`` is its mean over the last axis with keepdim."""
+    if not isinstance(n, fx.Node) or op_name(n) != "mean" or len(n.args) < 2:
+        return None
+    x, dims = n.args[0], n.args[1]
+    keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+    s = shape_of(x)
+    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+    if s is None or keep is not True or len(dims) != 1 or not isinstance(dims[0], int):
+        return None
+    return x if dims[0] % len(s) == len(s) - 1 else None
+
+
+def _rsqrt_of(n: Any) -> Optional[tuple[fx.Node, float]]:
+    """(X, eps) when ``n`` is rsqrt(mean(X ** 2, -1, keepdim=True) + eps), intermediates unshared."""
+    if not isinstance(n, fx.Node) or op_name(n) != "rsqrt" or not _only_user(n.args[0]):
+        return None
+    add = n.args[0]
+    if op_name(add) != "add" or len(add.args) != 2:
+        return None
+    mean, eps = add.args if isinstance(add.args[1], (int, float)) else add.args[::-1]
+    if not isinstance(eps, (int, float)) or not _only_user(mean) or add.kwargs.get("alpha", 1) != 1:
+        return None
+    sq = _mean_last(mean)
+    if not _only_user(sq):
+        return None
+    x = _squared(sq)
+    return (x, float(eps)) if x is not None else None
+
+
+def rms_norm_from_pattern(gm: fx.GraphModule) -> int:
+    """Rewrite every written-out RMSNorm (module docstring) to ``F.rms_norm``; returns how many.
+    Needs ``tensor_meta`` (shape propagation) on the graph."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method") or op_name(node) != "mul" or len(node.args) != 2:
+            continue
+        a, b = node.args
+        for x, r in ((a, b), (b, a)):
+            found = _rsqrt_of(r) if _only_user(r) else None
+            if found is None or found[0] is not x:
+                continue
+            s = shape_of(x)
+            if s is None or shape_of(node) != s:
+                continue
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(F.rms_norm, (x, (s[-1],), None, found[1]))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            chain = [node, r, r.args[0]]
+            add = r.args[0]
+            mean = next(v for v in add.args if isinstance(v, fx.Node))
+            chain += [mean, mean.args[0]]
+            for dead in chain:
+                if not dead.users:
+                    gm.graph.erase_node(dead)
+            count += 1
+            break
+    if count:
+        gm.recompile()
+    return count
+
