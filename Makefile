@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean bench bench-transformers squeeze-release
+.PHONY: demo test venv clean bench bench-transformers squeeze-release fuzz
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -38,3 +38,20 @@ squeeze-release: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# the generative differential fuzzer (sqr_fx/testing): N random pruned models (every rule family, every
+# argument form, both front ends) through minimize, checked for exactness, purity and the fixpoint;
+# failures are shrunk and printed as recipes. `make fuzz N=10000 SEED=3 SAVE=dir` also writes each failure
+# class to dir as a standalone regression test.
+N ?= 1000
+SEED ?= 0
+SAVE ?=
+fuzz: $(STAMP)
+	$(BIN)/python -m sqr_fx.testing.fuzz --n $(N) --seed $(SEED) $(if $(SAVE),--save $(SAVE))
+
+# the pass's own speed (issue 12): minimize's CPU time against the FX floor (trace + one shape propagation +
+# graph copy + recompile) per model and for a 64..512-block Linear/ReLU chain, the self-check's seconds and
+# peak RSS; prints a table and writes benchmarks/results/pass_speed.json
+.PHONY: bench-speed
+bench-speed: $(STAMP)
+	$(BIN)/python -m benchmarks.pass_speed

@@ -603,6 +603,10 @@ def reduce(node, A, a):
 
 
 # ---- shape reads ------------------------------------------------------------------------------
+_METADATA = {"ndim", "dtype", "device", "is_cuda", "is_cpu", "is_meta", "requires_grad", "layout", "is_sparse",
+             "is_quantized", "is_floating_point", "is_complex"}
+
+
 @rule("size", method("size"), aten.sym_size.int, getattr)
 def size(node, A, a):
     """Reading the channel axis' size (or the whole shape) freezes it: the number would change."""
@@ -610,8 +614,11 @@ def size(node, A, a):
     src = A.info(x)
     if src is None:
         return None
-    if node.target is getattr and node.args[1] not in ("shape",):
-        return None  # x.ndim, x.dtype, x.device, x.is_cuda ...: nothing that counts channels
+    if node.target is getattr and node.args[1] in _METADATA:
+        return None  # x.ndim, x.dtype, x.device ...: nothing that counts channels
+    if node.target is getattr and node.args[1] != "shape":
+        A.freeze(src)  # x.T, x.mT, x.data ...: a tensor, not metadata, and not followed
+        return None
     whole = node.target is getattr or (node.op == "call_method" and len(node.args) < 2 and "dim" not in node.kwargs)
     if whole:
         # x.shape / x.size() used only as [i] for other axes (batch size, sequence length) is harmless

@@ -14,6 +14,8 @@ left out): so a shrunk op list still builds.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
@@ -21,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["State", "Op", "Case", "Ctx", "Skip", "FuzzNet", "Built", "GENS", "gen", "build", "CL", "CF",
-           "PLANTS", "plant", "param_of", "divisors"]
+__all__ = ["State", "Op", "Case", "Ctx", "Skip", "FuzzNet", "Built", "GENS", "gen", "build", "load_generators",
+           "CL", "CF", "PLANTS", "plant", "param_of", "divisors"]
 
 CL = ("vec", "seq", "hw")  # channels last: [B,] C | [B,] T, C | [B,] H, W, C
 CF = ("sig", "img", "vol")  # channels first: [B,] C, L | [B,] C, H, W | [B,] C, D, H, W
@@ -151,11 +153,14 @@ class Gen:
     layouts: tuple
     weight: float
     families: tuple  # rule families this generator targets (documentation; coverage is measured)
+    enum: tuple  # the choices that decide which targets it emits (enumerated by the coverage test)
+    by_layout: bool  # its targets also depend on the layout (conv1d / conv2d ...)
 
 
-def gen(name: str, layouts: tuple, weight: float = 1.0, families: tuple = ()):
+def gen(name: str, layouts: tuple, weight: float = 1.0, families: tuple = (), enum: tuple = ("form",),
+        by_layout: bool = False):
     def deco(fn):
-        GENS[name] = Gen(name, fn, layouts, weight, families)
+        GENS[name] = Gen(name, fn, layouts, weight, families, enum, by_layout)
         return fn
     return deco
 
@@ -200,6 +205,7 @@ class Ctx:
         self.g = torch.Generator().manual_seed(op.seed)  # weights
         self.params: list = []
         self.modules: list = []
+        self.ties: list = []  # (kind, name, in, out): weights / modules a later ``tie`` op may read again
         self.steps: list = []
         self.offered: dict[str, list] = {}
         self._n = 0
@@ -240,11 +246,14 @@ class Ctx:
         self._n += 1
         return f"{self.prefix}_{hint}{self._n}"
 
-    def param(self, t: Optional[torch.Tensor], hint: str = "w") -> Optional[str]:
+    def param(self, t: Optional[torch.Tensor], hint: str = "w", tie: bool = False) -> Optional[str]:
+        """Register ``t``; ``tie``: a 2-D ``[out, in]`` weight later ops may share (``gen_tie``)."""
         if t is None:
             return None
         name = self._name(hint)
         self.params.append((name, nn.Parameter(t.detach().clone()), True))
+        if tie:
+            self.ties.append(("param", name, t.shape[1], t.shape[0]))
         return name
 
     def buffer(self, t: torch.Tensor, hint: str = "buf") -> str:
@@ -252,9 +261,12 @@ class Ctx:
         self.params.append((name, t.detach().clone(), False))
         return name
 
-    def module(self, mod: nn.Module, hint: str = "m") -> str:
+    def module(self, mod: nn.Module, hint: str = "m", tie: Optional[tuple] = None) -> str:
+        """Register ``mod``; ``tie=(kind, in, out)``: a module later ops may call again."""
         name = self._name(hint)
         self.modules.append((name, mod.double().eval()))
+        if tie:
+            self.ties.append((tie[0], name, tie[1], tie[2]))
         return name
 
     def step(self, fn: Callable) -> None:
@@ -313,12 +325,17 @@ class Built:
 
 
 class Builder:
+    """Applies ops one by one; each new step is run eagerly on the example input right away, so an op
+    whose shapes do not work out (or that the state tracking got wrong) is skipped, never built."""
+
     def __init__(self, case: Case):
         self.case = case
-        self.net = FuzzNet(fallback=case.frontend == "fallback", outputs=case.outputs)
+        self.net = FuzzNet(fallback=case.frontend == "fallback", outputs=case.outputs).eval()
         self.st = case.input_state()
         self.stash: list[State] = []
+        self.ties: list = []
         self.applied: list[Op] = []
+        self.last: Optional[Ctx] = None
 
     def apply(self, op: Op) -> bool:
         """Build ``op`` on the current state; False (nothing registered) when it does not apply."""
@@ -326,12 +343,16 @@ class Builder:
             return False
         g = GENS[op.kind]
         before = dict(op.args)
-        c = Ctx(self, op, len(self.applied))
+        c = self.last = Ctx(self, op, len(self.applied))
         try:
             if self.st.layout not in g.layouts:
                 raise Skip("layout")
-            st = g.fn(c, self.st)
-        except Skip:
+            with warnings.catch_warnings():  # deprecations (weight_norm ...): the forms stay on purpose
+                warnings.simplefilter("ignore")
+                st = g.fn(c, self.st)
+        except Exception as e:  # Skip, or a generator that cannot build here
+            if not isinstance(e, Skip) and os.environ.get("SQR_FUZZ_DEBUG"):
+                print(f"skipped {op!r} on {self.st}: generator raised {type(e).__name__}: {str(e)[:200]}")
             op.args.clear()
             op.args.update(before)
             return False
@@ -342,7 +363,26 @@ class Builder:
                 self.net.P.register_buffer(name, t)
         for name, mod in c.modules:
             self.net.M[name] = mod
+        env = _Env(self.case.example())  # the whole chain again: views and aliases as in the model
+        try:
+            with torch.enable_grad(), warnings.catch_warnings():  # grad on, as torch.export traces it
+                warnings.simplefilter("ignore")
+                for step in self.net.steps + c.steps:
+                    step(self.net, env)
+            if tuple(env.h.shape) != st.shape(self.case.B):
+                raise Skip(f"shape {tuple(env.h.shape)}, expected {st.shape(self.case.B)}")
+        except Exception as e:  # noqa: BLE001 - the op does not run here: leave it out
+            if os.environ.get("SQR_FUZZ_DEBUG"):
+                print(f"skipped {op!r} on {self.st}: {type(e).__name__}: {str(e)[:200]}")
+            for name, _, _ in c.params:
+                delattr(self.net.P, name)
+            for name, _ in c.modules:
+                del self.net.M[name]
+            op.args.clear()
+            op.args.update(before)
+            return False
         self.net.steps.extend(c.steps)
+        self.ties += c.ties
         if getattr(c, "push", None) is not None:
             self.stash.append(c.push)
         self.st = st
@@ -352,12 +392,18 @@ class Builder:
 
 def build(case: Case) -> Built:
     """The float64 eval-mode model of ``case`` (deterministic)."""
-    from . import gen_attention, gen_layers, gen_pointwise, gen_shape  # noqa: F401  (registration)
-
+    load_generators()
     b = Builder(case)
     for op in case.ops:
         b.apply(op)
     return Built(b.net.double().eval(), b.applied, b.st)
+
+
+def load_generators() -> dict[str, Gen]:
+    """Import the generator modules (registration fills :data:`GENS`)."""
+    from . import gen_attention, gen_layers, gen_norms, gen_pointwise, gen_shape, gen_spatial  # noqa: F401
+
+    return GENS
 
 
 def fan_in_scale(n: int) -> float:

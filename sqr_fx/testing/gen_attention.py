@@ -101,7 +101,8 @@ CORES = ["sdpa", "sdpa_kw", "sdpa_scale", "sdpa_causal", "sdpa_mask", "manual", 
          "manual_dropout", "manual_bmm"]
 
 
-@gen("attention", ("seq",), weight=2, families=("sdpa", "matmul", "softmax", "view", "unflatten", "permute"))
+@gen("attention", ("seq",), weight=2, families=("sdpa", "matmul", "softmax", "view", "unflatten", "permute"),
+     enum=("core", "softmax", "matmul"))
 def attention(c: Ctx, st: State) -> State:
     E, T, b = st.C, st.sp[0], st.batched
     H = _heads(c, E)
@@ -110,7 +111,7 @@ def attention(c: Ctx, st: State) -> State:
     proj = c.pick("proj", ["separate", "fused_chunk", "fused_split"])
     split = c.pick("split", ["view", "unflatten"] if b else ["unflatten"])
     merge = c.pick("merge", ["reshape", "flatten"])
-    sm = c.pick("softmax", ["F", "torch", "method"]) if core.startswith("manual") else None
+    sm = c.pick("softmax", ["F", "torch", "method"]) if core.startswith("manual") and core != "manual_bmm" else None
     mm = c.pick("matmul", ["op", "torch", "method"]) if core.startswith("manual") else None
     (Wq, Wk, Wv, Wo), (bq, bk, bv, bo) = _qkvo(c, E, H)
     if proj == "separate":
@@ -149,7 +150,8 @@ def attention(c: Ctx, st: State) -> State:
         elif core == "sdpa_mask":
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=P(m, mask))
         elif core == "manual_bmm":
-            o = torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)) * scale, -1), v)
+            o = torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)) * scale, -1), v) if mm != "method" else \
+                (q.bmm(k.transpose(1, 2)) * scale).softmax(-1).bmm(v)
         else:
             s = matmul(q, k.transpose(-2, -1)) * scale
             if core == "manual_mask":
@@ -168,15 +170,15 @@ def attention(c: Ctx, st: State) -> State:
 
 
 # ---- Swin -------------------------------------------------------------------------------------------------------
-@gen("swin", ("hw",), weight=1.5, families=("window_attention",))
+@gen("swin", ("hw",), weight=1, families=("window_attention",))
 def swin(c: Ctx, st: State) -> State:
-    from torchvision.models.swin_transformer import (ShiftedWindowAttention, ShiftedWindowAttentionV2,
-                                                     shifted_window_attention)
+    import torchvision.models.swin_transformer as tv  # tv.shifted_window_attention: the fx-wrapped name
+    from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
     if not st.batched:
         raise Skip("Swin needs [B, H, W, C]")
     C = st.C
     H = _heads(c, C)
-    form = c.pick("form", ["v1", "v2", "F"])
+    form = c.pick("form", ["v1", "v2", "F", "sqr"])
     w = c.pick("window", [2, 3, 4])
     s = c.pick("shift", [0, 1])
     if s >= w:
@@ -187,9 +189,16 @@ def swin(c: Ctx, st: State) -> State:
         names = [c.param(torch.cat([Wq, Wk, Wv]), "qkv"), c.param(Wo, "proj"),
                  c.param(c.randn(1, H, N, N, scale=0.3), "rpb"), c.param(torch.cat([bq, bk, bv]), "qkvb"),
                  c.param(bo, "projb")]
-        c.step_h(lambda m, h: shifted_window_attention(h, P(m, names[0]), P(m, names[1]), P(m, names[2]), [w, w], H,
+        c.step_h(lambda m, h: tv.shifted_window_attention(h, P(m, names[0]), P(m, names[1]), P(m, names[2]), [w, w], H,
                                                        [s, s], 0.0, 0.0, P(m, names[3]), P(m, names[4]),
                                                        training=False))
+        return st
+    if form == "sqr":  # sqr_fx's own explicit-width form (what minimize emits for a shrunk Swin block)
+        import sqr_fx.window_attention as swa
+        N = w * w
+        names = [c.param(t, "w") for t in (Wq, bq, Wk, bk, Wv, bv, Wo, bo)] + [c.param(c.randn(1, H, N, N), "rpb")]
+        scale = float((C // H) ** -0.5)
+        c.step_h(lambda m, h: swa.window_attention(h, *(P(m, n) for n in names), [w, w], H, [s, s], scale))
         return st
     mod = (ShiftedWindowAttention if form == "v1" else ShiftedWindowAttentionV2)(C, [w, w], [s, s], H)
     with torch.no_grad():
@@ -197,7 +206,8 @@ def swin(c: Ctx, st: State) -> State:
         mod.qkv.bias.copy_(torch.cat([bq, bk, bv]))
         mod.proj.weight.copy_(Wo)
         mod.proj.bias.copy_(bo)
-        mod.relative_position_bias_table.normal_(0, 0.3, generator=c.g)
+        if form == "v1":
+            mod.relative_position_bias_table.normal_(0, 0.3, generator=c.g)
     key = c.module(mod, "swa")
     c.step_h(lambda m, h: m.M[key](h))
     return st
@@ -205,7 +215,8 @@ def swin(c: Ctx, st: State) -> State:
 
 @gen("patch_merging", ("hw",), weight=1, families=("patch_merging_pad", "layer_norm", "linear"))
 def patch_merging(c: Ctx, st: State) -> State:
-    from torchvision.models.swin_transformer import PatchMerging, PatchMergingV2, _patch_merging_pad
+    import torchvision.models.swin_transformer as tv
+    from torchvision.models.swin_transformer import PatchMerging, PatchMergingV2
     if not st.batched or 4 * st.C > 64:
         raise Skip("batched, narrow")
     form = c.pick("form", ["v1", "v2", "F"])
@@ -223,7 +234,7 @@ def patch_merging(c: Ctx, st: State) -> State:
     new = State("hw", 2 * C, tuple((v + 1) // 2 for v in st.sp), True)
     if form == "F":
         w, g = c.param(W), c.param(gamma, "g")
-        c.step_h(lambda m, h: F.linear(F.layer_norm(_patch_merging_pad(h), (4 * C,), P(m, g)), P(m, w)))
+        c.step_h(lambda m, h: F.linear(F.layer_norm(tv._patch_merging_pad(h), (4 * C,), P(m, g)), P(m, w)))
         return new
     mod = (PatchMerging if form == "v1" else PatchMergingV2)(C)
     with torch.no_grad():

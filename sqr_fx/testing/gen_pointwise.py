@@ -109,7 +109,7 @@ def unary_fn(name: str, form: str, c: Ctx):
     return table[form]
 
 
-@gen("unary", ANY, weight=5, families=("pointwise",))
+@gen("unary", ANY, weight=4, families=("pointwise",), enum=("name", "form"))
 def unary(c: Ctx, st: State) -> State:
     name = c.pick("name", list(UNARY))
     form = c.pick("form", unary_forms(name))
@@ -129,9 +129,11 @@ DROPOUTS = {  # name: (module, layouts it accepts: ranks where torch treats the 
 }
 
 
-@gen("dropout", ANY, weight=1, families=("pointwise",))
+@gen("dropout", ANY, weight=1, families=("pointwise",), enum=("name", "form"))
 def dropout(c: Ctx, st: State) -> State:
-    name = c.pick("name", [n for n, (_, ls) in DROPOUTS.items() if st.layout in ls])
+    # dropout2d / dropout3d read an unbatched input as a batched one of lower rank (torch warns): batched only
+    name = c.pick("name", [n for n, (_, ls) in DROPOUTS.items() if st.layout in ls
+                           and (st.batched or n not in ("dropout2d", "dropout3d"))])
     has_torch = hasattr(torch, name)
     form = c.pick("form", ["nn", "nn_inplace", "F_false", "F_kw", "F_self", "F_inplace"]
                   + (["torch", "torch_kw"] if has_torch else []) + (["native"] if name == "dropout" else []))
@@ -162,7 +164,7 @@ CASTS = {
 }
 
 
-@gen("cast", ANY, weight=0.5, families=("pointwise",))
+@gen("cast", ANY, weight=0.4, families=("pointwise",))
 def cast(c: Ctx, st: State) -> State:
     """dtype-preserving casts (float64 -> float64): lossy casts are not comparable at 1e-7."""
     c.step_h(CASTS[c.pick("form", list(CASTS))])
@@ -185,7 +187,7 @@ def in_place_op(fn, a, b):
 def binary_forms(op: str) -> list[str]:
     if op in ("maximum", "minimum"):
         return ["torch", "torch_kw", "method"]
-    forms = ["py", "torch", "torch_kw", "method", "method_kw", "method_", "stmt_", "iop", "pyaug"]
+    forms = ["py", "torch", "torch_kw", "method", "method_kw", "unbound", "method_", "stmt_", "iop", "pyaug"]
     return forms + (["torch_alpha"] if op in ("add", "sub") else [])
 
 
@@ -207,6 +209,8 @@ def combine(op: str, form: str, swap: bool = False):
         return lambda a, b: getattr(a, op)(b)
     if form == "method_kw":
         return lambda a, b: getattr(a, op)(other=b)
+    if form == "unbound":  # torch.Tensor.add(a, b)
+        return lambda a, b: getattr(torch.Tensor, op)(a, b)
     if form == "method_":
         return lambda a, b: getattr(a, op + "_")(b)
     if form == "stmt_":
@@ -255,7 +259,7 @@ def operand(c: Ctx, st: State, kind: str, positive: bool):
     return (lambda m, h: torch.sigmoid(f(m, h)) + 0.5) if positive else f
 
 
-@gen("binary", ANY, weight=5, families=("binary",))
+@gen("binary", ANY, weight=4, families=("binary",), enum=("op", "form"))
 def binary(c: Ctx, st: State) -> State:
     op = c.pick("op", ["add", "add", "sub", "mul", "mul", "div", "maximum", "minimum"])
     form = c.pick("form", binary_forms(op))
@@ -273,7 +277,7 @@ def binary(c: Ctx, st: State) -> State:
 
 
 # ---- long-range skips --------------------------------------------------------------------------------------
-@gen("save", ANY + ("tok",), weight=1.5, families=())
+@gen("save", ANY + ("tok",), weight=1.5, families=(), enum=("clone",))
 def save(c: Ctx, st: State) -> State:
     """Keep the current tensor for a later ``merge`` (``clone``: a copy, else the same tensor, which later
     in-place ops change too); the first saved tensor is the second output of a 2-output case."""
@@ -285,7 +289,7 @@ def save(c: Ctx, st: State) -> State:
     return st
 
 
-@gen("merge", ANY, weight=2, families=("binary", "cat"))
+@gen("merge", ANY, weight=6, families=("binary", "cat"), enum=("how", "form"))
 def merge(c: Ctx, st: State) -> State:
     same = [i for i, s in enumerate(c.stash) if s == st]
     catable = [i for i, s in enumerate(c.stash) if replace(s, C=st.C) == st and s.C + st.C <= 24]
@@ -323,4 +327,44 @@ def stochastic_depth(c: Ctx, st: State) -> State:
              "F_kw": lambda m, x: sd(x, p=0.2, mode="batch", training=False),
              "F_self": lambda m, x: sd(x, 0.2, "row", m.training)}[form]
         c.step_h(lambda m, h: h + g(m, f(m, h)))
+    return st
+
+
+# ---- in-place writes into part of a tensor -------------------------------------------------------------
+@gen("setitem", ANY, weight=1, families=("slice", "pointwise"))
+def setitem(c: Ctx, st: State) -> State:
+    """Channels overwritten in place: ``h[:, a:b] = 0`` (zero channels by assignment), a constant, a
+    parameter; ``index_fill_``, ``masked_fill_``, ``narrow(...).zero_()``."""
+    if st.C < 2:
+        raise Skip("one channel")
+    form = c.pick("form", ["setitem_zero", "setitem_const", "setitem_param", "index_fill_", "masked_fill_",
+                           "narrow_zero_"])
+    a = c.pick("start", range(0, st.C - 1))
+    k = c.pick("k", range(1, st.C - a))
+    lead = (slice(None),) * st.lit(st.ch)
+    idx = lead + (slice(a, a + k),)
+    d = st.ch
+    if form == "setitem_param":
+        p = c.param(c.randn(*((k,) + (1,) * len(st.sp) if st.first else (k,))), "fill")
+    elif form == "index_fill_":
+        t = c.buffer(torch.arange(a, a + k), "idx")
+    elif form == "masked_fill_":
+        shape = (st.C,) + (1,) * len(st.sp) if st.first else (st.C,)
+        t = c.buffer(((torch.arange(st.C) >= a) & (torch.arange(st.C) < a + k)).reshape(shape), "mask")
+
+    def fn(m, h):
+        if form == "setitem_zero":
+            h[idx] = 0.0
+        elif form == "setitem_const":
+            h[idx] = 0.7
+        elif form == "setitem_param":
+            h[idx] = P(m, p)
+        elif form == "index_fill_":
+            h.index_fill_(d, P(m, t), -0.5)
+        elif form == "masked_fill_":
+            h.masked_fill_(P(m, t), 0.0)
+        else:
+            h.narrow(d, a, k).zero_()
+        return h
+    c.step_h(fn)
     return st
