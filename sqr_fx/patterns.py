@@ -76,34 +76,62 @@ def _rsqrt_of(n: Any) -> Optional[tuple[fx.Node, float]]:
     return (x, float(eps)) if x is not None else None
 
 
-def rms_norm_from_pattern(gm: fx.GraphModule) -> int:
+def _last_dims(gm: fx.GraphModule, nodes: set[fx.Node], example_inputs: tuple) -> dict[fx.Node, set[int]]:
+    """The last-axis sizes ``nodes`` take on the derived input shapes the graph accepts."""
+    from .verify import _clone, derived_inputs
+
+    seen: dict[fx.Node, set[int]] = {n: set() for n in nodes}
+
+    class Record(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if n in seen and isinstance(out, torch.Tensor) and out.dim():
+                seen[n].add(int(out.shape[-1]))
+            return out
+
+    for _, inputs in derived_inputs(example_inputs)[1:]:
+        try:
+            with torch.no_grad():
+                Record(gm).run(*_clone(inputs))
+        except Exception:  # noqa: BLE001 - a shape the model refuses says nothing
+            continue
+    return seen
+
+
+def rms_norm_from_pattern(gm: fx.GraphModule, example_inputs: tuple = ()) -> int:
     """Rewrite every written-out RMSNorm (module docstring) to ``F.rms_norm``; returns how many.
-    Needs ``tensor_meta`` (shape propagation) on the graph."""
-    count = 0
+    Needs ``tensor_meta`` (shape propagation) on the graph. ``F.rms_norm`` takes the normalized width
+    as a literal, so a match is rewritten only when its last axis keeps the traced width on every
+    derived input shape the graph accepts (a feature axis, not a sequence or flattened axis)."""
+    matches = []
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "call_method") or op_name(node) != "mul" or len(node.args) != 2:
             continue
         a, b = node.args
         for x, r in ((a, b), (b, a)):
             found = _rsqrt_of(r) if _only_user(r) else None
-            if found is None or found[0] is not x:
-                continue
-            s = shape_of(x)
-            if s is None or shape_of(node) != s:
-                continue
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(F.rms_norm, (x, (s[-1],), None, found[1]))
-            new.meta = dict(node.meta)
-            node.replace_all_uses_with(new)
-            chain = [node, r, r.args[0]]
-            add = r.args[0]
-            mean = next(v for v in add.args if isinstance(v, fx.Node))
-            chain += [mean, mean.args[0]]
-            for dead in chain:
-                if not dead.users:
-                    gm.graph.erase_node(dead)
-            count += 1
-            break
+            s = shape_of(x) if found is not None else None
+            if found is not None and found[0] is x and s is not None and shape_of(node) == s:
+                matches.append((node, x, r, found[1]))
+                break
+    if not matches:
+        return 0
+    widths = _last_dims(gm, {x for _, x, _, _ in matches}, example_inputs)
+    count = 0
+    for node, x, r, eps in matches:
+        s = shape_of(x)
+        if widths[x] - {s[-1]}:
+            continue  # the last axis changes with the input's shape: not a fixed normalized width
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(F.rms_norm, (x, (s[-1],), None, eps))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        add = r.args[0]
+        mean = next(v for v in add.args if isinstance(v, fx.Node))
+        for dead in (node, r, add, mean, mean.args[0]):
+            if not dead.users:
+                gm.graph.erase_node(dead)
+        count += 1
     if count:
         gm.recompile()
     return count

@@ -234,10 +234,10 @@ def shared_ties(gm: fx.GraphModule) -> dict[str, list[str]]:
     return shared
 
 
-def rms_norm_from_pattern(gm: fx.GraphModule) -> int:
+def rms_norm_from_pattern(gm: fx.GraphModule, example_inputs: tuple) -> int:
     from .patterns import rms_norm_from_pattern as match  # patterns reads the rules' op names
 
-    return match(gm)
+    return match(gm, example_inputs)
 
 
 def fold_constants(gm: fx.GraphModule) -> int:
@@ -264,7 +264,7 @@ def _symbolic(model: nn.Module, example_inputs: tuple, expected: Any) -> fx.Grap
     problem = outputs_match(expected, got)
     if problem is not None:
         raise NotFunctional(f"the symbolic trace computes another function than the model ({problem})")
-    rms_norm_from_pattern(gm)  # (shapes known now; the rewritten node keeps the product's shape)
+    rms_norm_from_pattern(gm, example_inputs)  # (shapes known now; the new node keeps the product's shape)
     return gm
 
 
@@ -300,7 +300,7 @@ def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> t
                 f"{type(ex_err).__name__}: {str(ex_err)[:500]}"
             ) from ex_err
         propagate_shapes(gm, example_inputs)
-        rms_norm_from_pattern(gm)
+        rms_norm_from_pattern(gm, example_inputs)
     shared = shared_ties(gm)
     whole = {k: v for k, v in tied_targets(gm).items() if k not in shared}
     if strict and whole:

@@ -122,7 +122,9 @@ def derived_inputs(example_inputs: tuple, seed: int = 0) -> list[tuple[str, tupl
             x = _resized(x, ref, d, ref.shape[d] + 32, g)
         out.append((f"spatial size {tuple(s + 32 for s in ref.shape[2:])}", x))
     else:
-        dims = [1] if ref.dim() == 2 and not ref.is_floating_point() else list(range(1, ref.dim())) if ref.dim() == 3 else []
+        # [B, T] ids, [C, L] unbatched signals, [B, T, E] / [N, C, L] / [C, H, W]: each non-batch axis in
+        # turn (an axis the model cannot vary, a feature axis, is refused by the original and skipped)
+        dims = list(range(1, ref.dim()))
         for d in dims:
             n = ref.shape[d]
             if n > 1:

@@ -80,3 +80,21 @@ def test_a_shared_intermediate_is_left_written_out():
     s = minimize(m, (torch.randn(2, 3, C, dtype=torch.float64),))
     assert not [n for n in s.graph.nodes if n.target is F.rms_norm]
     check_equivalence(m, s, (torch.randn(4, 2, C, dtype=torch.float64),), rtol=1e-12, atol=1e-12)
+
+
+def test_an_rms_over_a_spatial_axis_is_left_written_out():
+    """Found by the fuzzer: a written-out RMS over a flattened (size-dependent) axis. F.rms_norm would
+    pin the traced width; the pattern is left as it is and the result runs at every size."""
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 3, 1)
+
+        def forward(self, x):
+            h = self.conv(x).flatten(1)
+            return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    m = Flat().double().eval()
+    s = minimize(m, (torch.randn(2, 4, 6, dtype=torch.float64),))
+    assert not [n for n in s.graph.nodes if n.target is F.rms_norm]
+    check_equivalence(m, s, (torch.randn(3, 4, 9, dtype=torch.float64),), rtol=1e-12, atol=1e-12)
