@@ -290,22 +290,31 @@ class Analysis:
             if i is not None:
                 present[root_of[i.ids]] = True
         used = frozen.copy()
+        seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # edge -> (live rows, columns they read)
+
+        def read_cols(k: int, live_rows: np.ndarray) -> np.ndarray:
+            src, _, nz = self.edges[k]
+            if k not in seen or not np.array_equal(seen[k][0], live_rows):  # same rows read the same columns
+                seen[k] = (live_rows, _read_cols(nz, live_rows, len(src)))
+            return seen[k][1]
+
         changed = True
         while changed:  # backward liveness over weighted reads, to a fixpoint (the least one: any order)
             changed = False
-            for src, out_ids, nz in reversed(self.edges):  # readers first: a chain settles in one sweep
+            for k in reversed(range(len(self.edges))):  # readers first: a chain settles in one sweep
+                src, out_ids, _ = self.edges[k]
                 live_rows = used[root_of[out_ids]]
                 if not live_rows.any():
                     continue
-                read_roots = root_of[src.ids[_read_cols(nz, live_rows, len(src))]]
+                read_roots = root_of[src.ids[read_cols(k, live_rows)]]
                 if not used[read_roots].all():
                     used[read_roots] = True
                     changed = True
         read_dynamic = frozen.copy()
-        for src, out_ids, nz in self.edges:
+        for k, (src, out_ids, _) in enumerate(self.edges):
             live_rows = used[root_of[out_ids]]
             if live_rows.any():
-                read_dynamic[root_of[src.ids[_read_cols(nz, live_rows, len(src)) & ~src.const]]] = True
+                read_dynamic[root_of[src.ids[read_cols(k, live_rows) & ~src.const]]] = True
         removed = present & ~read_dynamic
         while self._keep_one_channel(removed, root_of) | self._keep_heads_rectangular(removed, root_of):
             pass  # each step only keeps more, so this ends

@@ -16,7 +16,9 @@ One cycle ``k``:
    the prunable weights to ``target_sparsity[k]`` of the *dense* model's count (a cumulative
    schedule, as in iterative magnitude pruning; released entries count as non-zero);
 3. optionally ``train(model, finetune_epochs[k])`` inside :func:`sqr_fx.prune.keep_zeros`;
-4. ``minimize(model.eval(), example_inputs)`` (exact: checked on the calibration batch);
+4. ``minimize(model.eval(), example_inputs, portable=False)`` (exact: checked on the calibration batch;
+   the sqr_fx helper forms are kept so that the next cycle can shrink them again, and the model
+   ``run`` returns has them written out in torch ops: :func:`sqr_fx.portable.inline_helpers`);
 5. ``evaluate`` -> one :class:`CycleRecord` of the *deployable* model: stored floats, ratio to the
    dense model, score, wall time;
 6. :func:`sqr_fx.release` the zeros left inside the compacted tensors (not after the last cycle
@@ -295,7 +297,7 @@ class SqueezeRelease:
         def floats(a: float) -> int:
             probe = copy.deepcopy(base)
             prune(probe, a, self.scope, weights=self._weights(probe))
-            return count_stored_floats(minimize(probe, xs))
+            return count_stored_floats(minimize(probe, xs, portable=False))
 
         hi, size_hi = amount, floats(amount)
         if size_hi > max_floats:
@@ -319,7 +321,9 @@ class SqueezeRelease:
         device = next(model.parameters()).device
         cpu = lambda xs: tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in xs)  # noqa: E731
         model = model.eval().cpu()
-        small = minimize(model, cpu(self.example_inputs))
+        # portable=False: the next cycle minimizes this result again, and its rules recognize sqr_fx's
+        # compensated norms and attention forms, not their torch-op inlining (docs/design.md)
+        small = minimize(model, cpu(self.example_inputs), portable=False)
         if self.verify:
             from .equivalence import check_equivalence
 
@@ -380,6 +384,9 @@ class SqueezeRelease:
             rec.wall_time = time.perf_counter() - t0
             rec.total_time = time.perf_counter() - start
             history.records.append(rec)
+        from .portable import inline_helpers
+
+        inline_helpers(model)  # the deliverable: torch ops only (saves and loads without sqr_fx)
         return model, history
 
     def _record(self, model: nn.Module, history: History, cycle: int, amount: float,

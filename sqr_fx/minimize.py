@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from .analysis import Analysis, Plan
 from .errors import SqrFxError, UnsupportedDtypeError
+from .portable import finish
 from .report import LayerRow, MinimizeReport
 from .rewrite import RuleFailure, rewrite
 from .rules import lookup
@@ -95,6 +96,7 @@ def minimize(
     max_rounds: int = 100,
     verbose: bool = False,
     verify: bool = True,
+    portable: bool = True,
 ) -> fx.GraphModule:
     """Return a new, smaller GraphModule computing the same function as ``model``.
 
@@ -119,6 +121,12 @@ def minimize(
             on the example inputs, one more batch row, and another spatial / sequence size where the
             original accepts one; raise :class:`~sqr_fx.EquivalenceError` naming the first differing
             output instead of returning a wrong model. Its CPU time is ``report.verify_seconds``.
+        portable: the result calls torch only (sqr_fx's helpers written out in torch ops), so it saves,
+            loads and jit-scripts without sqr_fx. ``False`` keeps the helper calls (compensated norms,
+            attention forms) that a second ``minimize`` shrinks again (the Squeeze-Release cycle). Either
+            way the result has modules again where the original had Linear/Conv/BatchNorm/LayerNorm/
+            GroupNorm/Embedding modules, follows ``.train()``/``.eval()``, and keeps folded constants in
+            buffers (``sqr_fx.portable``, docs/design.md "The returned module").
 
     Returns:
         A ``torch.fx.GraphModule`` with plain dense parameters; ``result.sqr_report`` holds
@@ -202,6 +210,7 @@ def minimize(
         if row is not None:
             row.shape_after, row.params_after = _layer_params(gm, a)
     report.rows = list(rows.values())
+    gm = finish(gm, model, portable=portable)  # modules, train/eval, fold buffers, torch-only graph (portable.py)
     report.params_after, report.floats_after = count_parameters(gm), count_stored_floats(gm)
     report.frozen_ops = frozen
     if verify:

@@ -78,7 +78,7 @@ def _rsqrt_of(n: Any) -> Optional[tuple[fx.Node, float]]:
 
 def _last_dims(gm: fx.GraphModule, nodes: set[fx.Node], example_inputs: tuple) -> dict[fx.Node, set[int]]:
     """The last-axis sizes ``nodes`` take on the derived input shapes the graph accepts."""
-    from .verify import _clone, derived_inputs
+    from .verify import _clone, _new_values, derived_inputs
 
     seen: dict[fx.Node, set[int]] = {n: set() for n in nodes}
 
@@ -89,7 +89,16 @@ def _last_dims(gm: fx.GraphModule, nodes: set[fx.Node], example_inputs: tuple) -
                 seen[n].add(int(out.shape[-1]))
             return out
 
-    for _, inputs in derived_inputs(example_inputs)[1:]:
+    g = torch.Generator().manual_seed(1)
+    single = []  # every non-batch axis of every input alone, one larger (channels-last images, [C, L] ...)
+    for i, x in enumerate(example_inputs):
+        if isinstance(x, torch.Tensor):
+            for d in range(1, x.dim()):
+                shape = list(x.shape)
+                shape[d] += 1
+                single.append(tuple(_new_values(x, tuple(shape), g) if j == i else v
+                                    for j, v in enumerate(example_inputs)))
+    for inputs in [v for _, v in derived_inputs(example_inputs)[1:]] + single:
         try:
             with torch.no_grad():
                 Record(gm).run(*_clone(inputs))
@@ -118,14 +127,16 @@ def rms_norm_from_pattern(gm: fx.GraphModule, example_inputs: tuple = ()) -> int
         return 0
     widths = _last_dims(gm, {x for _, x, _, _ in matches}, example_inputs)
     count = 0
-    for node, x, r, eps in matches:
-        s = shape_of(x)
-        if widths[x] - {s[-1]}:
+    replaced: dict[fx.Node, fx.Node] = {}  # an earlier match's product -> its rms_norm (chained norms)
+    for node, x0, r, eps in matches:
+        x, s = replaced.get(x0, x0), shape_of(x0)
+        if widths[x0] - {s[-1]}:
             continue  # the last axis changes with the input's shape: not a fixed normalized width
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(F.rms_norm, (x, (s[-1],), None, eps))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
+        replaced[node] = new
         add = r.args[0]
         mean = next(v for v in add.args if isinstance(v, fx.Node))
         for dead in (node, r, add, mean, mean.args[0]):

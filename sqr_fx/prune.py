@@ -1,7 +1,8 @@
 """Magnitude pruning that leaves exact zeros, on plain modules and on minimized GraphModules.
 
-``minimize()`` returns GraphModules whose weights are plain parameters read by functional ops
-(``F.linear(x, fc1.weight, fc1.bias)``): there is no ``nn.Linear`` left to find. Pruning therefore
+``minimize()`` returns GraphModules with modules where the original had them, but some weights are
+plain parameters read by functional ops (attention projections, layers whose tensors another op also
+reads: ``F.linear(x, fc1.weight, fc1.bias)``), which no module-type search finds. Pruning therefore
 selects tensors by parameter, not by module type: a *prunable weight* is a floating-point
 parameter with at least two dimensions whose name ends in ``weight`` (``fc1.weight``,
 ``in_proj_weight``, conv kernels). Biases, norm affines and layer scales (``layer_scale``) are

@@ -1,7 +1,9 @@
 """The per-layer report of a minimize run: what was removed, why, and what it saved."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import asdict, dataclass, field, fields, replace
+from types import SimpleNamespace
 from typing import Any
 
 __all__ = ["LayerRow", "MinimizeReport"]
@@ -54,6 +56,18 @@ class MinimizeReport:
         d = asdict(self)
         d["ratio"] = self.ratio
         return d
+
+    # A minimized module carries its report (``result.sqr_report``) and must load where sqr_fx is not
+    # installed (docs/design.md, "The returned module"): pickled, the report is a ``types.SimpleNamespace``
+    # of its fields (rows as dicts). Copies stay reports.
+    def __reduce__(self):
+        return (SimpleNamespace, (), self.to_dict())
+
+    def __copy__(self) -> "MinimizeReport":
+        return replace(self)
+
+    def __deepcopy__(self, memo: dict) -> "MinimizeReport":
+        return replace(self, **{f.name: copy.deepcopy(getattr(self, f.name), memo) for f in fields(self)})
 
     def __str__(self) -> str:
         head = ("layer", "op", "weight before", "weight after", "out unused", "out const", "in unused",

@@ -34,7 +34,7 @@ class RuleFailure(Exception):
         super().__init__(message)
         self.node = node
 
-_KEEP_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
+_KEEP_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "sqr_fx.varying_axis1")
 
 
 class Rewriter:
@@ -141,8 +141,15 @@ class Rewriter:
             name = f"sqr_fx_{hint}_{self._n}".replace(".", "_")
             if name not in self.attrs and not hasattr(self.old, name):
                 break
-        self.attrs[name] = (value.detach().clone(), False)
+        self.attrs[name] = (value.detach().clone().to(self._device()), False)
         return self.graph.get_attr(name)
+
+    def _device(self) -> torch.device:
+        """Where the model's tensors live: new buffers (gather indices, kernels) go there too."""
+        t = next(iter(self.old.parameters()), None)
+        if t is None:
+            t = next(iter(self.old.buffers()), None)
+        return t.device if t is not None else torch.device("cpu")
 
     def index_select(self, x: fx.Node, dim: int, idx: np.ndarray, hint: str) -> fx.Node:
         index = self.buffer(hint, torch.as_tensor(np.asarray(idx), dtype=torch.long))
@@ -174,10 +181,28 @@ class Rewriter:
                     is_param and isinstance(value, torch.Tensor)) else value
             _install(root, name, made[id(value)], buffer=not is_param)
         self.graph.owning_module = root  # the purity checks look modules up
+        emitted = [n.target for n in self.graph.nodes if n.op in ("get_attr", "call_module")]
         self.graph.eliminate_dead_code(is_impure_node=_impure)
         # the new module takes only what the live graph reads, and compiles once
         gm = fx.GraphModule(root, self.graph, class_name=type(self.old).__name__)
+        _order_like(gm, emitted)
         return gm.train(self.old.training)
+
+
+def _order_like(gm: fx.GraphModule, targets: list[str]) -> None:
+    """Register ``gm``'s submodules, parameters and buffers in the order ``targets`` first name them (the
+    emitted graph before dead-code elimination), so ``state_dict()`` lists them as the graph did."""
+    rank: dict[str, int] = {}
+    for t in targets:
+        atoms = t.split(".")
+        for i in range(1, len(atoms) + 1):
+            rank.setdefault(".".join(atoms[:i]), len(rank))
+    for name, mod in list(gm.named_modules()):
+        prefix = f"{name}." if name else ""
+        for table in (mod._modules, mod._parameters, mod._buffers):
+            items = sorted(table.items(), key=lambda kv: rank.get(prefix + kv[0], len(rank)))
+            table.clear()
+            table.update(items)
 
 
 def _impure(node: fx.Node) -> bool:

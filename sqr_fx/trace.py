@@ -299,8 +299,13 @@ def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> t
                 f"{type(fx_err).__name__}: {str(fx_err)[:500]}; torch.export.export failed with "
                 f"{type(ex_err).__name__}: {str(ex_err)[:500]}"
             ) from ex_err
-        propagate_shapes(gm, example_inputs)
+        problem = outputs_match(expected, propagate_shapes(gm, example_inputs))
+        if problem is not None:  # (writes through aliased views, data-dependent code ...)
+            raise TraceError(f"neither front end reproduces {type(model).__name__} on the example inputs: "
+                             f"torch.fx.symbolic_trace failed with {type(fx_err).__name__}: {str(fx_err)[:300]}; "
+                             f"torch.export's program computes another function ({problem})")
         rms_norm_from_pattern(gm, example_inputs)
+    _mark_varying_axis1(model if frontend == "export" else private, gm, example_inputs)
     shared = shared_ties(gm)
     whole = {k: v for k, v in tied_targets(gm).items() if k not in shared}
     if strict and whole:
@@ -311,6 +316,31 @@ def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> t
             "bias-untied linear weights is sliced once along its columns and needs no strict exception.)"
         )
     return gm, frontend
+
+
+def _mark_varying_axis1(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Graph inputs are assumed to carry channels on axis 1 (NCHW, [B, F]); an input whose axis 1 the
+    model accepts at another size (channels-last images, [C, L] signals) has no channels there: its
+    placeholder is marked, and no input feature is gathered along that axis. A channel axis is refused
+    at the first layer, so the probe is cheap."""
+    from .rules.shape import VARYING_AXIS1
+    from .verify import _new_values
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    g = torch.Generator().manual_seed(0)
+    for i, x in enumerate(example_inputs):
+        if i >= len(placeholders) or not isinstance(x, torch.Tensor) or x.dim() not in (2, 4, 5) \
+                or not x.is_floating_point():
+            continue
+        shape = list(x.shape)
+        shape[1] += 1
+        probe = list(example_inputs)
+        probe[i] = _new_values(x, tuple(shape), g)
+        try:
+            run_cloned(model, tuple(probe), quiet=True)
+        except Exception:  # noqa: BLE001 - refused: axis 1 is a fixed width (channels)
+            continue
+        placeholders[i].meta[VARYING_AXIS1] = True
 
 
 def _runs(model: nn.Module, example_inputs: tuple) -> Any:

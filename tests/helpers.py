@@ -668,10 +668,13 @@ def reference_mlp_fixpoint(model: RandomMLP) -> list[tuple[int, int]]:
 
 
 def linear_weight_shapes(gm: fx.GraphModule) -> list[tuple[int, int]]:
-    """Shapes of the weights of the ``F.linear`` calls of a minimized graph, in graph order."""
+    """Shapes of the weights of the ``F.linear`` calls and ``nn.Linear`` modules of a minimized graph (the
+    result holds modules again where the original had them), in graph order."""
     shapes = []
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is F.linear:
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Linear:
+            shapes.append(tuple(gm.get_submodule(node.target).weight.shape))
+        elif node.op == "call_function" and node.target is F.linear:
             w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
             shapes.append(tuple(functools.reduce(getattr, w.target.split("."), gm).shape))
     return shapes

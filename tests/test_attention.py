@@ -49,7 +49,7 @@ def test_constant_value_head_is_removed_and_folded():
     m = _block()
     W, _ = _weights(m)
     W[2 * E: 2 * E + D] = 0  # head 0: every value dim is its bias, a constant
-    s = minimize(m, (torch.randn(2, 5, E, dtype=torch.float64),))
+    s = minimize(m, (torch.randn(2, 5, E, dtype=torch.float64),), portable=False)
     assert _attn_params(s)["sqr_fx_v_weight"] == ((H - 1) * D, E)
     _same(m, s)
 
@@ -60,7 +60,7 @@ def test_query_key_dims_removed_in_every_head():
     for h in range(H):
         W[E + h * D] = 0  # key dim 0 of every head: k_d = b_k[d], a per-query shift of the scores
         W[h * D + 1], b[h * D + 1] = 0, 0  # query dim 1 of every head is exactly zero
-    s = minimize(m, (torch.randn(2, 5, E, dtype=torch.float64),))
+    s = minimize(m, (torch.randn(2, 5, E, dtype=torch.float64),), portable=False)
     p = _attn_params(s)
     assert p["sqr_fx_q_weight"] == (H * (D - 2), E) and p["sqr_fx_k_weight"] == (H * (D - 2), E)
     assert [n.args[-2] for n in s.graph.nodes if n.target is self_attention] == [D ** -0.5]  # original scale
@@ -71,7 +71,7 @@ def test_guard_uneven_heads_are_padded_not_cut():
     m = _block()
     W, _ = _weights(m)
     W[E + 0] = 0  # one key dim in head 0 only
-    s = minimize(m, (torch.randn(2, 5, E, dtype=torch.float64),))
+    s = minimize(m, (torch.randn(2, 5, E, dtype=torch.float64),), portable=False)
     assert _attn_params(s)["sqr_fx_k_weight"] == (H * D, E)  # heads share one width
     _same(m, s)
 
@@ -81,7 +81,7 @@ def test_unread_output_channel_and_input_column():
     m.head.weight.data[:, 3] = 0  # attention output channel 3 unread
     W, _ = _weights(m)
     W[:, 5] = 0  # input channel 5 unread by q, k and v
-    s = minimize(m, (torch.randn(5, 2, E, dtype=torch.float64),))
+    s = minimize(m, (torch.randn(5, 2, E, dtype=torch.float64),), portable=False)
     p = _attn_params(s)
     assert p["sqr_fx_q_weight"] == (H * D, E - 1)
     assert dict(s.named_parameters())["inp.weight"].shape == (E - 1, E)  # its row 5 is unread
@@ -95,7 +95,7 @@ def test_guard_cross_attention_and_used_weights_are_not_converted(kw):
     m = _block(**kw)
     W, _ = _weights(m)
     W[2 * E: 2 * E + D] = 0
-    s = minimize(m, (torch.randn(2, 5, E, dtype=torch.float64),))
+    s = minimize(m, (torch.randn(2, 5, E, dtype=torch.float64),), portable=False)
     assert not any(n.target is self_attention for n in s.graph.nodes)
     assert s.sqr_report.params_after == s.sqr_report.params_before
     _same(m, s)
@@ -122,7 +122,7 @@ def test_vit_stream_channels_heads_and_mlp_units_go():
             layer.mlp[0].weight[:40] = 0  # dead MLP units (constant gelu(bias))
             layer.mlp[3].weight[J], layer.mlp[3].bias[J] = 0, 0
         m.heads.head.weight[:, J] = 0
-    s = minimize(m, (torch.randn(2, 3, 32, 32, dtype=torch.float64),))
+    s = minimize(m, (torch.randn(2, 3, 32, 32, dtype=torch.float64),), portable=False)
     p = {k: tuple(v.shape) for k, v in s.named_parameters()}
     assert p["conv_proj.weight"] == (61, 3, 8, 8)
     assert p["encoder.layers.encoder_layer_0.self_attention.sqr_fx_v_weight"] == (48, 61)

@@ -791,3 +791,19 @@ def test_identity_index_select_follows_removed_channels():
     shrinks(s)
     s2 = minimize_exact(s, batches((3, 4), (5, 4)))  # and again: no stale index in a later round
     assert s2.sqr_report.rounds == 0
+
+
+# ---- a channels-last graph input: its axis 1 is spatial, never gathered (found by the fuzzer) ------
+class ChannelsLast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):  # x: [B, H, W, C]; the last row of H is cropped away
+        return self.fc(x[:, :-1])
+
+
+def test_channels_last_input_axis_is_not_gathered():
+    torch.manual_seed(0)
+    m = ChannelsLast().double().eval()
+    minimize_exact(m, [(torch.randn(2, 4, 4, 5, dtype=torch.float64),), (torch.randn(2, 7, 8, 5, dtype=torch.float64),)])

@@ -98,3 +98,22 @@ def test_an_rms_over_a_spatial_axis_is_left_written_out():
     s = minimize(m, (torch.randn(2, 4, 6, dtype=torch.float64),))
     assert not [n for n in s.graph.nodes if n.target is F.rms_norm]
     check_equivalence(m, s, (torch.randn(3, 4, 9, dtype=torch.float64),), rtol=1e-12, atol=1e-12)
+
+
+def test_two_written_out_rms_norms_in_a_row():
+    """Found by the fuzzer: the second norm reads the first one's product, rewritten before it."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, C)
+
+        def forward(self, x):
+            h = self.fc(x)
+            for _ in range(2):
+                h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return h
+
+    m = Twice().double().eval()
+    s = minimize(m, (torch.randn(2, 4, dtype=torch.float64),))
+    assert len([n for n in s.graph.nodes if n.target is F.rms_norm]) == 2
+    check_equivalence(m, s, (torch.randn(5, 4, dtype=torch.float64),), rtol=1e-12, atol=1e-12)

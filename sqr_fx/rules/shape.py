@@ -34,6 +34,10 @@ def _norm_dim(d: int, nd: int) -> int:
 
 
 # ---- graph interface --------------------------------------------------------------------------
+#: ``node.meta`` key on a graph input whose axis 1 the model accepts at another size (trace.py)
+VARYING_AXIS1 = "sqr_fx.varying_axis1"
+
+
 def _placeholder_rewrite(node, R, a):
     new = R.copy(node)
     R.raw_inputs[node] = new
@@ -75,6 +79,8 @@ def placeholder(node, A, a):
     s = A.shape(node)
     tm = node.meta.get("tensor_meta")
     if s is None or len(s) not in (2, 4, 5) or not tm.dtype.is_floating_point:
+        return None
+    if node.meta.get(VARYING_AXIS1):  # the model takes other sizes there: not channels ([B, H, W, C] input)
         return None
     info = ChanInfo.dynamic(1, A.fresh(s[1]))
     if not A.drop_inputs:

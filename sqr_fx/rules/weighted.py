@@ -26,6 +26,10 @@ aten = torch.ops.aten
 
 #: ``node.meta`` key: the input info a weighted op's analysis followed (None: declined, nothing sliced)
 READS = "sqr_fx.reads"
+#: ``node.meta`` key: a weighted op's non-zero pattern ``[out, in]`` (kernel taps reduced), and on the
+#: weight's ``get_attr`` node a rewrite emits, the pattern of the slice it stored (a slice of a finite
+#: weight is finite), so the next round does not read every weight again
+NONZERO = "sqr_fx.nonzero"
 
 __all__ = ["ones_map"]
 
@@ -42,12 +46,11 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().double().numpy()
 
 
-def _finite(t: torch.Tensor, sums: torch.Tensor | None = None) -> bool:
-    """Every entry finite. A sum is finite only when every term is (inf or NaN propagates), so a
-    finite ``sums`` (any partial sums of ``t``) settles it without a pass over ``t``; the exact
-    check runs only when a sum is not finite (a NaN/inf entry, or finite entries that overflow)."""
-    s = t.sum() if sums is None else sums
-    return bool(torch.isfinite(s).all()) or bool(torch.isfinite(t).all())
+def _finite(t: torch.Tensor) -> bool:
+    """Every entry finite. A sum is finite only when every term is (inf or NaN propagates), so a finite
+    sum settles it in one reduction; the exact check runs only when the sum is not finite (a NaN/inf
+    entry, or finite entries whose sum overflows)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _row_values(nz: np.ndarray, bias: np.ndarray, ok: np.ndarray | None, wsum, probe) -> tuple:
@@ -78,14 +81,15 @@ def _weighted_analyze(node: fx.Node, A, a, *, conv: bool, transposed: bool = Fal
     x, W = a["input"], _weight(A.tensor(a["weight"]), transposed)
     out_shape, x_shape = A.shape(node), A.shape(x)
     b = A.tensor(a.get("bias"))
-    # per (output, input) channel: the kernel's sum (exact constants) and whether any tap is non-zero
-    wsum = W.flatten(2).sum(-1) if conv and W is not None else None
+    known = a["weight"].meta.get(NONZERO) if W is not None else None  # a slice the last rewrite stored
+    known = known if known is not None and known.shape == tuple(W.shape[:2]) else None
     why = ("the weight is computed in forward, not a parameter" if W is None
            else "the bias is computed in forward" if a.get("bias") is not None and b is None
            else "unbatched input (its rank is not the weight's)" if conv and x_shape is not None
            and len(x_shape) != W.dim()
            # 0 * inf is NaN: even a zero input channel is read by a non-finite weight
-           else "non-finite weight or bias" if not _finite(W, wsum) or (b is not None and not _finite(b)) else None)
+           else "non-finite weight or bias" if (known is None and not _finite(W))
+           or (b is not None and not _finite(b)) else None)
     if why is not None:
         A.decline(node, why)
         return None
@@ -96,11 +100,11 @@ def _weighted_analyze(node: fx.Node, A, a, *, conv: bool, transposed: bool = Fal
     src = A.info(x)
     dim = 1 if conv else len(out_shape) - 1
     groups = int(a.get("groups", 1)) if conv else 1
-    nzw = ((W != 0).flatten(2).any(-1) if conv else (W != 0)).cpu().numpy()
-    sums = wsum if conv else W  # float64 only for the rows that turn out constant
+    nzw = known if known is not None else ((W != 0).flatten(2).any(-1) if conv else (W != 0)).cpu().numpy()
+    node.meta[NONZERO] = nzw
 
-    def rows_of(rows: np.ndarray) -> np.ndarray:
-        return _np(sums[torch.as_tensor(rows)])
+    def rows_of(rows: np.ndarray) -> np.ndarray:  # per (output, input) channel: the kernel's sum, float64
+        return _np((W.flatten(2).sum(-1) if conv else W)[torch.as_tensor(rows)])
 
     padded = conv and _has_padding(a.get("padding", 0))
     if src is not None and (src.dim != (1 if conv else len(x_shape) - 1) or len(src) != W.shape[1] * groups):
@@ -153,12 +157,14 @@ def _weighted_rewrite(node: fx.Node, R, a, *, conv: bool, transposed: bool = Fal
     out_info, src = R.info(node), node.meta.get(READS)
     keep_out = R.keep(out_info, W.shape[0])
     groups = int(a.get("groups", 1)) if conv else 1
-    Wn, bn = W, b
+    Wn, bn = _take(W, 0, keep_out), b  # rows first: the column gather then copies less
+    nz = node.meta[NONZERO][keep_out]
     correction = None
     if groups == 1 and src is not None:
         keep_in = R.keep(src, W.shape[1])
         fold = ~keep_in & src.const & (src.value != 0)
-        Wn = _take(W, 1, keep_in)
+        Wn = _take(Wn, 1, keep_in)
+        nz = nz[:, keep_in]
         if fold.any():
             c = torch.as_tensor(src.value[fold], dtype=torch.float64)
             K = torch.einsum("oi...,i->o...", W[:, torch.as_tensor(fold)].double(), c)
@@ -170,7 +176,8 @@ def _weighted_rewrite(node: fx.Node, R, a, *, conv: bool, transposed: bool = Fal
                 bn = bn.to(W.dtype)
     elif groups > 1:
         groups = int(keep_out.sum()) // (W.shape[0] // groups)
-    new = {"weight": R.attr(a["weight"].target, _weight(_take(Wn, 0, keep_out), transposed))}
+    new = {"weight": R.attr(a["weight"].target, _weight(Wn, transposed))}
+    new["weight"].meta[NONZERO] = nz
     if bn is not None:
         new["bias"] = R.attr(a["bias"].target if isinstance(a.get("bias"), fx.Node) else f"{a['weight'].target}_bias",
                              _take(bn, 0, keep_out))
@@ -185,7 +192,12 @@ def _weighted_rewrite(node: fx.Node, R, a, *, conv: bool, transposed: bool = Fal
 
 def _take(t: torch.Tensor, dim: int, keep: np.ndarray) -> torch.Tensor:
     """The kept positions of ``t`` along ``dim`` (one gather; ``t`` itself when all are kept)."""
-    return t if keep.all() else t.index_select(dim, torch.as_tensor(np.flatnonzero(keep)))
+    if keep.all():
+        return t
+    idx = torch.as_tensor(np.flatnonzero(keep))
+    if dim == 1 and t.dim() > 3:  # a conv kernel's input channels: gather whole kernels (3-D is faster)
+        return t.reshape(t.shape[0], t.shape[1], -1).index_select(1, idx).reshape((t.shape[0], len(idx)) + t.shape[2:])
+    return t.index_select(dim, idx)
 
 
 def _add_correction(node, R, a, out, x_new, K) -> fx.Node:
