@@ -49,6 +49,7 @@ class ChanInfo:
     value: np.ndarray
     head: Optional[int] = None
     heads: int = 1
+    blocks: bool = False  # positions are channel blocks of traced spatial size (flatten of [C, H, W])
 
     @classmethod
     def dynamic(cls, dim: int, ids: np.ndarray) -> "ChanInfo":

@@ -807,3 +807,41 @@ def test_channels_last_input_axis_is_not_gathered():
     torch.manual_seed(0)
     m = ChannelsLast().double().eval()
     minimize_exact(m, [(torch.randn(2, 4, 4, 5, dtype=torch.float64),), (torch.randn(2, 7, 8, 5, dtype=torch.float64),)])
+
+
+# ---- found by the long fuzz run ---------------------------------------------------------------------
+class DimRead(nn.Module):
+    """x.dim() reads the graph input: the input gather must still be recognized (no new gather per round)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        with torch.no_grad():
+            self.fc.weight[:, 2] = 0  # input feature 2 unread
+
+    def forward(self, x):
+        return self.fc(x.unsqueeze(x.dim()).squeeze(-1))
+
+
+def test_input_read_by_dim_reaches_a_fixpoint():
+    m = DimRead().double().eval()
+    s = minimize_exact(m, batches((3, 6), (5, 6)))
+    assert s.sqr_report.rounds == 1 and s.sqr_report.input_features_dropped == 1
+
+
+class FlatSlice(nn.Module):
+    """The last 15 features of a flattened conv map: positions move with the spatial size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(15, 2)
+        with torch.no_grad():
+            self.conv.weight[1], self.conv.bias[1] = 0, -1.0
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1)[:, -15:])
+
+
+def test_slice_of_a_flattened_channel_axis_is_declined():
+    m = FlatSlice().double().eval()
+    minimize_exact(m, [(torch.randn(2, 3, 4, 4, dtype=torch.float64),), (torch.randn(2, 3, 6, 7, dtype=torch.float64),)])

@@ -50,7 +50,8 @@ def _placeholder_rewrite(node, R, a):
 def is_input_gather(x) -> bool:
     """A graph input read only through ``index_select`` on axis 1 (minimize's own input gather),
     apart from torch.export's guard, which checks the caller's input itself."""
-    readers = [u for u in x.users if not _is_guard(u) and not _reads_other_size(u)] if isinstance(x, fx.Node) else []
+    readers = [u for u in x.users if not _is_guard(u) and not _reads_other_size(u) and not _reads_metadata(u)] \
+        if isinstance(x, fx.Node) else []
     return isinstance(x, fx.Node) and x.op == "placeholder" and len(readers) > 0 and all(
         u.target in (torch.index_select, aten.index_select.default) and u.args[0] is x and u.args[1] == 1
         for u in readers)
@@ -62,6 +63,12 @@ def _reads_other_size(node: fx.Node) -> bool:
     s = shape_of(node.args[0]) if node.args else None
     return (is_size and s is not None and len(node.args) > 1 and type(node.args[1]) is int
             and _norm_dim(node.args[1], len(s)) != 1)
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    """``x.dim()``, ``x.ndim``, ``x.dtype`` ...: the same for the input and its gather."""
+    return (node.op == "call_method" and node.target == "dim") or (
+        node.target is getattr and len(node.args) > 1 and node.args[1] in _METADATA)
 
 
 def _is_guard(node: fx.Node) -> bool:
@@ -229,7 +236,7 @@ def _reshaped(node, A, x):
             return None
         return replace(src, dim=k + 1, head=k, heads=s_out[k])
     k, inner = m
-    out = src.repeat(inner) if inner > 1 else src
+    out = replace(src.repeat(inner), blocks=True) if inner > 1 else src
     return out.with_dim(k)
 
 
@@ -422,11 +429,16 @@ def _slice_rewrite(node, R, a):
 @rule("slice", operator.getitem, aten.slice.Tensor, names=("input", "index"), rewrite=_slice_rewrite,
       per_target={aten.slice.Tensor: ("input", "dim", "start", "end", "step")})
 def getitem(node, A, a):
-    """x[..., a:b:s, ...] on the channel axis keeps the selected ids (other axes: unchanged)."""
+    """x[..., a:b:s, ...] on the channel axis keeps the selected ids (other axes: unchanged).
+    Precondition: the axis is not a flatten of channels with spatial axes (its positions move with
+    the input's size, so literal positions would select other features at another size)."""
     x = node.args[0]
     if _PIECES in getattr(x, "meta", {}):  # split(...)[i]
         return x.meta[_PIECES][node.args[1]] if type(node.args[1]) is int else None
     src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
+    if src is not None and src.blocks:
+        A.decline(node, "slices an axis that flattens channels with spatial axes", src)
+        return None
     if src is None or s_in is None or s_out is None:
         A.freeze(src)
         return None
@@ -478,6 +490,9 @@ def index_select(node, A, a):
     """A gather along the channel axis with a constant index (minimize's own input gather) selects ids."""
     x = a["input"]
     src, s_in, idx = A.info(x), A.shape(x), A.tensor(a["index"])
+    if src is not None and src.blocks:
+        A.decline(node, "gathers along an axis that flattens channels with spatial axes", src)
+        return None
     if is_input_gather(x) and idx is not None:  # the gathered features are the graph's input channels
         pos = idx.cpu().numpy().astype(np.int64)
         node.meta["sqr_fx.slice_pos"] = pos
@@ -520,6 +535,9 @@ def split(node, A, a):
     sections = next((a.get(k) for k in ("sections", "split_size_or_sections", "split_size", "split_sizes", "chunks",
                                          "indices_or_sections") if a.get(k) is not None), None)
     pieces_only = all(u.target is operator.getitem and type(u.args[1]) is int for u in node.users)
+    if src is not None and src.blocks:
+        A.decline(node, "splits an axis that flattens channels with spatial axes", src)
+        return None
     if src is None or s_in is None or sections is None or isinstance(sections, fx.Node) or not pieces_only or (
             isinstance(sections, (list, tuple)) and any(isinstance(v, fx.Node) for v in sections)):
         A.freeze(src)  # the tuple read as a whole (cat of a slice of it, hstack ...): untracked
