@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-__all__ = ["self_attention", "functionalize_mha"]
+__all__ = ["self_attention", "attend", "project_heads", "functionalize_mha"]
 
 
 @torch.fx.wrap
@@ -37,13 +37,23 @@ def self_attention(x: Tensor, q_weight: Tensor, q_bias: Tensor, k_weight: Tensor
                               out_bias, num_heads, scale, True).squeeze(0)
     if not batch_first:
         x = x.transpose(0, 1)
-    b, t = x.shape[0], x.shape[1]
-    q = F.linear(x, q_weight, q_bias).view(b, t, num_heads, -1).transpose(1, 2)
-    k = F.linear(x, k_weight, k_bias).view(b, t, num_heads, -1).transpose(1, 2)
-    v = F.linear(x, v_weight, v_bias).view(b, t, num_heads, -1).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    out = F.linear(o.transpose(1, 2).reshape(b, t, -1), out_weight, out_bias)
+    out = attend(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias, num_heads, scale)
     return out if batch_first else out.transpose(0, 1)
+
+
+def project_heads(x: Tensor, weight: Tensor, bias: Optional[Tensor], num_heads: int, n, t) -> Tensor:
+    """One projection of ``x`` [n, t, E] split into heads: [n, heads, t, d]."""
+    return F.linear(x, weight, bias).view(n, t, num_heads, -1).transpose(1, 2)
+
+
+def attend(x: Tensor, q_weight: Tensor, q_bias: Tensor, k_weight: Tensor, k_bias: Tensor, v_weight: Tensor,
+           v_bias: Tensor, out_weight: Tensor, out_bias: Optional[Tensor], num_heads: int, scale: float) -> Tensor:
+    """The batch-first core of :func:`self_attention` ([B, T, E] in and out); plain torch (traceable)."""
+    b, t = x.shape[0], x.shape[1]
+    q, k, v = (project_heads(x, w, bb, num_heads, b, t)
+               for w, bb in ((q_weight, q_bias), (k_weight, k_bias), (v_weight, v_bias)))
+    o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return F.linear(o.transpose(1, 2).reshape(b, t, -1), out_weight, out_bias)
 
 
 def functionalize_mha(gm: fx.GraphModule, node: fx.Node, mod: nn.MultiheadAttention) -> bool:

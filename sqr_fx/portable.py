@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .attention import attend, project_heads
 from .rules.registry import has_hooks
 
 __all__ = ["finish", "restore_modules", "inline_helpers", "sqr_fx_references", "layer_norm_ops", "rms_norm_ops",
@@ -570,12 +571,7 @@ def self_attention_ops(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, 
         x = x.unsqueeze(0)
     elif not batch_first:
         x = x.transpose(0, 1)
-    b, t = x.shape[0], x.shape[1]
-    q = F.linear(x, q_weight, q_bias).view(b, t, num_heads, -1).transpose(1, 2)
-    k = F.linear(x, k_weight, k_bias).view(b, t, num_heads, -1).transpose(1, 2)
-    v = F.linear(x, v_weight, v_bias).view(b, t, num_heads, -1).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    out = F.linear(o.transpose(1, 2).reshape(b, t, -1), out_weight, out_bias)
+    out = attend(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias, num_heads, scale)
     if rank == 2:
         return out.squeeze(0)
     return out if batch_first else out.transpose(0, 1)
@@ -600,9 +596,8 @@ def window_attention_ops(input, q_weight, q_bias, k_weight, k_bias, v_weight, v_
     x = x.view(B, nh, ws0, nw, ws1, c_in)
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, ws0 * ws1, c_in)
     n, t = x.shape[0], ws0 * ws1
-    q = F.linear(x, q_weight, q_bias).view(n, t, num_heads, -1).transpose(1, 2)
-    k = F.linear(x, k_weight, k_bias).view(n, t, num_heads, -1).transpose(1, 2)
-    v = F.linear(x, v_weight, v_bias).view(n, t, num_heads, -1).transpose(1, 2)
+    q, k, v = (project_heads(x, w, bb, num_heads, n, t)
+               for w, bb in ((q_weight, q_bias), (k_weight, k_bias), (v_weight, v_bias)))
     if logit_scale is not None:
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
         attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()

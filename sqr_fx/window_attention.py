@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .attention import project_heads
+
 __all__ = ["window_attention"]
 
 
@@ -76,9 +78,8 @@ def window_attention(input: Tensor, q_weight: Tensor, q_bias: Tensor, k_weight: 
     x = x.view(B, pad_h // window_size[0], window_size[0], pad_w // window_size[1], window_size[1], c_in)
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, window_size[0] * window_size[1], c_in)
     n, t = x.size(0), x.size(1)
-    q = F.linear(x, q_weight, q_bias).view(n, t, num_heads, -1).transpose(1, 2)
-    k = F.linear(x, k_weight, k_bias).view(n, t, num_heads, -1).transpose(1, 2)
-    v = F.linear(x, v_weight, v_bias).view(n, t, num_heads, -1).transpose(1, 2)
+    q, k, v = (project_heads(x, w, bb, num_heads, n, t)
+               for w, bb in ((q_weight, q_bias), (k_weight, k_bias), (v_weight, v_bias)))
     if logit_scale is not None:
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
         attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
