@@ -184,7 +184,7 @@ def minimize(
         for node in gm.graph.nodes:
             if node.name in set_aside:
                 node.meta[OPAQUE] = True
-        analysis = Analysis(gm, strict=strict, drop_inputs=drop_inputs).run()
+        analysis = Analysis(gm, strict=strict, drop_inputs=drop_inputs, example_inputs=example_inputs).run()
         plan = analysis.plan()
         frozen = plan.frozen_nodes
         report.declined = plan.declined
