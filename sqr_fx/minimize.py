@@ -210,7 +210,7 @@ def minimize(
         if row is not None:
             row.shape_after, row.params_after = _layer_params(gm, a)
     report.rows = list(rows.values())
-    gm = finish(gm, model, portable=portable)  # modules, train/eval, fold buffers, torch-only graph (portable.py)
+    gm = finish(gm, model, portable=portable)  # modules, train/eval, fold buffers, torch-only graph (sqr_fx/portable/)
     report.params_after, report.floats_after = count_parameters(gm), count_stored_floats(gm)
     report.frozen_ops = frozen
     if verify:

@@ -1,4 +1,4 @@
-"""The result is an ordinary module (``sqr_fx/portable.py``, docs/design.md "The returned module").
+"""The result is an ordinary module (``sqr_fx/portable/``, docs/design.md "The returned module").
 
 What is checked, on masked torchvision ResNet-18 / MobileNetV3-small (float64, 64 px, the zoo test's
 masking), a small planted torchvision ViT, a small planted Swin and a Hugging Face GPT-2 (the
