@@ -438,3 +438,15 @@ def test_results_load_in_a_fresh_process_without_sqr_fx(tmp_path):
         assert sqr_fx_references(s) == [], name
     errors = errors_in_a_fresh_process_without_sqr_fx({k: (m, s, x) for k, (m, s, x) in models.items()}, tmp_path)
     assert all(e < 1e-9 for e in errors.values()), errors
+
+
+def test_an_aten_group_norm_stays_functional_where_nn_group_norm_would_refuse_the_input():
+    """``nn.GroupNorm`` (through ``F.group_norm``) refuses an input with one value per group; the exported
+    graph's ``aten.group_norm`` computes it. Found by the fuzzer (case seed 424243273244)."""
+    net = nn.Sequential(nn.Conv1d(3, 3, 1), nn.GroupNorm(3, 3), nn.Conv1d(3, 4, 1)).double().eval()
+    with torch.no_grad():
+        net[2].weight[:, 1] = 0
+    ep = torch.export.export(net, (_x(2, 3, 1),), dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
+    s = minimize(ep, (_x(2, 3, 1),))
+    x = _x(1, 3, 1, seed=1)
+    torch.testing.assert_close(s(x), ep(x), rtol=RTOL, atol=ATOL)
