@@ -430,6 +430,11 @@ def _describe(inputs: tuple) -> str:
 OTHER_SHAPES = "sqr_fx.other_shapes"
 
 
+#: ops whose output has their input's shape, run on meta tensors as ``empty_like`` (no decomposition)
+_SAME_SHAPE = {F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default, F.group_norm,
+               torch.ops.aten.group_norm.default, F.instance_norm}
+
+
 def record_other_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Write :data:`OTHER_SHAPES` on every node: the shapes the graph's values take at the derived input
     sizes it accepts. A rule whose channel mapping is read off the traced sizes (``reshape(-1, 6)``,
@@ -455,8 +460,15 @@ def record_other_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
             t = super().get_attr(target, args, kwargs)
             return t.to("meta") if isinstance(t, torch.Tensor) else t
 
+        def call_function(self, target, args, kwargs):
+            if target in _SAME_SHAPE and args and isinstance(args[0], torch.Tensor):
+                return torch.empty_like(args[0])  # (meta batch_norm runs a Python decomposition: slow)
+            return super().call_function(target, args, kwargs)
+
         def call_module(self, target, args, kwargs):
             mod = self.fetch_attr(target)
+            if isinstance(mod, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and args:
+                return torch.empty_like(args[0])
             state = {k: v.to("meta") for k, v in chain(mod.named_parameters(), mod.named_buffers())}
             return torch.func.functional_call(mod, state, args, kwargs) if state else mod(*args, **kwargs)
 
