@@ -172,8 +172,14 @@ def _unwrap_parametrizations(model: nn.Module) -> nn.Module:
 
 
 def _private_copy(model: nn.Module) -> nn.Module:
-    """deepcopy that also takes non-leaf tensor attributes (``prune`` leaves ``weight = orig * mask``)."""
-    memo: dict[int, Any] = {}
+    """A copy of the module tree that the front end may edit (functional layers, baked parametrizations).
+    Parameters share their STORAGE with ``model`` (new Parameter objects), not copied: nothing in the pass writes into a tensor, a sliced
+    parameter is a new tensor, and :func:`privatize` clones the ones the result still shares before it is
+    returned (one copy of the kept weights, not two: a 1B-parameter model needs no extra 4 GB). Buffers
+    are copied (a forward may update them); so are non-leaf tensor attributes (``prune`` leaves
+    ``weight = orig * mask``)."""
+    # new Parameter objects over the same storage: ``prune.remove`` assigns ``weight_orig.data`` on the copy
+    memo: dict[int, Any] = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
     for mod in model.modules():
         for v in vars(mod).values():
             if isinstance(v, torch.Tensor) and not v.is_leaf:
@@ -495,3 +501,28 @@ def record_other_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
         if seen is not None:
             for node in gm.graph.nodes:
                 node.meta[OTHER_SHAPES].append(seen.get(node))
+
+
+def privatize(gm: nn.Module, model: nn.Module) -> None:
+    """Clone, in place on ``gm``, every tensor it shares storage with ``model`` (:func:`_private_copy`
+    shares the parameters): the result never aliases the input. A tensor held under several names
+    stays one tensor; a Parameter stays a Parameter with its ``requires_grad``."""
+    theirs = {t.untyped_storage().data_ptr() for t in chain(model.parameters(), model.buffers()) if t.numel()}
+    clones: dict[int, Any] = {}
+
+    def own(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or not t.numel() or t.untyped_storage().data_ptr() not in theirs:
+            return t
+        if id(t) not in clones:
+            c = t.detach().clone()
+            clones[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+        return clones[id(t)]
+
+    for mod in gm.modules():
+        for store in (mod._parameters, mod._buffers):
+            for k, t in list(store.items()):
+                if t is not None and own(t) is not t:
+                    store[k] = own(t)
+        for k, v in list(vars(mod).items()):
+            if isinstance(v, torch.Tensor) and own(v) is not v:
+                setattr(mod, k, own(v))
