@@ -1,4 +1,4 @@
-"""Written-out normalizations recognized as the op they compute (needs traced shapes).
+"""Written-out normalizations and rotary embeddings recognized as the op they compute (needs traced shapes).
 
 Hugging Face writes RMSNorm out (Llama, Mistral, Qwen, Gemma, T5, OLMo ...)::
 
@@ -11,9 +11,18 @@ rewritten to that call, whose rule removes stream channels with a compensated RM
 multiply after it, ``weight * x`` or Gemma's ``(1 + weight) * x``, stays an ordinary per-channel
 product). Matched only when every intermediate has no other reader, the mean is over the last axis
 with ``keepdim=True``, and ``eps`` is a Python number; anything else is left as it is.
+
+Rotary position embeddings (Llama, Mistral, Qwen2 ...) are written out too::
+
+    x * cos + torch.cat((-x[..., D // 2:], x[..., :D // 2]), -1) * sin     # rotate_half form
+
+Each of the slices, the negation and the cat would see a head-split tensor alone and freeze it; the
+subgraph is rewritten to one :func:`sqr_fx.attention.rotary` call (the same ops, in the same order),
+whose rule couples each rotation pair ``(i, i + D/2)`` (``rules/rotary.py``).
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional
 
 import torch
@@ -23,7 +32,7 @@ from torch import fx
 from .rules.registry import op_name
 from .values import shape_of
 
-__all__ = ["rms_norm_from_pattern"]
+__all__ = ["rms_norm_from_pattern", "rotary_from_pattern"]
 
 aten = torch.ops.aten
 
@@ -147,3 +156,107 @@ def rms_norm_from_pattern(gm: fx.GraphModule, example_inputs: tuple = ()) -> int
         gm.recompile()
     return count
 
+
+
+# ---- rotary position embedding ------------------------------------------------------------------------------
+def _last_axis_positions(n: Any) -> Optional[tuple[fx.Node, range]]:
+    """(X, positions) when ``n`` slices X's last axis with literal bounds and nothing else
+    (``X[..., a:b]``, ``X[:, :, :, a:b]``, ``aten.slice(X, -1, a, b)``)."""
+    if not isinstance(n, fx.Node) or n.op != "call_function" or not n.args or not isinstance(n.args[0], fx.Node):
+        return None
+    x, s = n.args[0], shape_of(n.args[0])
+    if s is None or not s:
+        return None
+    if n.target is aten.slice.Tensor and not n.kwargs:
+        d, start, end, step = (list(n.args[1:]) + [0, None, None, 1][len(n.args) - 1:])[:4]
+        ok = all(v is None or type(v) is int for v in (d, start, end, step)) and d is not None
+        return (x, range(s[-1])[slice(start, end, step)]) if ok and d % len(s) == len(s) - 1 else None
+    if n.target is operator.getitem and not n.kwargs:
+        idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        if idx.count(Ellipsis) == 1 and idx[-1] is not Ellipsis and idx[:-1] == (Ellipsis,):
+            last = idx[-1]
+        elif Ellipsis not in idx and len(idx) == len(s) and all(i == slice(None) for i in idx[:-1]):
+            last = idx[-1]
+        else:
+            return None
+        if not isinstance(last, slice) or not all(v is None or type(v) is int for v in (last.start, last.stop, last.step)):
+            return None
+        return x, range(s[-1])[last]
+    return None
+
+
+def _rotate_half_of(n: Any) -> Optional[tuple[fx.Node, int]]:
+    """(X, D/2) when ``n`` is ``cat((-X[..., D/2:], X[..., :D/2]), -1)`` with unshared intermediates."""
+    if not isinstance(n, fx.Node) or op_name(n) not in ("cat", "concat") or n.op != "call_function":
+        return None
+    parts = n.args[0] if n.args else None
+    d = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or type(d) is not int:
+        return None
+    neg, lo = parts
+    if not (_only_user(neg) and _only_user(lo) and op_name(neg) == "neg" and len(neg.args) == 1 and not neg.kwargs):
+        return None
+    hi, got_lo = _last_axis_positions(neg.args[0]) if _only_user(neg.args[0]) else None, _last_axis_positions(lo)
+    if hi is None or got_lo is None or hi[0] is not got_lo[0]:
+        return None
+    x, s = hi[0], shape_of(hi[0])
+    D = s[-1]
+    if D % 2 or d % len(s) != len(s) - 1 or hi[1] != range(D // 2, D) or got_lo[1] != range(D // 2):
+        return None
+    return x, D // 2
+
+
+def _mul_operands(n: Any) -> Optional[tuple[Any, Any]]:
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method") or op_name(n) != "mul" \
+            or len(n.args) != 2 or n.kwargs:
+        return None
+    return n.args[0], n.args[1]
+
+
+def rotary_from_pattern(gm: fx.GraphModule) -> int:
+    """Rewrite every written-out rotary embedding ``X * cos + rotate_half(X) * sin`` (operands of each
+    product and of the sum in either order) to one :func:`sqr_fx.attention.rotary` call; returns how many.
+
+    The call computes the same ops in the same order (products and sums commute exactly in floating
+    point), so the graph's function is unchanged bit for bit. Matched only when the slices, the
+    negation, the cat and both products have no other reader; X itself may have any readers. Needs
+    ``tensor_meta`` (the slices' bounds are checked against X's traced last-axis width)."""
+    from .attention import rotary
+
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method") or op_name(node) != "add" or len(node.args) != 2 \
+                or node.kwargs or not all(_only_user(a) for a in node.args):
+            continue
+        match = None
+        for m_cos, m_sin in (node.args, node.args[::-1]):
+            a, b = _mul_operands(m_cos) or (None, None), _mul_operands(m_sin) or (None, None)
+            for r, sin in ((b[0], b[1]), (b[1], b[0])):
+                found = _rotate_half_of(r) if _only_user(r) else None
+                if found is None:
+                    continue
+                x, half = found
+                if a[0] is x and a[1] is not x:
+                    match = (x, a[1], sin, half, m_cos, m_sin, r)
+                elif a[1] is x and a[0] is not x:
+                    match = (x, a[0], sin, half, m_cos, m_sin, r)
+                if match and sin is not x:
+                    break
+                match = None
+            if match:
+                break
+        if match is None:
+            continue
+        x, cos, sin, half, m_cos, m_sin, r = match
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(rotary, (x, cos, sin, half))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        neg, lo = r.args[0]
+        for dead in (node, m_cos, m_sin, r, neg, lo, neg.args[0]):
+            if not dead.users:
+                gm.graph.erase_node(dead)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
