@@ -218,13 +218,56 @@ def _merged(src: ChanInfo, in_shape, out_shape):
     return None
 
 
+def _heads_repeated(src: ChanInfo, in_shape, out_shape):
+    """``[.., H, r, .., D] -> [.., H * r, .., D]`` (the head axis merged with the axis after it, Hugging
+    Face's ``repeat_kv``): head ``h * r + j`` of the output holds channel (h, d) of the input at index j of
+    the merged axis, so it carries (h, d)'s id and value (one tensor, one fate; a constant stays the
+    constant at every index). None when the reshape is not that."""
+    a, r = src.head, in_shape[src.head + 1] if src.head + 1 < len(in_shape) else 0
+    if src.dim <= a + 1 or r < 1 or tuple(out_shape) != tuple(in_shape[:a]) + (src.heads * r,) + tuple(in_shape[a + 2:]):
+        return None
+
+    def rep(arr):
+        return np.repeat(src.per_head(arr), r, axis=0).reshape(-1)
+
+    return ChanInfo(src.dim - 1, rep(src.ids), rep(src.const), rep(src.value), head=a, heads=src.heads * r)
+
+
+def _axes_moved(src: ChanInfo, old_to_new: dict[int, int]) -> ChanInfo | None:
+    """A head-split info on the same positions with its two axes renumbered (None: an axis is dropped)."""
+    if src.head not in old_to_new or src.dim not in old_to_new:
+        return None
+    return replace(src, head=old_to_new[src.head], dim=old_to_new[src.dim])
+
+
+def _squeezed_heads(node, A, x, src: ChanInfo):
+    """unsqueeze / squeeze(dims) of a head-split tensor: size-1 axes come or go around the head axes."""
+    s_in, s_out = A.shape(x), A.shape(node)
+    d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if s_in is None or s_out is None or d is None:
+        return None
+    nd = len(s_in)
+    if "unsqueeze" in op_name(node):
+        if type(d) is not int:
+            return None
+        d = _norm_dim(d, nd + 1)
+        return _axes_moved(src, {a: a + (a >= d) for a in range(nd)})
+    dims = [d] if type(d) is int else list(d)
+    if not all(type(v) is int for v in dims):
+        return None
+    gone = {_norm_dim(v, nd) for v in dims if s_in[_norm_dim(v, nd)] == 1}  # squeezing a size > 1 is a no-op
+    if len(s_out) != nd - len(gone):
+        return None
+    return _axes_moved(src, {a: a - sum(g < a for g in gone) for a in range(nd) if a not in gone})
+
+
 def _reshaped(node, A, x):
     src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
     if src is None or s_in is None or s_out is None:
         A.freeze(src)
         return None
-    if src.split:  # the same shape, or the two head axes merged back into one
-        out = src if s_in == s_out else _merged(src, s_in, s_out)
+    if src.split:  # the same shape, the two head axes merged back into one, or heads repeated
+        out = src if s_in == s_out else (_merged(src, s_in, s_out) or _heads_repeated(src, s_in, s_out))
         if out is None:
             A.freeze(src)
         return out
@@ -262,6 +305,12 @@ def flatten(node, A, a):
         if A.info(x) is not None:
             A.decline(node, "squeeze() without axes: which axes go depends on the run-time shape", A.info(x))
         return None
+    src = A.info(x)
+    if src is not None and src.split and "squeeze" in op_name(node):
+        out = _squeezed_heads(node, A, x, src)
+        if out is None:
+            A.freeze(src)
+        return out
     return _reshaped(node, A, x)
 
 
@@ -376,11 +425,40 @@ def roll(node, A, a):
     return src.with_dim(src.dim)
 
 
-@rule("expand", method("expand"), aten.expand.default, method("expand_as"))
+def _expand_sizes(node) -> list:
+    return list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
+
+
+def _expand_rewrite(node, R, a):
+    """A head-split tensor's literal sizes on its head axes become the kept widths."""
+    out = R.info(node)
+    if out is None or not out.split or R.keep(out).all():
+        return R.copy(node)
+    sizes = _expand_sizes(node)
+    for axis, n in zip((out.head, out.dim), head_widths(R.keep(out), out)):
+        if sizes[axis] != -1:
+            sizes[axis] = n
+    return R.graph.call_method("expand", (R.arg(node.args[0]), tuple(R.arg(v) for v in sizes)))
+
+
+@rule("expand", method("expand"), aten.expand.default, method("expand_as"), rewrite=_expand_rewrite, heads=True)
 def expand(node, A, a):
-    """Broadcast along other axes keeps channel j; a literal size on the channel axis would freeze."""
+    """Broadcast along other axes keeps channel j; a literal size on the channel axis would freeze.
+    A head-split tensor broadcast along other axes (``repeat_kv``'s ``[B, KV, 1, T, D] -> [B, KV, r, T, D]``)
+    keeps its heads; literal sizes on its head axes are rewritten to the kept widths."""
     x = node.args[0]
     src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
+    if src is not None and src.split:
+        off = len(s_out) - len(s_in) if s_in is not None and s_out is not None else -1
+        axes = (src.head, src.dim)
+        ok = off >= 0 and node.target != "expand_as" and all(s_out[v + off] == s_in[v] for v in axes)
+        if ok:
+            sizes = _expand_sizes(node)
+            ok = len(sizes) == len(s_out) and all(type(sizes[v + off]) is int for v in axes)
+        if not ok:
+            A.freeze(src)
+            return None
+        return replace(src, head=src.head + off, dim=src.dim + off)
     if src is None and s_in:  # a learned token (ViT's class token) joins the channels of its last axis
         src = _param_info(x, A, len(s_in) - 1)
     if src is None or s_in is None or s_out is None:
@@ -426,16 +504,60 @@ def _slice_rewrite(node, R, a):
     return R.index_select(x, out_info.dim, idx, f"{node.name}_idx")
 
 
+def _index_heads(node, src: ChanInfo, s_in) -> ChanInfo | None:
+    """Indexing a head-split tensor along other axes only (``x[:, :, None]``, ``x[..., 1:]`` on the
+    sequence axis, a full slice of a head axis): the same positions, axes renumbered. None otherwise."""
+    nd = len(s_in)
+    if node.target is aten.slice.Tensor:
+        d = _norm_dim(int(node.args[1]) if len(node.args) > 1 else 0, nd)
+        bounds = list(node.args[2:5]) + [None] * (3 - len(node.args[2:5]))
+        if any(v is not None and type(v) is not int for v in bounds):
+            return None
+        full = len(range(s_in[d])[slice(*bounds)]) == s_in[d]
+        return src if full or d not in (src.head, src.dim) else None
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if sum(i is Ellipsis for i in idx) > 1:
+        return None
+    if Ellipsis in idx:
+        k = idx.index(Ellipsis)
+        real = sum(i is not None for i in idx) - 1
+        idx = idx[:k] + (slice(None),) * (nd - real) + idx[k + 1:]
+    moved, old, new = {}, 0, 0
+    for i in idx:
+        if i is None:
+            new += 1
+            continue
+        if old >= nd:
+            return None
+        if type(i) is int and old not in (src.head, src.dim):
+            old += 1
+            continue
+        if not isinstance(i, slice) or any(v is not None and type(v) is not int for v in (i.start, i.stop, i.step)):
+            return None
+        if old in (src.head, src.dim) and len(range(s_in[old])[i]) != s_in[old]:
+            return None
+        moved[old] = new
+        old, new = old + 1, new + 1
+    moved.update({a: new + a - old for a in range(old, nd)})
+    return _axes_moved(src, moved)
+
+
 @rule("slice", operator.getitem, aten.slice.Tensor, names=("input", "index"), rewrite=_slice_rewrite,
-      per_target={aten.slice.Tensor: ("input", "dim", "start", "end", "step")})
+      per_target={aten.slice.Tensor: ("input", "dim", "start", "end", "step")}, heads=True)
 def getitem(node, A, a):
     """x[..., a:b:s, ...] on the channel axis keeps the selected ids (other axes: unchanged).
     Precondition: the axis is not a flatten of channels with spatial axes (its positions move with
-    the input's size, so literal positions would select other features at another size)."""
+    the input's size, so literal positions would select other features at another size).
+    A head-split tensor is followed only where its head axes keep every position (``_index_heads``)."""
     x = node.args[0]
     if _PIECES in getattr(x, "meta", {}):  # split(...)[i]
         return x.meta[_PIECES][node.args[1]] if type(node.args[1]) is int else None
     src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
+    if src is not None and src.split:
+        out = _index_heads(node, src, s_in) if s_in is not None and s_out is not None else None
+        if out is None:
+            A.freeze(src)
+        return out
     if src is not None and src.blocks:
         A.decline(node, "slices an axis that flattens channels with spatial axes", src)
         return None
