@@ -39,16 +39,18 @@ _NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale
 
 def _as_heads(info: ChanInfo | None, shape, at: int = -1) -> ChanInfo | None:
     """The info as [.., H, S, D] heads (axis -3) x dims (axis ``at``: -1, or -2 for a transposed
-    key); None when laid out otherwise. A one-axis info is one head of D dims (axis ``at``) or,
-    when D == 1, H heads of one dim (axis -3)."""
+    key); None when laid out otherwise. A one-axis info is one head of D dims (axis ``at``; with
+    H > 1 heads on axis -3, that head repeated: the same channels in every head) or, when D == 1,
+    H heads of one dim (axis -3)."""
     if info is None or shape is None or len(shape) < 3:
         return None
     nd = len(shape)
     d = nd + at
     if info.split:
         return info if (info.head, info.dim) == (nd - 3, d) else None
-    if info.dim == d:
-        return replace(info, head=nd - 3, heads=1) if shape[-3] == 1 or nd == 3 else None
+    if info.dim == d:  # channel d in every head alike: one head repeated (MQA's kv after repeat_kv)
+        one = replace(info, head=nd - 3, heads=1)
+        return one if shape[-3] == 1 or nd == 3 else _repeat_heads(one, shape[-3])
     if info.dim == nd - 3 and shape[d] == 1:
         return replace(info, head=nd - 3, dim=d, heads=len(info))
     return None
@@ -76,7 +78,10 @@ def _attend(node: fx.Node, A, iq: ChanInfo, ik: ChanInfo, v: fx.Node, iv: ChanIn
     A.read(ik, iv.ids, same & ~iq.zero[None, :])
     A.align_heads(iq, ik, iv)
     # the output has v's layout: its info in the form v's own producer gave it
-    return replace(out or A.info(v), const=v_const, value=np.where(v_const, iv.value, 0.0))
+    base = out or A.info(v)
+    if len(base) != len(iv):  # v's channels repeated over the heads (``_as_heads``): the output has them per head
+        base = iv
+    return replace(base, const=v_const, value=np.where(v_const, iv.value, 0.0))
 
 
 def _alive_heads(R, info: ChanInfo) -> np.ndarray:

@@ -430,12 +430,13 @@ def _expand_sizes(node) -> list:
 
 
 def _expand_rewrite(node, R, a):
-    """A head-split tensor's literal sizes on its head axes become the kept widths."""
+    """Literal sizes on the channel axes become the kept widths."""
     out = R.info(node)
-    if out is None or not out.split or R.keep(out).all():
+    if out is None or R.keep(out).all():
         return R.copy(node)
     sizes = _expand_sizes(node)
-    for axis, n in zip((out.head, out.dim), head_widths(R.keep(out), out)):
+    widths = zip((out.head, out.dim), head_widths(R.keep(out), out)) if out.split else [(out.dim, int(R.keep(out).sum()))]
+    for axis, n in widths:
         if sizes[axis] != -1:
             sizes[axis] = n
     return R.graph.call_method("expand", (R.arg(node.args[0]), tuple(R.arg(v) for v in sizes)))
@@ -472,9 +473,9 @@ def expand(node, A, a):
             return src.with_dim(dim)
         A.freeze(src, node.args[1])
         return None
-    sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-    if s_out[dim] != len(src) or sizes[dim] != -1:
-        A.freeze(src)
+    sizes = _expand_sizes(node)
+    if s_out[dim] != len(src) or (sizes[dim] != -1 and (type(sizes[dim]) is not int or src.blocks)):
+        A.freeze(src)  # (a literal width is rewritten to the kept one)
         return None
     return src.with_dim(dim)
 
@@ -506,8 +507,12 @@ def _slice_rewrite(node, R, a):
 
 def _index_heads(node, src: ChanInfo, s_in) -> ChanInfo | None:
     """Indexing a head-split tensor along other axes only (``x[:, :, None]``, ``x[..., 1:]`` on the
-    sequence axis, a full slice of a head axis): the same positions, axes renumbered. None otherwise."""
+    sequence axis, a full slice of a head axis): the same positions, axes renumbered. None otherwise.
+    A one-axis info goes through here for indices holding ``None`` (its channel axis sliced whole)."""
     nd = len(s_in)
+    if not src.split:
+        out = _index_heads(node, replace(src, head=src.dim, heads=1), s_in)
+        return None if out is None else replace(out, head=None, heads=1)
     if node.target is aten.slice.Tensor:
         d = _norm_dim(int(node.args[1]) if len(node.args) > 1 else 0, nd)
         bounds = list(node.args[2:5]) + [None] * (3 - len(node.args[2:5]))
@@ -553,7 +558,8 @@ def getitem(node, A, a):
     if _PIECES in getattr(x, "meta", {}):  # split(...)[i]
         return x.meta[_PIECES][node.args[1]] if type(node.args[1]) is int else None
     src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
-    if src is not None and src.split:
+    with_none = node.target is operator.getitem and isinstance(node.args[1], tuple) and None in node.args[1]
+    if src is not None and (src.split or with_none):
         out = _index_heads(node, src, s_in) if s_in is not None and s_out is not None else None
         if out is None:
             A.freeze(src)
@@ -753,15 +759,19 @@ _METADATA = {"ndim", "dtype", "device", "is_cuda", "is_cpu", "is_meta", "require
              "is_quantized", "is_floating_point", "is_complex"}
 
 
-@rule("size", method("size"), aten.sym_size.int, getattr)
+@rule("size", method("size"), aten.sym_size.int, getattr, heads=True)
 def size(node, A, a):
-    """Reading the channel axis' size (or the whole shape) freezes it: the number would change."""
+    """Reading the channel axis' size (or the whole shape) freezes it: the number would change.
+    ``q.dtype`` of a head-split q (eager attention's ``softmax(...).to(q.dtype)``) reads no channel."""
     x = node.args[0] if node.args else None
     src = A.info(x)
     if src is None:
         return None
     if node.target is getattr and node.args[1] in _METADATA:
         return None  # x.ndim, x.dtype, x.device ...: nothing that counts channels
+    if src.split:
+        A.freeze(src)
+        return None
     if node.target is getattr and node.args[1] != "shape":
         A.freeze(src)  # x.T, x.mT, x.data ...: a tensor, not metadata, and not followed
         return None

@@ -1,0 +1,222 @@
+"""Rotary attention and grouped kv heads (GQA / MQA): what goes, what must stay, and exactness.
+
+* rotate_half rotary embeddings (``x * cos + rotate_half(x) * sin``, ../shared/MATH.md "Rotary
+  attention") become one ``sqr_fx.attention.rotary`` call; a rotation pair (i, i + D/2) leaves q and
+  k when the query pair is zero for every token or the key pair is exactly zero, and cos/sin are
+  sliced to the kept pairs. GUARD: a constant NON-zero key pair stays (after rotation it depends on
+  the key position, so it is no per-query shift of the scores).
+* grouped kv heads: Hugging Face's ``repeat_kv`` (``x[:, :, None].expand(...).reshape(...)``) and
+  sdpa's ``enable_gqa=True``; q heads go in whole kv groups, a kv head with them.
+* eager attention's ``softmax(..., dtype=float32).to(dtype)`` does not stop head removal.
+
+Hugging Face Llama / Qwen2 / Mistral decoders are built from small random configs (no downloads)
+and go through the torch.export front end; the hand-written module goes through symbolic_trace.
+Every case compares against the original in float64 at two batch / sequence sizes (minimize's own
+self-check runs too) and checks which parameters went.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sqr_fx import count_stored_floats, minimize
+from test_transformers import F64, _hf, _ids, assert_same, params, randn
+
+
+# ---- a hand-written rotary attention block (symbolic_trace front end) ---------------------------------
+def rotate_half(x: torch.Tensor, half: int) -> torch.Tensor:
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RotaryAttention(nn.Module):
+    """q/k/v projections with biases, rotary q/k (tables computed from positions in forward), kv heads
+    repeated Hugging Face style (``gqa="repeat"``) or by sdpa (``"sdpa"``); ``impl="matmul"`` writes the
+    attention out (scale, softmax in float32 and back, @ v)."""
+
+    def __init__(self, c: int = 12, heads: int = 4, kv: int = 2, d: int = 8, impl: str = "sdpa",
+                 gqa: str = "repeat", rope: bool = True):
+        super().__init__()
+        self.h, self.kv, self.d, self.impl, self.gqa, self.rope = heads, kv, d, impl, gqa, rope
+        self.q, self.o = nn.Linear(c, heads * d, dtype=F64), nn.Linear(heads * d, c, dtype=F64)
+        self.k, self.v = nn.Linear(c, kv * d, dtype=F64), nn.Linear(c, kv * d, dtype=F64)
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=F64) / d))
+
+    def forward(self, x):
+        b, t = x.shape[0], x.shape[1]
+        q = self.q(x).view(b, t, self.h, self.d).transpose(1, 2)
+        k = self.k(x).view(b, t, self.kv, self.d).transpose(1, 2)
+        v = self.v(x).view(b, t, self.kv, self.d).transpose(1, 2)
+        if self.rope:
+            freqs = torch.arange(t, dtype=F64)[:, None] * self.inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+            q = q * cos + rotate_half(q, self.d // 2) * sin
+            k = (rotate_half(k, self.d // 2) * sin) + (cos * k)  # operands in the other order
+        r = self.h // self.kv
+        if self.gqa == "repeat" and r > 1:
+            k = k[:, :, None, :, :].expand(b, self.kv, r, t, self.d).reshape(b, self.h, t, self.d)
+            v = v[:, :, None, :, :].expand(b, self.kv, r, t, self.d).reshape(b, self.h, t, self.d)
+        if self.impl == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.gqa == "sdpa")
+        else:
+            s = q @ k.transpose(-2, -1) * self.d ** -0.5
+            o = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        return self.o(o.transpose(1, 2).reshape(b, t, self.h * self.d))
+
+
+def _block(**kw) -> RotaryAttention:
+    torch.manual_seed(0)
+    return RotaryAttention(**kw).eval()
+
+
+def _minimize_checked(m: nn.Module, frontend: str = "fx") -> nn.Module:
+    s = minimize(m, (randn(2, 6, 12),))
+    assert s.sqr_report.frontend == frontend
+    for b, t in [(2, 6), (3, 9), (1, 4)]:
+        assert_same(m, s, (randn(b, t, 12, seed=b + t),), rtol=1e-9)
+    return s
+
+
+def _widths(s) -> tuple[int, int, int]:
+    p = params(s)
+    return p["q.weight"].shape[0], p["k.weight"].shape[0], p["v.weight"].shape[0]
+
+
+@torch.no_grad()
+def _zero_rows(lin: nn.Linear, rows, bias: float | None = 0.0) -> None:
+    lin.weight[rows] = 0
+    if bias is not None:
+        lin.bias[rows] = bias
+
+
+def _pair(head: int, i: int, d: int = 8) -> list[int]:
+    return [head * d + i, head * d + i + d // 2]
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "matmul"])
+def test_zero_query_pair_leaves_q_and_k(impl):
+    """Query pair (1, 5) zero in every q head (rows AND biases): the pair leaves q and every kv head."""
+    m = _block(impl=impl, gqa="repeat")
+    _zero_rows(m.q, [r for h in range(4) for r in _pair(h, 1)])
+    s = _minimize_checked(m)
+    assert _widths(s) == (4 * 6, 2 * 6, 2 * 8)
+    assert count_stored_floats(s) < count_stored_floats(m)
+
+
+def test_zero_key_pair_leaves_q_and_k():
+    """Key pair (0, 4) exactly zero (rows and biases) in both kv heads: gone from k and all four q heads."""
+    m = _block()
+    _zero_rows(m.k, _pair(0, 0) + _pair(1, 0))
+    assert _widths(_minimize_checked(m)) == (4 * 6, 2 * 6, 2 * 8)
+
+
+def test_guard_constant_nonzero_key_pair_is_kept_under_rotation():
+    """GUARD. Key pair (0, 4) constant but NOT zero (zero rows, bias 0.7): without rotation it is a
+    per-query shift of the scores and goes; rotated, it depends on the key position and must stay."""
+    for rope, want in ((False, (4 * 6, 2 * 6, 2 * 8)), (True, (4 * 8, 2 * 8, 2 * 8))):
+        m = _block(rope=rope)
+        _zero_rows(m.k, _pair(0, 0) + _pair(1, 0), bias=0.7)
+        assert _widths(_minimize_checked(m)) == want, rope
+
+
+def test_guard_half_a_pair_is_not_enough():
+    """GUARD. Only dim 1 of pair (1, 5) is zero in q: the pair's other dim still rotates into dim 1."""
+    m = _block()
+    _zero_rows(m.q, [h * 8 + 1 for h in range(4)])
+    assert _widths(_minimize_checked(m)) == (4 * 8, 2 * 8, 2 * 8)
+
+
+def test_heads_dropping_different_pairs_gather_the_tables_per_head():
+    """MHA (kv = heads): head h loses pair h via zero keys. Every head keeps 3 of 4 pairs, different
+    ones: cos/sin are gathered per head (not one slice of their last axis)."""
+    m = _block(kv=4)
+    _zero_rows(m.k, [r for h in range(4) for r in _pair(h, h)])
+    s = _minimize_checked(m)
+    assert _widths(s) == (4 * 6, 4 * 6, 4 * 8)
+    assert "unflatten" in s.code  # the per-head gather of the tables
+
+
+@pytest.mark.parametrize("gqa, impl", [("repeat", "sdpa"), ("sdpa", "sdpa"), ("repeat", "matmul")])
+def test_dead_kv_group_goes_with_its_q_heads(gqa, impl):
+    """kv head 1 and its q heads 2, 3 write nothing (o columns zero; k/v rows zero): one group left."""
+    m = _block(gqa=gqa, impl=impl)
+    with torch.no_grad():
+        m.o.weight[:, 16:32] = 0
+        _zero_rows(m.k, list(range(8, 16)), bias=None)
+        _zero_rows(m.v, list(range(8, 16)), bias=None)
+    s = _minimize_checked(m)
+    assert _widths(s) == (2 * 8, 8, 8)
+    assert params(s)["o.weight"].shape == (12, 16)
+
+
+def test_one_dead_q_head_of_a_live_group_is_kept():
+    """GUARD (design choice): q heads go in whole kv groups; q head 3 alone dead keeps its group's layout."""
+    m = _block()
+    with torch.no_grad():
+        m.o.weight[:, 24:32] = 0
+    assert _widths(_minimize_checked(m)) == (4 * 8, 2 * 8, 2 * 8)
+
+
+def test_mqa_zero_key_pair():
+    """MQA (one kv head read by 4 q heads): a zero key pair leaves the kv head and all q heads."""
+    m = _block(kv=1)
+    _zero_rows(m.k, _pair(0, 2))
+    assert _widths(_minimize_checked(m)) == (4 * 6, 6, 8)
+
+
+# ---- Hugging Face decoders (torch.export front end) ----------------------------------------------------
+_D, _H = 16, 4
+
+
+def _decoder(name: str, kv: int, attn: str = "sdpa"):
+    tf = _hf()
+    cfg_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                          "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[name]
+    torch.manual_seed(0)
+    cfg = cfg_cls(vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=_H,
+                  num_key_value_heads=kv, max_position_embeddings=64, use_cache=False, attn_implementation=attn)
+    return model_cls(cfg)
+
+
+def _check_decoder(m, dead: list[list[int]], kv: int) -> None:
+    """``dead[i]``: q heads of layer i that must be gone (with their kv heads where kv < heads)."""
+    m = m.eval().double()
+    s = minimize(m, (_ids(2, 10),))
+    assert s.sqr_report.frontend == "export"
+    r = _H // kv
+    for i, heads in enumerate(dead):
+        p = params(s)
+        pre = f"model.layers.{i}.self_attn"
+        assert p[f"{pre}.q_proj.weight"].shape[0] == (_H - len(heads)) * _D
+        assert p[f"{pre}.k_proj.weight"].shape[0] == (kv - len(heads) // r) * _D
+        assert p[f"{pre}.o_proj.weight"].shape[1] == (_H - len(heads)) * _D
+    assert count_stored_floats(s) < count_stored_floats(m)
+    for b, t in [(1, 5), (3, 13)]:
+        assert_same(m, s, (_ids(b, t, seed=t),), rtol=1e-9)
+
+
+def test_hf_llama_dead_heads():
+    """MHA Llama (kv heads = heads): a head whose o_proj columns are zero loses q, k, v rows."""
+    m = _decoder("llama", kv=_H)
+    dead = [[1], [0, 3]]
+    with torch.no_grad():
+        for layer, heads in zip(m.model.layers, dead):
+            for h in heads:
+                layer.self_attn.o_proj.weight[:, h * _D:(h + 1) * _D] = 0
+    _check_decoder(m, dead, kv=_H)
+
+
+@pytest.mark.parametrize("name, attn", [("llama", "sdpa"), ("qwen2", "sdpa"), ("mistral", "eager")])
+def test_hf_decoder_dead_kv_groups(name, attn):
+    """GQA (4 q heads, 2 kv heads): kv group g (k_proj and v_proj rows zero, its q heads' o_proj columns
+    zero) goes with both of its q heads. Qwen2 has q/k/v biases; eager attention casts the softmax."""
+    m = _decoder(name, kv=2, attn=attn)
+    with torch.no_grad():
+        for i, layer in enumerate(m.model.layers):
+            a, g = layer.self_attn, i % 2
+            a.o_proj.weight[:, 2 * g * _D:(2 * g + 2) * _D] = 0
+            for proj in (a.k_proj, a.v_proj):
+                proj.weight[g * _D:(g + 1) * _D] = 0
+    _check_decoder(m, [[0, 1], [2, 3]], kv=2)
