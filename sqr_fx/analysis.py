@@ -343,6 +343,8 @@ class Analysis:
             nonlocal changed
             ids = info.per_head(info.ids)[h]
             gone = np.flatnonzero(removed[root_of[ids]])
+            if not len(gone):  # kept meanwhile by a head sharing its ids (grouped kv heads)
+                return
             removed[root_of[ids[gone[0]]]] = False
             changed = True
 
