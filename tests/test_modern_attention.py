@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sqr_fx import count_stored_floats, minimize
+from sqr_fx.portable import sqr_fx_references
 from test_transformers import F64, _hf, _ids, assert_same, params, randn
 
 
@@ -74,6 +75,7 @@ def _block(**kw) -> RotaryAttention:
 def _minimize_checked(m: nn.Module, frontend: str = "fx") -> nn.Module:
     s = minimize(m, (randn(2, 6, 12),))
     assert s.sqr_report.frontend == frontend
+    assert not sqr_fx_references(s)  # the rotary call is written back in torch ops
     for b, t in [(2, 6), (3, 9), (1, 4)]:
         assert_same(m, s, (randn(b, t, 12, seed=b + t),), rtol=1e-9)
     return s
