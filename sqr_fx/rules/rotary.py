@@ -92,7 +92,7 @@ def rotary_rule(node: fx.Node, A, a) -> ChanInfo | None:
     if src is None or s is None:
         A.freeze(src)
         return None
-    ok = (type(half) is int and A.shape(node) == s and s[-1] == 2 * half and src.dim == len(s) - 1
+    ok = (type(half) is int and A.shape(node) == s and s[-1] == 2 * half and src.dim == len(s) - 1 and not src.blocks
           and all(_tables_ok(A, a[n], src, s) for n in ("cos", "sin")))
     if not ok:
         A.decline(node, "x's channels are not its last axis of 2 * half dims, or the cos/sin tables are "
