@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-__all__ = ["self_attention", "attend", "project_heads", "functionalize_mha", "rotary"]
+__all__ = ["self_attention", "attend", "project_heads", "functionalize_mha", "rotary", "rotary_interleaved"]
 
 
 @torch.fx.wrap
@@ -53,6 +53,19 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, half: int) -> Tensor:
     True
     """
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+@torch.fx.wrap
+def rotary_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary position embedding, interleaved (GPT-J) form: ``x * cos + rotate_every_two(x) * sin`` with
+    ``rotate_every_two(x) = stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)``; dims ``2i`` and ``2i + 1``
+    are one rotation pair. The same ops in the same order as Hugging Face's GPT-J (bit for bit).
+
+    >>> x, c, s = torch.randn(2, 5, 3, 8), torch.randn(5, 1, 8), torch.randn(5, 1, 8)
+    >>> torch.equal(rotary_interleaved(x, c, s), x * c + torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2) * s)
+    True
+    """
+    return x * cos + torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2) * sin
 
 
 def project_heads(x: Tensor, weight: Tensor, bias: Optional[Tensor], num_heads: int, n, t) -> Tensor:

@@ -18,7 +18,9 @@ Rotary position embeddings (Llama, Mistral, Qwen2 ...) are written out too::
 
 Each of the slices, the negation and the cat would see a head-split tensor alone and freeze it; the
 subgraph is rewritten to one :func:`sqr_fx.attention.rotary` call (the same ops, in the same order),
-whose rule couples each rotation pair ``(i, i + D/2)`` (``rules/rotary.py``).
+whose rule couples each rotation pair ``(i, i + D/2)`` (``rules/rotary.py``). GPT-J's interleaved form
+``x * cos + stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2) * sin`` (pairs ``(2i, 2i + 1)``) becomes
+one :func:`sqr_fx.attention.rotary_interleaved` call the same way.
 """
 from __future__ import annotations
 
@@ -159,35 +161,70 @@ def rms_norm_from_pattern(gm: fx.GraphModule, example_inputs: tuple = ()) -> int
 
 
 # ---- rotary position embedding ------------------------------------------------------------------------------
-def _last_axis_positions(n: Any) -> Optional[tuple[fx.Node, range]]:
-    """(X, positions) when ``n`` slices X's last axis with literal bounds and nothing else
-    (``X[..., a:b]``, ``X[:, :, :, a:b]``, ``aten.slice(X, -1, a, b)``)."""
-    if not isinstance(n, fx.Node) or n.op != "call_function" or not n.args or not isinstance(n.args[0], fx.Node):
+def _slice_of(n: Any) -> Optional[tuple[fx.Node, int, range]]:
+    """(X, axis, positions) when ``n`` slices one axis of X with literal bounds and nothing else
+    (``X[..., a:b:s]``, ``X[:, :, a:b]``, ``aten.slice(X, d, a, b, s)``); axis is non-negative."""
+    if not isinstance(n, fx.Node) or n.op != "call_function" or not n.args or not isinstance(n.args[0], fx.Node) \
+            or n.kwargs:
         return None
     x, s = n.args[0], shape_of(n.args[0])
     if s is None or not s:
         return None
-    if n.target is aten.slice.Tensor and not n.kwargs:
+    if n.target is aten.slice.Tensor:
         d, start, end, step = (list(n.args[1:]) + [0, None, None, 1][len(n.args) - 1:])[:4]
-        ok = all(v is None or type(v) is int for v in (d, start, end, step)) and d is not None
-        return (x, range(s[-1])[slice(start, end, step)]) if ok and d % len(s) == len(s) - 1 else None
-    if n.target is operator.getitem and not n.kwargs:
+        if not all(v is None or type(v) is int for v in (d, start, end, step)) or d is None:
+            return None
+        return x, d % len(s), range(s[d])[slice(start, end, step)]
+    if n.target is operator.getitem:
         idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
         if idx.count(Ellipsis) == 1 and idx[-1] is not Ellipsis and idx[:-1] == (Ellipsis,):
-            last = idx[-1]
-        elif Ellipsis not in idx and len(idx) == len(s) and all(i == slice(None) for i in idx[:-1]):
-            last = idx[-1]
-        else:
+            idx = (slice(None),) * (len(s) - 1) + idx[-1:]
+        if Ellipsis in idx or len(idx) != len(s) or not all(isinstance(i, slice) for i in idx) \
+                or any(v is not None and type(v) is not int for i in idx for v in (i.start, i.stop, i.step)):
             return None
-        if not isinstance(last, slice) or not all(v is None or type(v) is int for v in (last.start, last.stop, last.step)):
-            return None
-        return x, range(s[-1])[last]
+        cut = [d for d, i in enumerate(idx) if i != slice(None)]
+        d = cut[0] if len(cut) == 1 else len(s) - 1
+        return (x, d, range(s[d])[idx[d]]) if len(cut) <= 1 else None
     return None
 
 
-def _rotate_half_of(n: Any) -> Optional[tuple[fx.Node, int]]:
-    """(X, D/2) when ``n`` is ``cat((-X[..., D/2:], X[..., :D/2]), -1)`` with unshared intermediates."""
-    if not isinstance(n, fx.Node) or op_name(n) not in ("cat", "concat") or n.op != "call_function":
+def _last_axis_positions(n: Any) -> Optional[tuple[fx.Node, range, list[fx.Node]]]:
+    """(X, positions, the slices) when ``n`` slices X's last axis, possibly after full slices of other
+    axes (``aten.slice(aten.slice(X, 0, 0, max), 3, 0, 8)`` after torch.export), each read only by the next."""
+    found = _slice_of(n)
+    if found is None or found[1] != len(shape_of(found[0])) - 1:
+        return None
+    x, _, pos = found
+    chain = [n]
+    while _only_user(x):
+        up = _slice_of(x)
+        if up is None or up[2] != range(shape_of(up[0])[up[1]]):  # not a full slice: a real selection
+            break
+        chain.append(x)
+        x = up[0]
+    return x, pos, chain
+
+
+def _rotation_of(n: Any) -> Optional[tuple[fx.Node, bool, list[fx.Node]]]:
+    """(X, interleaved, intermediate nodes) when ``n`` is ``rotate_half(X)`` =
+    ``cat((-X[..., D/2:], X[..., :D/2]), -1)`` or ``rotate_every_two(X)`` =
+    ``stack((-X[..., 1::2], X[..., ::2]), -1).flatten(-2)``, with unshared intermediates."""
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method"):
+        return None
+    inter = [n]
+    interleaved = op_name(n) == "flatten"
+    if interleaved:  # flatten(stack(...), -2): the trailing pair axis back into the last one
+        start = n.kwargs.get("start_dim", n.args[1] if len(n.args) > 1 else 0)
+        end = n.kwargs.get("end_dim", n.args[2] if len(n.args) > 2 else -1)
+        inner, s = n.args[0], shape_of(n.args[0])
+        if s is None or type(start) is not int or type(end) is not int or start % len(s) != len(s) - 2 \
+                or end % len(s) != len(s) - 1 or not _only_user(inner) or op_name(inner) != "stack":
+            return None
+        n = inner
+        inter.append(n)
+    elif op_name(n) not in ("cat", "concat"):
+        return None
+    if n.op != "call_function":
         return None
     parts = n.args[0] if n.args else None
     d = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
@@ -196,14 +233,19 @@ def _rotate_half_of(n: Any) -> Optional[tuple[fx.Node, int]]:
     neg, lo = parts
     if not (_only_user(neg) and _only_user(lo) and op_name(neg) == "neg" and len(neg.args) == 1 and not neg.kwargs):
         return None
-    hi, got_lo = _last_axis_positions(neg.args[0]) if _only_user(neg.args[0]) else None, _last_axis_positions(lo)
-    if hi is None or got_lo is None or hi[0] is not got_lo[0]:
+    hi = _last_axis_positions(neg.args[0]) if _only_user(neg.args[0]) else None
+    lo_ = _last_axis_positions(lo)
+    if hi is None or lo_ is None or hi[0] is not lo_[0]:
         return None
     x, s = hi[0], shape_of(hi[0])
     D = s[-1]
-    if D % 2 or d % len(s) != len(s) - 1 or hi[1] != range(D // 2, D) or got_lo[1] != range(D // 2):
+    if interleaved:
+        ok = d % (len(s) + 1) == len(s) and hi[1] == range(1, D, 2) and lo_[1] == range(0, D, 2)
+    else:
+        ok = d % len(s) == len(s) - 1 and hi[1] == range(D // 2, D) and lo_[1] == range(D // 2)
+    if D % 2 or not ok:
         return None
-    return x, D // 2
+    return x, interleaved, inter + [neg] + hi[2] + lo_[2]
 
 
 def _mul_operands(n: Any) -> Optional[tuple[Any, Any]]:
@@ -213,49 +255,54 @@ def _mul_operands(n: Any) -> Optional[tuple[Any, Any]]:
     return n.args[0], n.args[1]
 
 
+def _rotary_match(node: fx.Node):
+    """(X, cos, sin, interleaved, nodes the call replaces) for ``X * cos + rotation(X) * sin`` (module docstring)."""
+    for m_cos, m_sin in (node.args, node.args[::-1]):
+        a, b = _mul_operands(m_cos), _mul_operands(m_sin)
+        if a is None or b is None:
+            continue
+        for r, sin in (b, b[::-1]):
+            found = _rotation_of(r) if _only_user(r) else None
+            if found is None:
+                continue
+            x, interleaved, inter = found
+            for xx, cos in (a, a[::-1]):
+                if xx is x and cos is not x and sin is not x:
+                    return x, cos, sin, interleaved, [node, m_cos, m_sin] + inter
+    return None
+
+
 def rotary_from_pattern(gm: fx.GraphModule) -> int:
     """Rewrite every written-out rotary embedding ``X * cos + rotate_half(X) * sin`` (operands of each
-    product and of the sum in either order) to one :func:`sqr_fx.attention.rotary` call; returns how many.
+    product and of the sum in either order) to one :func:`sqr_fx.attention.rotary` call, and the
+    interleaved (GPT-J) ``X * cos + rotate_every_two(X) * sin`` to one ``rotary_interleaved`` call;
+    returns how many.
 
     The call computes the same ops in the same order (products and sums commute exactly in floating
     point), so the graph's function is unchanged bit for bit. Matched only when the slices, the
-    negation, the cat and both products have no other reader; X itself may have any readers. Needs
-    ``tensor_meta`` (the slices' bounds are checked against X's traced last-axis width)."""
-    from .attention import rotary
+    negation, the cat / stack and both products have no other reader; X itself may have any readers.
+    Needs ``tensor_meta`` (the slices' bounds are checked against X's traced last-axis width)."""
+    from .attention import rotary, rotary_interleaved
 
     count = 0
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "call_method") or op_name(node) != "add" or len(node.args) != 2 \
                 or node.kwargs or not all(_only_user(a) for a in node.args):
             continue
-        match = None
-        for m_cos, m_sin in (node.args, node.args[::-1]):
-            a, b = _mul_operands(m_cos) or (None, None), _mul_operands(m_sin) or (None, None)
-            for r, sin in ((b[0], b[1]), (b[1], b[0])):
-                found = _rotate_half_of(r) if _only_user(r) else None
-                if found is None:
-                    continue
-                x, half = found
-                if a[0] is x and a[1] is not x:
-                    match = (x, a[1], sin, half, m_cos, m_sin, r)
-                elif a[1] is x and a[0] is not x:
-                    match = (x, a[0], sin, half, m_cos, m_sin, r)
-                if match and sin is not x:
-                    break
-                match = None
-            if match:
-                break
+        match = _rotary_match(node)
         if match is None:
             continue
-        x, cos, sin, half, m_cos, m_sin, r = match
+        x, cos, sin, interleaved, dead = match
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(rotary, (x, cos, sin, half))
+            if interleaved:
+                new = gm.graph.call_function(rotary_interleaved, (x, cos, sin))
+            else:
+                new = gm.graph.call_function(rotary, (x, cos, sin, shape_of(x)[-1] // 2))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
-        neg, lo = r.args[0]
-        for dead in (node, m_cos, m_sin, r, neg, lo, neg.args[0]):
-            if not dead.users:
-                gm.graph.erase_node(dead)
+        for n in dead:  # in data-flow order from the sum back to X's slices
+            if not n.users:
+                gm.graph.erase_node(n)
         count += 1
     if count:
         gm.recompile()

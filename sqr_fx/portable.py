@@ -2,7 +2,7 @@
 
 The rounds work in a functional dialect: ``F.linear`` / ``F.conv2d`` / ``F.batch_norm(training=False)`` on
 ``get_attr`` tensors, and sqr_fx's own helpers where no torch op expresses a shrunk layer
-(``ones_map``, the compensated norms, ``self_attention``, ``window_attention``, ``rotary``). That dialect is what
+(``ones_map``, the compensated norms, ``self_attention``, ``window_attention``, the rotary forms). That dialect is what
 the rules read, but as a deliverable it has four defects: module-based tools (quantization, hooks,
 PEFT, ``torch.nn.utils.prune``) find no module; ``.train()`` changes nothing (BatchNorm is frozen in
 its eval form); a constant folded into a layer that had no bias becomes a new trainable tensor; and
@@ -57,7 +57,8 @@ from .attention import attend, project_heads
 from .rules.registry import has_hooks
 
 __all__ = ["finish", "restore_modules", "inline_helpers", "sqr_fx_references", "layer_norm_ops", "rms_norm_ops",
-           "group_norm_ops", "ones_map_ops", "self_attention_ops", "window_attention_ops", "rotary_ops"]
+           "group_norm_ops", "ones_map_ops", "self_attention_ops", "window_attention_ops", "rotary_ops",
+           "rotary_interleaved_ops"]
 
 aten = torch.ops.aten
 _FOLD = "weight_bias"  # the name the rewrite gives a bias it creates for a layer that had none
@@ -582,6 +583,11 @@ def rotary_ops(x, cos, sin, half: int):
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def rotary_interleaved_ops(x, cos, sin):
+    """``sqr_fx.attention.rotary_interleaved``."""
+    return x * cos + torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2) * sin
+
+
 def window_attention_ops(input, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias,
                          relative_position_bias, window_size: list[int], num_heads: int, shift_size: list[int],
                          scale: Optional[float], logit_scale=None):
@@ -733,7 +739,7 @@ class _Stack:
 def inline_helpers(gm: fx.GraphModule, model: Optional[nn.Module] = None) -> list[str]:
     """Replace every sqr_fx helper call by torch ops (module docstring, 3.); returns what still needs sqr_fx
     (nothing when every call matched its pattern)."""
-    from .attention import rotary, self_attention
+    from .attention import rotary, rotary_interleaved, self_attention
     from .layers import compensated_group_norm, compensated_layer_norm, compensated_rms_norm
     from .rules.weighted import ones_map
     from .window_attention import window_attention
@@ -753,6 +759,8 @@ def inline_helpers(gm: fx.GraphModule, model: Optional[nn.Module] = None) -> lis
                 _trace_into(gm, node, ones_map_ops, (a[0], spatial))
         elif t is rotary and len(a) == 4:
             _trace_into(gm, node, rotary_ops, a)
+        elif t is rotary_interleaved and len(a) == 3:
+            _trace_into(gm, node, rotary_interleaved_ops, a)
         elif t is compensated_layer_norm and len(a) in (6, 7):
             _trace_into(gm, node, layer_norm_ops, a + (1e-5,) * (7 - len(a)))
         elif t is compensated_rms_norm and len(a) in (4, 5):

@@ -1,4 +1,5 @@
-"""Rotary position embeddings (RoPE, rotate_half form): ``sqr_fx.attention.rotary(x, cos, sin, half)``.
+"""Rotary position embeddings (RoPE): ``sqr_fx.attention.rotary(x, cos, sin, half)`` (rotate_half form)
+and ``rotary_interleaved(x, cos, sin)`` (GPT-J's rotate_every_two: pairs (2i, 2i + 1), the same facts).
 
 The front end rewrites ``x * cos + rotate_half(x) * sin`` to that one call (``patterns.py``). With
 ``h = half = D/2``, pair ``(i, i + h)`` and tables ``c = cos``, ``s = sin`` at some position::
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from ..attention import rotary
+from ..attention import rotary, rotary_interleaved
 from ..values import ChanInfo, shape_of
 from .registry import rule
 
@@ -81,17 +82,30 @@ def _rewrite(node: fx.Node, R, a) -> fx.Node:
         new = R.graph.call_function(torch.unflatten, (new, n_in - 1, tuple(idx.shape)))
         new = R.graph.call_function(torch.movedim, (new, n_in - 1, src.head))
         tables.append(R.graph.call_function(torch.squeeze, (new, src.head + 1)))
-    return R.graph.call_function(rotary, (R.arg(a["x"]), *tables, int(rows[0].sum()) // 2))
+    x = R.arg(a["x"])
+    if node.target is rotary_interleaved:
+        return R.graph.call_function(rotary_interleaved, (x, *tables))
+    return R.graph.call_function(rotary, (x, *tables, int(rows[0].sum()) // 2))
 
 
-@rule("rotary", rotary, names=("x", "cos", "sin", "half"), rewrite=_rewrite, heads=True)
+def _pairs(node: fx.Node, D: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two members of every rotation pair: (i, i + D/2), or (2i, 2i + 1) interleaved."""
+    if node.target is rotary_interleaved:
+        return np.arange(0, D, 2), np.arange(1, D, 2)
+    return np.arange(D // 2), np.arange(D // 2, D)
+
+
+@rule("rotary", rotary, rotary_interleaved, names=("x", "cos", "sin", "half"), rewrite=_rewrite, heads=True,
+      per_target={rotary_interleaved: ("x", "cos", "sin")})
 def rotary_rule(node: fx.Node, A, a) -> ChanInfo | None:
-    """Pairs (i, i + half) of every head are one group; zero pairs stay zero, nothing else is constant."""
-    x, half = a["x"], a["half"]
+    """Pairs (i, i + half) (or (2i, 2i + 1)) of every head are one group; zero pairs stay zero, nothing
+    else is constant."""
+    x = a["x"]
     src, s = A.info(x), A.shape(x)
     if src is None or s is None:
         A.freeze(src)
         return None
+    half = a.get("half", s[-1] // 2)
     ok = (type(half) is int and A.shape(node) == s and s[-1] == 2 * half and src.dim == len(s) - 1 and not src.blocks
           and all(_tables_ok(A, a[n], src, s) for n in ("cos", "sin")))
     if not ok:
@@ -99,9 +113,11 @@ def rotary_rule(node: fx.Node, A, a) -> ChanInfo | None:
                         "tracked, vary per head, or widen x", src, a["cos"], a["sin"])
         return None
     node.meta["sqr_fx.rotary_shape"] = s
+    lo, hi = _pairs(node, s[-1])
     ids = src.per_head(src.ids)
-    A.union(ids[:, :half].reshape(-1), ids[:, half:].reshape(-1))
+    A.union(ids[:, lo].reshape(-1), ids[:, hi].reshape(-1))
     z = src.per_head(src.zero)
-    pair_zero = z[:, :half] & z[:, half:]
-    zero = np.concatenate([pair_zero, pair_zero], axis=1).reshape(-1)
-    return replace(src, const=zero, value=np.zeros(len(src)))
+    pair_zero = z[:, lo] & z[:, hi]
+    zero = np.zeros_like(z)
+    zero[:, lo], zero[:, hi] = pair_zero, pair_zero
+    return replace(src, const=zero.reshape(-1), value=np.zeros(len(src)))

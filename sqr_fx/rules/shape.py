@@ -117,9 +117,30 @@ def output(node, A, a):
 
 
 # ---- concatenation ----------------------------------------------------------------------------
-@rule("cat", torch.cat, torch.concat, aten.cat.default, names=("tensors", "dim"))
+def _cat_heads(infos: list[ChanInfo], d: int, A) -> ChanInfo | None:
+    """Head-split parts laid out alike: cat on the per-head axis concatenates each head's dims (partial
+    rotary's ``cat((rotated, passed), -1)``); on another axis channel (h, j) of every part is one."""
+    first = infos[0]
+    if not all(i.split and (i.head, i.dim, i.heads) == (first.head, first.dim, first.heads) for i in infos):
+        return None
+    if d == first.dim:
+        def cat(attr):
+            return np.concatenate([i.per_head(getattr(i, attr)) for i in infos], axis=1).reshape(-1)
+
+        return replace(first, ids=cat("ids"), const=cat("const"), value=cat("value"))
+    if d == first.head or any(len(i) != len(first) for i in infos):
+        return None
+    const = np.logical_and.reduce([i.const for i in infos])
+    for i in infos[1:]:
+        A.union(first.ids, i.ids)
+        const &= i.value == first.value
+    return replace(first, const=const, value=np.where(const, first.value, 0.0))
+
+
+@rule("cat", torch.cat, torch.concat, aten.cat.default, names=("tensors", "dim"), heads=True)
 def cat(node, A, a):
-    """cat on the channel axis: ids concatenate; on another axis: channel j of every part is one."""
+    """cat on the channel axis: ids concatenate; on another axis: channel j of every part is one.
+    Head-split parts: ``_cat_heads``."""
     if isinstance(a["tensors"], fx.Node):  # a tuple made elsewhere (split(...)[::-1]): not followed
         A.freeze(a["tensors"])
         return None
@@ -130,6 +151,11 @@ def cat(node, A, a):
         A.freeze(parts)
         return None
     d = _norm_dim(int(a.get("dim", 0)), len(out_shape))
+    if any(i.split for i in infos):
+        out = _cat_heads(infos, d, A) if all(len(s) == len(out_shape) for s in shapes) else None
+        if out is None:
+            A.freeze(parts)
+        return out
     if all(i.dim == d for i in infos):
         return ChanInfo.concat(infos, d)
     if all(i.dim == infos[0].dim for i in infos):
@@ -484,6 +510,10 @@ def expand(node, A, a):
 def _slice_rewrite(node, R, a):
     if _PIECES in getattr(node.args[0], "meta", {}):
         return R.copy(node)  # one output of a split: the split itself was rewritten
+    if node.meta.get(_HEAD_POS) is not None:
+        out, src = R.info(node), R.info(node.args[0])
+        return R.copy(node) if R.keep(src).all() and R.keep(out).all() else _head_slice_rewrite(
+            node, R, node.meta[_HEAD_POS])
     out_info, src = R.info(node), R.info(node.args[0])
     pos = node.meta.get("sqr_fx.slice_pos")
     if out_info is None or pos is None or (R.keep(src, 0).all() and R.keep(out_info).all()):
@@ -547,6 +577,51 @@ def _index_heads(node, src: ChanInfo, s_in) -> ChanInfo | None:
     return _axes_moved(src, moved)
 
 
+_HEAD_POS = "sqr_fx.head_slice_pos"
+
+
+def _per_head_slice(node, src: ChanInfo, s_in) -> np.ndarray | None:
+    """Positions along the per-head axis when ``node`` slices only that axis with literal bounds."""
+    nd = len(s_in)
+    if node.target is aten.slice.Tensor:
+        bounds = list(node.args[2:5]) + [None] * (3 - len(node.args[2:5]))
+        d = _norm_dim(int(node.args[1]) if len(node.args) > 1 else 0, nd)
+        if d != src.dim or any(v is not None and type(v) is not int for v in bounds):
+            return None
+        return np.arange(s_in[d])[slice(*bounds)]
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if idx.count(Ellipsis) == 1 and idx.index(Ellipsis) == 0 and len(idx) == 2:
+        idx = (slice(None),) * (nd - 1) + idx[1:]
+    if len(idx) != nd or not all(isinstance(i, slice) for i in idx) or any(
+            i != slice(None) for k, i in enumerate(idx) if k != src.dim):
+        return None
+    sl = idx[src.dim]
+    if any(v is not None and type(v) is not int for v in (sl.start, sl.stop, sl.step)):
+        return None
+    return np.arange(s_in[src.dim])[sl]
+
+
+def _take_dims(src: ChanInfo, pos: np.ndarray) -> ChanInfo:
+    """Positions ``pos`` of every head of a head-split info."""
+    def take(arr):
+        return src.per_head(arr)[:, pos].reshape(-1)
+
+    return replace(src, ids=take(src.ids), const=take(src.const), value=take(src.value))
+
+
+def _head_slice_rewrite(node, R, pos: np.ndarray):
+    """The kept heads keep the same dims (``uniform_heads``): one index_select of the new positions."""
+    src, out = R.info(node.args[0]), R.info(node)
+    keep_in, keep_out = src.per_head(R.keep(src)), out.per_head(R.keep(out))
+    rows_in, rows_out = keep_in[keep_in.any(1)], keep_out[keep_in.any(1)]
+    assert (rows_in == rows_in[0]).all() and (rows_out == rows_out[0]).all(), "head slice left uneven"
+    rank = np.cumsum(rows_in[0]) - 1
+    idx = rank[pos[rows_out[0]]]
+    if len(idx) == int(rows_in[0].sum()) and (idx == np.arange(len(idx))).all():
+        return R.arg(node.args[0])  # every kept dim of x is selected, in order
+    return R.index_select(R.arg(node.args[0]), out.dim, idx, f"{node.name}_idx")
+
+
 @rule("slice", operator.getitem, aten.slice.Tensor, names=("input", "index"), rewrite=_slice_rewrite,
       per_target={aten.slice.Tensor: ("input", "dim", "start", "end", "step")}, heads=True)
 def getitem(node, A, a):
@@ -561,6 +636,13 @@ def getitem(node, A, a):
     with_none = node.target is operator.getitem and isinstance(node.args[1], tuple) and None in node.args[1]
     if src is not None and (src.split or with_none):
         out = _index_heads(node, src, s_in) if s_in is not None and s_out is not None else None
+        if out is None and src.split and s_in is not None and s_out is not None:
+            pos = _per_head_slice(node, src, s_in)
+            if pos is not None:  # x[..., :r] of a head-split x (partial rotary): the same dims of every head
+                out = _take_dims(src, pos)
+                node.meta[_HEAD_POS] = pos
+                A.uniform_heads(src)
+                A.align_heads(src, out)
         if out is None:
             A.freeze(src)
         return out
