@@ -37,9 +37,10 @@ class RotaryAttention(nn.Module):
     attention out (scale, softmax in float32 and back, @ v)."""
 
     def __init__(self, c: int = 12, heads: int = 4, kv: int = 2, d: int = 8, impl: str = "sdpa",
-                 gqa: str = "repeat", rope: bool = True):
+                 gqa: str = "repeat", rope: bool = True, form: str = "half", rot: int = 8):
         super().__init__()
         self.h, self.kv, self.d, self.impl, self.gqa, self.rope = heads, kv, d, impl, gqa, rope
+        self.form, self.rot = form, rot  # rotate_half or GPT-J's interleaved; the first ``rot`` dims rotate
         self.q, self.o = nn.Linear(c, heads * d, dtype=F64), nn.Linear(heads * d, c, dtype=F64)
         self.k, self.v = nn.Linear(c, kv * d, dtype=F64), nn.Linear(c, kv * d, dtype=F64)
         self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=F64) / d))
@@ -49,12 +50,14 @@ class RotaryAttention(nn.Module):
         q = self.q(x).view(b, t, self.h, self.d).transpose(1, 2)
         k = self.k(x).view(b, t, self.kv, self.d).transpose(1, 2)
         v = self.v(x).view(b, t, self.kv, self.d).transpose(1, 2)
-        if self.rope:
+        if self.rope and self.form == "half" and self.rot == self.d:
             freqs = torch.arange(t, dtype=F64)[:, None] * self.inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
             cos, sin = emb.cos()[None, None], emb.sin()[None, None]
             q = q * cos + rotate_half(q, self.d // 2) * sin
             k = (rotate_half(k, self.d // 2) * sin) + (cos * k)  # operands in the other order
+        elif self.rope:
+            q, k = self._partial(q, t), self._partial(k, t)
         r = self.h // self.kv
         if self.gqa == "repeat" and r > 1:
             k = k[:, :, None, :, :].expand(b, self.kv, r, t, self.d).reshape(b, self.h, t, self.d)
@@ -65,6 +68,20 @@ class RotaryAttention(nn.Module):
             s = q @ k.transpose(-2, -1) * self.d ** -0.5
             o = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
         return self.o(o.transpose(1, 2).reshape(b, t, self.h * self.d))
+
+
+    def _partial(self, x, t):
+        """Rotate the first ``rot`` dims (Phi / GPT-NeoX ``rotary_pct``; GPT-J: interleaved), pass the rest."""
+        r = self.rot
+        freqs = torch.arange(t, dtype=F64)[:, None] * self.inv_freq[None, : r // 2]
+        emb = torch.cat((freqs, freqs), -1) if self.form == "half" else freqs.repeat_interleave(2, -1)
+        cos, sin = emb.cos(), emb.sin()
+        x_rot, x_pass = x[..., :r], x[..., r:]
+        if self.form == "half":
+            x_rot = x_rot * cos + rotate_half(x_rot, r // 2) * sin
+        else:
+            x_rot = x_rot * cos + torch.stack((-x_rot[..., 1::2], x_rot[..., ::2]), dim=-1).flatten(-2) * sin
+        return torch.cat((x_rot, x_pass), dim=-1)
 
 
 def _block(**kw) -> RotaryAttention:
@@ -138,6 +155,24 @@ def test_heads_dropping_different_pairs_gather_the_tables_per_head():
     s = _minimize_checked(m)
     assert _widths(s) == (4 * 6, 4 * 6, 4 * 8)
     assert "unflatten" in s.code  # the per-head gather of the tables
+
+
+@pytest.mark.parametrize("form, rot", [("half", 4), ("interleaved", 8), ("interleaved", 4)])
+def test_interleaved_and_partial_rotary(form, rot):
+    """GPT-J's interleaved pairs (2i, 2i + 1) and partial rotary (only the first ``rot`` dims rotate). The
+    first pair of the rotated dims is exactly zero in k: it goes. In the passed-through dims a CONSTANT
+    non-zero key dim goes as in plain attention; in the rotated dims the same constant pair stays (GUARD)."""
+    first = [0, 1] if form == "interleaved" else [0, rot // 2]
+    m = _block(form=form, rot=rot, kv=2)
+    _zero_rows(m.k, [g * 8 + i for g in range(2) for i in first])
+    want = 8 - 2 - (1 if rot < 8 else 0)
+    if rot < 8:  # dim 7 passes unrotated: a constant key there is a per-query shift
+        _zero_rows(m.k, [7, 15], bias=0.9)
+    assert _widths(_minimize_checked(m)) == (4 * want, 2 * want, 2 * 8)
+    second = [2, 3] if form == "interleaved" else [1, 1 + rot // 2]
+    m = _block(form=form, rot=rot, kv=2)
+    _zero_rows(m.k, [g * 8 + i for g in range(2) for i in second], bias=0.9)
+    assert _widths(_minimize_checked(m)) == (4 * 8, 2 * 8, 2 * 8)
 
 
 @pytest.mark.parametrize("gqa, impl", [("repeat", "sdpa"), ("sdpa", "sdpa"), ("repeat", "matmul")])
@@ -222,3 +257,36 @@ def test_hf_decoder_dead_kv_groups(name, attn):
             for proj in (a.k_proj, a.v_proj):
                 proj.weight[g * _D:(g + 1) * _D] = 0
     _check_decoder(m, [[0, 1], [2, 3]], kv=2)
+
+
+@pytest.mark.parametrize("name", ["gptj", "phi"])
+def test_hf_partial_rotary_dead_head_and_key_pair(name):
+    """Partial rotary (8 of 16 dims): GPT-J (interleaved pairs, rotation on [B, T, H, D] before the
+    transpose, no biases) and Phi (rotate_half, biases). Layer i loses head i (dense columns zero) and,
+    in every head, one rotation pair whose key rows and biases are zero."""
+    tf = _hf()
+    torch.manual_seed(0)
+    if name == "gptj":
+        m = tf.GPTJForCausalLM(tf.GPTJConfig(vocab_size=100, n_positions=64, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                                             use_cache=False, bos_token_id=0, eos_token_id=0))
+        attn, out, pair, pre = [b.attn for b in m.transformer.h], "out_proj", (2, 3), "transformer.h.{}.attn"
+    else:
+        m = tf.PhiForCausalLM(tf.PhiConfig(vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=64,
+                                           use_cache=False))
+        attn, out, pair, pre = [l.self_attn for l in m.model.layers], "dense", (1, 5), "model.layers.{}.self_attn"
+    with torch.no_grad():
+        for i, a in enumerate(attn):
+            getattr(a, out).weight[:, i * _D:(i + 1) * _D] = 0
+            rows = [h * _D + p for h in range(_H) for p in pair]
+            a.k_proj.weight[rows] = 0
+            if a.k_proj.bias is not None:
+                a.k_proj.bias[rows] = 0
+    m = m.eval().double()
+    s = minimize(m, (_ids(2, 10),))
+    p = params(s)
+    for i in range(2):
+        assert p[f"{pre.format(i)}.q_proj.weight"].shape[0] == p[f"{pre.format(i)}.k_proj.weight"].shape[0] == 3 * 14
+        assert p[f"{pre.format(i)}.v_proj.weight"].shape[0] == 3 * _D
+    for b, t in [(1, 5), (3, 13)]:
+        assert_same(m, s, (_ids(b, t, seed=t),), rtol=1e-9)
