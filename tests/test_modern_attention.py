@@ -290,3 +290,22 @@ def test_hf_partial_rotary_dead_head_and_key_pair(name):
         assert p[f"{pre.format(i)}.v_proj.weight"].shape[0] == 3 * _D
     for b, t in [(1, 5), (3, 13)]:
         assert_same(m, s, (_ids(b, t, seed=t),), rtol=1e-9)
+
+
+def test_hf_llama_mqa_zero_key_pair():
+    """MQA Llama (one kv head for 4 q heads, 1 layer): a key rotation pair (3, 11) with zero k_proj rows
+    leaves k and all four q heads."""
+    tf = _hf()
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=_H,
+                         num_key_value_heads=1, max_position_embeddings=64, use_cache=False)
+    m = tf.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        m.model.layers[0].self_attn.k_proj.weight[[3, 11]] = 0
+    m = m.eval().double()
+    s = minimize(m, (_ids(2, 10),))
+    p = params(s)
+    assert p["model.layers.0.self_attn.q_proj.weight"].shape[0] == _H * 14
+    assert p["model.layers.0.self_attn.k_proj.weight"].shape[0] == 14
+    for b, t in [(1, 5), (3, 13)]:
+        assert_same(m, s, (_ids(b, t, seed=t),), rtol=1e-9)
