@@ -243,10 +243,11 @@ def shared_ties(gm: fx.GraphModule) -> dict[str, list[str]]:
     return shared
 
 
-def rms_norm_from_pattern(gm: fx.GraphModule, example_inputs: tuple) -> int:
-    from .patterns import rms_norm_from_pattern as match  # patterns reads the rules' op names
+def recognize_patterns(gm: fx.GraphModule, example_inputs: tuple) -> int:
+    """Written-out RMSNorms and rotary embeddings become the one call they compute (patterns.py)."""
+    from .patterns import rms_norm_from_pattern, rotary_from_pattern  # patterns reads the rules' op names
 
-    return match(gm, example_inputs)
+    return rms_norm_from_pattern(gm, example_inputs) + rotary_from_pattern(gm)
 
 
 def fold_constants(gm: fx.GraphModule) -> int:
@@ -273,7 +274,7 @@ def _symbolic(model: nn.Module, example_inputs: tuple, expected: Any) -> fx.Grap
     problem = outputs_match(expected, got)
     if problem is not None:
         raise NotFunctional(f"the symbolic trace computes another function than the model ({problem})")
-    rms_norm_from_pattern(gm, example_inputs)  # (shapes known now; the new node keeps the product's shape)
+    recognize_patterns(gm, example_inputs)  # (shapes known now; the new node keeps the product's shape)
     return gm
 
 
@@ -313,7 +314,7 @@ def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> t
             raise TraceError(f"neither front end reproduces {type(model).__name__} on the example inputs: "
                              f"torch.fx.symbolic_trace failed with {type(fx_err).__name__}: {str(fx_err)[:300]}; "
                              f"torch.export's program computes another function ({problem})")
-        rms_norm_from_pattern(gm, example_inputs)
+        recognize_patterns(gm, example_inputs)
     _mark_varying_axis1(model if frontend == "export" else private, gm, example_inputs)
     shared = shared_ties(gm)
     whole = {k: v for k, v in tied_targets(gm).items() if k not in shared}
