@@ -52,6 +52,10 @@ fuzz: $(STAMP)
 # the pass's own speed (issue 12): minimize's CPU time against the FX floor (trace + one shape propagation +
 # graph copy + recompile) per model and for a 64..512-block Linear/ReLU chain, the self-check's seconds and
 # peak RSS; prints a table and writes benchmarks/results/pass_speed.json
-.PHONY: bench-speed
+.PHONY: bench-speed bench-memory
 bench-speed: $(STAMP)
 	$(BIN)/python -m benchmarks.pass_speed
+
+# peak RSS of minimize on a 1B-parameter Llama-style decoder (about 9 GiB of memory); benchmarks/results/memory.json
+bench-memory: $(STAMP)
+	$(BIN)/python -m benchmarks.memory
