@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import replace
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -677,6 +677,11 @@ def getitem(node, A, a):
         if out is None:
             A.freeze(src)
         return out
+    if src is not None and not src.split and node.target is operator.getitem and s_in is not None \
+            and s_out is not None:
+        idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if any(isinstance(i, fx.Node) and A.shape(i) is not None for i in idx):  # x[:, ids]: advanced indexing
+            return _gathered(node, A, src, s_in, s_out, idx)
     if src is not None and src.blocks:
         A.decline(node, "slices an axis that flattens channels with spatial axes", src)
         return None
@@ -705,6 +710,38 @@ def getitem(node, A, a):
     pos = np.arange(s_in[src.dim])[sl]
     node.meta["sqr_fx.slice_pos"] = pos
     return src.take(pos)
+
+
+def _gathered(node, A, src: ChanInfo, s_in, s_out, idx) -> Optional[ChanInfo]:
+    """Advanced indexing with index TENSORS on axes other than the channel axis (``x[:, ids]``, CLIP's
+    ``x[arange(B), eos]``, ``aten.index``): every output position is a whole channel vector of ``x`` at
+    some position, so each channel keeps its id and value. Precondition: the indexed axes are
+    contiguous and every other entry is a full slice (``None`` in ``aten.index``); the indexed block
+    becomes the index's broadcast shape in place (torch's rule for adjacent advanced indices), so the
+    channel axis stays where it is before the block and keeps its distance to the end after it."""
+    nd = len(s_in)
+    full = [i is None or (isinstance(i, slice) and i == slice(None)) for i in idx]
+    tensors = [k for k, i in enumerate(idx) if isinstance(i, fx.Node) and A.shape(i) is not None]
+    ok = (len(idx) <= nd and tensors == list(range(tensors[0], tensors[-1] + 1))
+          and all(full[k] for k in range(len(idx)) if k not in tensors) and src.dim not in tensors
+          and all(A.shape(idx[k]) is not None for k in tensors))
+    if not ok:
+        A.decline(node, "advanced indexing other than index tensors on adjacent non-channel axes", src)
+        return None
+    if src.dim < tensors[0]:
+        return src
+    return src.with_dim(len(s_out) - (nd - src.dim))
+
+
+@rule("index", aten.index.Tensor, names=("input", "indices"))
+def index(node, A, a):
+    """``aten.index(x, [None, ids])`` (torch.export's ``x[:, ids]``): as advanced indexing in ``getitem``."""
+    x, indices = a["input"], a["indices"]
+    src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
+    if src is None or src.split or s_in is None or s_out is None or not isinstance(indices, (list, tuple)):
+        A.freeze(src)
+        return None
+    return _gathered(node, A, src, s_in, s_out, tuple(indices))
 
 
 @rule("select", torch.select, method("select"), aten.select.int, names=("input", "dim", "index"))
