@@ -143,3 +143,73 @@ def test_group_read_whole_is_frozen():
     small = minimize(m, (torch.randn(2, 7, C, dtype=torch.float64),))
     _check(m, small)
     assert tuple(small.qkv.weight.shape) == (3 * C, C)
+
+
+class NeoXStyle(nn.Module):
+    """GPT-NeoX's layout: ``qkv.view(B, T, H, 3D).transpose(1, 2).chunk(3, -1)`` (per-head q | k | v)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.qkv, self.proj, self.how = nn.Linear(C, 3 * C), nn.Linear(C, C), how
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, -1, 3 * D).transpose(1, 2)
+        q, k, v = qkv.chunk(3, dim=-1) if self.how == "chunk" else qkv.split(D, -1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(o.transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("how", ["chunk", "split"])
+def test_neox_style_per_head_chunk(how):
+    """Head 2 dead (proj columns zero): its 3D rows go; in every other head the v dims 0 and 5 are
+    dead: they go from every kept head alike (the split sizes stay equal per head)."""
+    torch.manual_seed(0)
+    m = NeoXStyle(how).double().eval()
+    with torch.no_grad():
+        m.proj.weight[:, 2 * D:3 * D] = 0
+        for h in range(H):
+            m.proj.weight[:, [h * D, h * D + 5]] = 0
+    small = minimize(m, (torch.randn(2, 7, C, dtype=torch.float64),))
+    _check(m, small)
+    assert tuple(small.proj.weight.shape) == (C, 3 * (D - 2))
+    assert tuple(small.qkv.weight.shape) == (3 * (2 * D + D - 2), C)
+
+
+def test_neox_partly_dead_v_dims_of_one_head_stay():
+    """Dead v dims in one head only: the kept heads must keep the same dims, so they stay."""
+    torch.manual_seed(0)
+    m = NeoXStyle("chunk").double().eval()
+    with torch.no_grad():
+        m.proj.weight[:, [D, D + 3]] = 0
+    small = minimize(m, (torch.randn(2, 7, C, dtype=torch.float64),))
+    _check(m, small)
+    assert tuple(small.qkv.weight.shape) == (3 * C, C)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_hf_gpt_neox_dead_heads(attn):
+    """Hugging Face GPT-NeoX (partial rotary 0.5, fused query_key_value laid out [H, 3D]): layer i
+    loses head i (dense columns zero): 48 of 192 qkv rows, 16 of 64 dense columns."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.GPTNeoXConfig(vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=64, use_cache=False, rotary_pct=0.5,
+                           attn_implementation=attn)
+    m = tf.GPTNeoXForCausalLM(cfg)
+    with torch.no_grad():
+        for i, layer in enumerate(m.gpt_neox.layers):
+            layer.attention.dense.weight[:, i * 16:(i + 1) * 16] = 0
+    m = m.eval().double()
+
+    def ids(b, t):
+        return torch.randint(0, 100, (b, t), generator=torch.Generator().manual_seed(t))
+
+    small = minimize(m, (ids(2, 10),))
+    p = dict(small.named_parameters())
+    for i in range(2):
+        assert p[f"gpt_neox.layers.{i}.attention.query_key_value.weight"].shape == (144, 64)
+        assert p[f"gpt_neox.layers.{i}.attention.dense.weight"].shape == (64, 48)
+    for b, t in [(1, 5), (3, 13)]:
+        x = ids(b, t)
+        torch.testing.assert_close(small(x)["logits"], m(x).logits, rtol=1e-9, atol=1e-9)

@@ -841,19 +841,24 @@ _PIECES = "sqr_fx.pieces"
 def _split_rewrite(node, R, a):
     x = node.args[0]
     src, pieces = R.info(x), node.meta.get(_PIECES)
-    if src is None or pieces is None or node.meta.get("sqr_fx.split_dim") != src.dim or R.keep(src).all():
+    if src is None or pieces is None or node.meta.get("sqr_fx.split_dim") != src.dim or (
+            R.keep(src).all() and all(R.keep(p).all() for p in pieces)):
         return R.copy(node)
-    sizes = [int(R.keep(p).sum()) for p in pieces]
+    # per-head pieces (``_take_dims``): each kept head keeps the same dims of every piece (``uniform_heads``)
+    sizes = [head_widths(R.keep(p), p)[1] if p.split else int(R.keep(p).sum()) for p in pieces]
     return R.graph.call_function(torch.split, (R.arg(x), sizes, src.dim))
 
 
 @rule("split", torch.split, method("split"), aten.split.Tensor, aten.split_with_sizes.default,
       method("split_with_sizes"), torch.chunk, method("chunk"), aten.chunk.default, torch.tensor_split,
-      method("tensor_split"), names=("input", "sections", "dim"), rewrite=_split_rewrite)
+      method("tensor_split"), names=("input", "sections", "dim"), rewrite=_split_rewrite, heads=True)
 def split(node, A, a):
     """Pieces along the channel axis take their positions' ids (rewritten with the kept counts);
     along another axis every piece carries the whole channel info. The tuple itself is untracked:
-    ``getitem`` hands each piece its info."""
+    ``getitem`` hands each piece its info. A head-split input (GPT-NeoX's ``[B, H, T, 3D]`` fused
+    qkv, ``chunk(3, -1)``) split along its per-head axis gives each piece the same dims of every head;
+    every kept head keeps the same dims (``uniform_heads``), so the rewrite's sizes are each piece's
+    kept dims per head. Along its head axis: frozen."""
     x = node.args[0]
     src, s_in = A.info(x), A.shape(x)
     sections = next((a.get(k) for k in ("sections", "split_size_or_sections", "split_size", "split_sizes", "chunks",
@@ -869,6 +874,16 @@ def split(node, A, a):
     d = _norm_dim(int(a.get("dim", 0)), len(s_in))
     fn = {"chunk": torch.chunk, "tensor_split": torch.tensor_split}.get(
         op_name(node).split("_with")[0], torch.split)
+    if src.split:
+        if d == src.head:
+            A.freeze(src)
+            return None
+        if d == src.dim:
+            node.meta["sqr_fx.split_dim"] = d
+            node.meta[_PIECES] = pieces = [_take_dims(src, p.numpy()) for p in fn(torch.arange(s_in[d]), sections)]
+            A.uniform_heads(src)
+            A.align_heads(src, *pieces)
+            return None
     if d != src.dim:
         n = len(fn(torch.empty(s_in[d]), sections))
         node.meta[_PIECES] = [src] * n
