@@ -213,3 +213,26 @@ def test_hf_gpt_neox_dead_heads(attn):
     for b, t in [(1, 5), (3, 13)]:
         x = ids(b, t)
         torch.testing.assert_close(small(x)["logits"], m(x).logits, rtol=1e-9, atol=1e-9)
+
+
+def test_timm_vit_dead_heads_after_export():
+    """A real timm ViT (2 blocks, 3 heads of 64, built from its config): block i's head i dead. After
+    torch.export the heads go (qkv 576 -> 384 rows, proj 192 -> 128 columns). Under symbolic_trace
+    timm's ``attn_mask`` / ``is_causal`` arrive as graph inputs, so sdpa keeps its heads there."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                          num_classes=10).double().eval()
+    with torch.no_grad():
+        for i, blk in enumerate(m.blocks):
+            blk.attn.proj.weight[:, i * 64:(i + 1) * 64] = 0
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ep = torch.export.export(m, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
+    small = minimize(ep, (x,))
+    p = dict(small.named_parameters())
+    for i in range(2):
+        assert p[f"blocks.{i}.attn.qkv.weight"].shape == (384, 192)
+        assert p[f"blocks.{i}.attn.proj.weight"].shape == (192, 128)
+    for b in (1, 3):
+        xx = torch.randn(b, 3, 32, 32, dtype=torch.float64)
+        torch.testing.assert_close(small(xx), m(xx), rtol=1e-10, atol=1e-10)
