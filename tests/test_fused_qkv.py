@@ -236,3 +236,27 @@ def test_timm_vit_dead_heads_after_export():
     for b in (1, 3):
         xx = torch.randn(b, 3, 32, 32, dtype=torch.float64)
         torch.testing.assert_close(small(xx), m(xx), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("how", ["fx", "export"])
+def test_full_slice_of_the_grouped_tensor_freezes(how):
+    """``qkv[:, :, :]`` (``aten.slice`` on axis 0 after export) is no group index: channels kept, exact."""
+    class Sliced(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+
+        def forward(self, x):
+            B, N, _ = x.shape
+            qkv = self.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)[0:2]
+            q, k = qkv.unbind(0)
+            o = F.scaled_dot_product_attention(q, k, k)
+            return self.proj(o.transpose(1, 2).reshape(B, N, C))
+
+    torch.manual_seed(0)
+    m = Sliced().double().eval()
+    with torch.no_grad():
+        m.proj.weight[:, :D] = 0
+    small = minimize(_frontend(m, how), (torch.randn(2, 7, C, dtype=torch.float64),))
+    _check(m, small)
+    assert tuple(small.qkv.weight.shape) == (3 * C, C)

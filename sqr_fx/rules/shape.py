@@ -671,6 +671,8 @@ _HEAD_POS = "sqr_fx.head_slice_pos"
 def _group_index(node, src: ChanInfo, s_in) -> ChanInfo | None:
     """``x[g]`` / ``x[:, g]`` ... of a grouped info: an int on the group axis and full slices before it
     (nothing after) take group ``g``; None for any other index."""
+    if node.target is not operator.getitem or len(node.args) < 2:  # aten.slice of a grouped tensor: not followed
+        return None
     idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
     if s_in is None or len(idx) != src.group + 1 or type(idx[-1]) is not int \
             or any(i != slice(None) for i in idx[:-1]):
@@ -787,11 +789,13 @@ def select(node, A, a):
     grouped info (a fused qkv's ``qkv[0]`` after torch.export) it takes that group: its heads."""
     x = a["input"]
     src, s_in = A.info(x), A.shape(x)
-    if src is None or s_in is None or A.shape(node) is None or isinstance(a["dim"], fx.Node) \
-            or type(a["index"]) is not int:
+    if src is None or s_in is None or A.shape(node) is None or isinstance(a["dim"], fx.Node):
         A.freeze(src)
         return None
     d = _norm_dim(int(a["dim"]), len(s_in))
+    if src.split and type(a["index"]) is not int:
+        A.freeze(src)
+        return None
     if src.split:
         i = a["index"]
         out = (src.group_part(i % src.groups) if d == src.group and -src.groups <= i < src.groups else None) \
@@ -861,6 +865,8 @@ def split(node, A, a):
     kept dims per head. Along its head axis: frozen."""
     x = node.args[0]
     src, s_in = A.info(x), A.shape(x)
+    node.meta.pop(_PIECES, None)  # (a copy from an earlier round carries the old pieces)
+    node.meta.pop("sqr_fx.split_dim", None)
     sections = next((a.get(k) for k in ("sections", "split_size_or_sections", "split_size", "split_sizes", "chunks",
                                          "indices_or_sections") if a.get(k) is not None), None)
     pieces_only = all(u.target is operator.getitem and type(u.args[1]) is int for u in node.users)
@@ -902,6 +908,7 @@ def unbind(node, A, a):
     (the unbound axis keeps its size)."""
     x = a["input"]
     src, s_in = A.info(x), A.shape(x)
+    node.meta.pop(_PIECES, None)  # (a copy from an earlier round carries the old pieces)
     pieces_only = all(u.target is operator.getitem and type(u.args[1]) is int for u in node.users)
     if src is None or s_in is None or isinstance(a.get("dim", 0), fx.Node) or not pieces_only:
         A.freeze(src)
