@@ -24,7 +24,7 @@ from .errors import SqrFxError, UnsupportedOpError
 from .rules import lookup
 from .rules.registry import UNNORMALIZED, has_hooks
 from .trace import OTHER_SHAPES, fetch_attr, record_other_shapes, shared_ties, tied_targets
-from .values import META_KEY, ChanInfo, shape_of
+from .values import GROUP_AWARE, META_KEY, ChanInfo, shape_of
 
 __all__ = ["Analysis", "Plan"]
 
@@ -236,6 +236,10 @@ class Analysis:
                 if not r.heads:  # head-split channels reach only head-aware rules; others freeze them
                     self._hidden = {a for a in node.all_input_nodes
                                     if a.meta.get(META_KEY) is not None and a.meta[META_KEY].split}
+                    self.freeze(list(self._hidden))
+                if r.family not in GROUP_AWARE:  # a three-factor split (fused qkv) reaches only layout rules
+                    self._hidden |= {a for a in node.all_input_nodes
+                                     if a.meta.get(META_KEY) is not None and a.meta[META_KEY].group is not None}
                     self.freeze(list(self._hidden))
                 try:
                     out = r.analyze(node, self, args)

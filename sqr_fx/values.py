@@ -11,6 +11,12 @@ After an attention head split (``[B, T, H*D] -> [B, T, H, D]``) the channels spa
 axes: ``head`` (size ``heads``) and ``dim`` (size D); ``ids`` then lists the H*D
 positions in (head, dim) row-major order, exactly the order of the merged axis. Only
 rules registered with ``heads=True`` see such an info; for every other op it is frozen.
+
+A fused projection split into three factors (timm's ``qkv.reshape(B, N, 3, H, D)``) adds a ``group``
+axis (size ``groups``) in front: ``ids`` lists the G*H*D positions in (group, head, dim) row-major
+order and ``heads`` counts G*H heads (group g, head h is head ``g * H + h``). Only the layout rules
+that move the axes or take one group (``permute``, ``unbind``/``select``/``x[g]`` on the group axis)
+follow it; every other rule sees it frozen (``GROUP_AWARE``).
 """
 from __future__ import annotations
 
@@ -21,7 +27,10 @@ import numpy as np
 from torch import fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
-__all__ = ["ChanInfo", "META_KEY", "shape_of"]
+__all__ = ["ChanInfo", "GROUP_AWARE", "META_KEY", "shape_of"]
+
+#: rule families that understand an info with a ``group`` axis; every other rule has it frozen
+GROUP_AWARE = frozenset({"permute", "view", "unbind", "select", "slice", "size"})
 
 #: the one namespaced ``node.meta`` key the analysis writes
 META_KEY = "sqr_fx.chan"
@@ -50,6 +59,8 @@ class ChanInfo:
     head: Optional[int] = None
     heads: int = 1
     blocks: bool = False  # positions are channel blocks of traced spatial size (flatten of [C, H, W])
+    group: Optional[int] = None  # axis of the outer factor of a three-factor split (fused qkv's "3")
+    groups: int = 1
 
     @classmethod
     def dynamic(cls, dim: int, ids: np.ndarray) -> "ChanInfo":
@@ -71,6 +82,17 @@ class ChanInfo:
     def split(self) -> bool:
         """The channels span a head axis and a per-head axis (see the module docstring)."""
         return self.head is not None
+
+    def group_part(self, g: int) -> "ChanInfo":
+        """Group ``g`` of a grouped info, with the group axis dropped: an ordinary head-split info."""
+        assert self.group is not None
+        n, ax = len(self) // self.groups, self.group
+
+        def part(arr):
+            return np.asarray(arr).reshape(self.groups, n)[g]
+
+        return ChanInfo(self.dim - (ax < self.dim), part(self.ids), part(self.const), part(self.value),
+                        head=self.head - (ax < self.head), heads=self.heads // self.groups)
 
     def per_head(self, arr: np.ndarray) -> np.ndarray:
         """``arr`` (one entry per position) as a [heads, D] array."""

@@ -229,6 +229,39 @@ def _split_map(in_shape, out_shape, info: ChanInfo):
     return None
 
 
+def _split3_map(in_shape, out_shape, info: ChanInfo):
+    """Out axis k when the reshape splits the channel axis into (out[k], out[k+1], out[k+2]) = (G, H, D):
+    a fused projection's (3, heads, head_dim) (timm's ``qkv.reshape(B, N, 3, H, D)``)."""
+    c, C = info.dim, in_shape[info.dim]
+    P, rest = math.prod(in_shape[:c]), math.prod(in_shape[c + 1:])
+    for k in range(len(out_shape) - 2):
+        if math.prod(out_shape[:k]) == P and out_shape[k] * out_shape[k + 1] * out_shape[k + 2] == C \
+                and math.prod(out_shape[k + 3:]) == rest:
+            return k
+    return None
+
+
+def _grouped(src: ChanInfo, k: int, out_shape, A) -> ChanInfo:
+    """The info of a three-factor split at out axis k: groups (axis k) x heads (k + 1) x dims (k + 2).
+    Group g's head h and group g''s head h go together (``align_heads``): every group keeps the same
+    heads, so the kept positions stay a (G, H', D') grid and the reshape's literal sizes can say so."""
+    G, H = out_shape[k], out_shape[k + 1]
+    out = replace(src, dim=k + 2, head=k + 1, heads=G * H, group=k, groups=G)
+    A.align_heads(*[out.group_part(g) for g in range(G)])
+    return out
+
+
+def widths(keep: np.ndarray, info: ChanInfo) -> dict[int, int]:
+    """Kept size of each channel-carrying axis of ``info`` (a grouped info keeps its G groups)."""
+    if not info.split:
+        return {info.dim: int(keep.sum())}
+    h, d = head_widths(keep, info)
+    if info.group is not None:
+        assert h % info.groups == 0, "groups left with different heads"
+        h //= info.groups
+    return {info.head: h, info.dim: d}
+
+
 def _merged(src: ChanInfo, in_shape, out_shape):
     """A head-split info whose two axes are adjacent, merged back into one axis (None: not that)."""
     lo = min(src.head, src.dim)
@@ -293,6 +326,8 @@ def _layout(src: ChanInfo, s_in, s_out):
     if src.split:
         if s_in == s_out:
             return ("same",)
+        if src.group is not None:
+            return None
         m = _merged(src, s_in, s_out)
         if m is not None:
             return ("merged", m.dim)
@@ -302,7 +337,10 @@ def _layout(src: ChanInfo, s_in, s_out):
     if m is not None:
         return ("block", m[0], m[1] > 1)
     k = _split_map(s_in, s_out, src)
-    return None if k is None else ("split", k, s_out[k])
+    if k is not None:
+        return ("split", k, s_out[k])
+    k = _split3_map(s_in, s_out, src)
+    return None if k is None else ("split3", k, s_out[k], s_out[k + 1])
 
 
 def _reshaped(node, A, x):
@@ -324,7 +362,8 @@ def _reshaped(node, A, x):
                       src)
             return None
     if src.split:  # the same shape, the two head axes merged back into one, or heads repeated
-        out = src if s_in == s_out else (_merged(src, s_in, s_out) or _heads_repeated(src, s_in, s_out))
+        out = src if s_in == s_out else None if src.group is not None else (
+            _merged(src, s_in, s_out) or _heads_repeated(src, s_in, s_out))
         if out is None:
             A.freeze(src)
         return out
@@ -332,8 +371,11 @@ def _reshaped(node, A, x):
     if m is None:
         k = _split_map(s_in, s_out, src)
         if k is None:
-            A.freeze(src)
-            return None
+            k = _split3_map(s_in, s_out, src) if not src.blocks else None
+            if k is None:
+                A.freeze(src)
+                return None
+            return _grouped(src, k, s_out, A)
         return replace(src, dim=k + 1, head=k, heads=s_out[k])
     k, inner = m
     out = replace(src.repeat(inner), blocks=True) if inner > 1 else src
@@ -377,12 +419,9 @@ def _view_rewrite(node, R, a):
     if out_info is None or R.keep(out_info).all():
         return R.copy(node)
     sizes = list(node.args[1:]) if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else list(node.args[1])
-    if out_info.split:
-        for axis, n in zip((out_info.head, out_info.dim), head_widths(R.keep(out_info), out_info)):
-            if sizes[axis] != -1:
-                sizes[axis] = n
-    elif sizes[out_info.dim] != -1:
-        sizes[out_info.dim] = int(R.keep(out_info).sum())
+    for axis, n in widths(R.keep(out_info), out_info).items():
+        if sizes[axis] != -1:
+            sizes[axis] = n
     return R.graph.call_function(torch.reshape, (R.arg(node.args[0]), tuple(R.arg(s) for s in sizes)))
 
 
@@ -394,11 +433,30 @@ def view(node, A, a):
     out = _reshaped(node, A, node.args[0])
     if out is not None:
         sizes = list(node.args[1:]) if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else list(node.args[1])
-        axes = (out.dim, out.head) if out.split else (out.dim,)
-        if len(sizes) != len(A.shape(node)) or any(isinstance(sizes[d], fx.Node) for d in axes):
+        axes = (out.dim, out.head) + ((out.group,) if out.group is not None else ()) if out.split else (out.dim,)
+        if len(sizes) != len(A.shape(node)) or any(isinstance(sizes[d], fx.Node) and not (
+                d == out.dim and not out.split and A.info(node.args[0]).split
+                and _width_read(sizes[d], len(out))) for d in axes):
             A.freeze(out)
             return None
     return out
+
+
+def _width_read(v: fx.Node, n: int) -> bool:
+    """``v`` reads a tensor's size along an axis of traced size ``n`` (timm's ``B, N, C = x.shape`` then
+    ``.reshape(B, N, C)`` merging heads back): the merged axis holds the heads' ``n`` positions, so at
+    every input where this reshape merges them (the precondition of ``_reshaped``) the value is ``n``,
+    and the rewrite writes the kept width in its place, as for a literal ``n``."""
+    if v.target is aten.sym_size.int or (v.op == "call_method" and v.target == "size" and len(v.args) == 2):
+        t, d = v.args[0], v.args[1]
+    elif v.target is operator.getitem and isinstance(v.args[0], fx.Node) and type(v.args[1]) is int and (
+            (v.args[0].target is getattr and v.args[0].args[1] == "shape")
+            or (v.args[0].op == "call_method" and v.args[0].target == "size" and len(v.args[0].args) == 1)):
+        t, d = v.args[0].args[0], v.args[1]
+    else:
+        return False
+    s = shape_of(t)
+    return type(d) is int and s is not None and -len(s) <= d < len(s) and s[d] == n
 
 
 def _unflatten_rewrite(node, R, a):
@@ -408,9 +466,7 @@ def _unflatten_rewrite(node, R, a):
         return R.copy(node)
     x, sizes = node.args[0], list(a["sizes"])
     d = _norm_dim(int(a["dim"]), len(shape_of(x)))
-    widths = dict(zip((out_info.head, out_info.dim), head_widths(R.keep(out_info), out_info))) if out_info.split \
-        else {out_info.dim: int(R.keep(out_info).sum())}
-    for axis, n in widths.items():
+    for axis, n in widths(R.keep(out_info), out_info).items():
         if d <= axis < d + len(sizes) and sizes[axis - d] != -1:
             sizes[axis - d] = n
     return R.graph.call_function(torch.unflatten, (R.arg(x), d, tuple(sizes)))
@@ -464,7 +520,8 @@ def permute(node, A, a):
         dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
         perm = [_norm_dim(int(d), nd) for d in dims]
     if src.split:
-        return replace(src, dim=perm.index(src.dim), head=perm.index(src.head))
+        group = None if src.group is None else perm.index(src.group)
+        return replace(src, dim=perm.index(src.dim), head=perm.index(src.head), group=group)
     return src.with_dim(perm.index(src.dim))
 
 
@@ -611,6 +668,19 @@ def _index_heads(node, src: ChanInfo, s_in) -> ChanInfo | None:
 _HEAD_POS = "sqr_fx.head_slice_pos"
 
 
+def _group_index(node, src: ChanInfo, s_in) -> ChanInfo | None:
+    """``x[g]`` / ``x[:, g]`` ... of a grouped info: an int on the group axis and full slices before it
+    (nothing after) take group ``g``; None for any other index."""
+    if node.target is not operator.getitem or len(node.args) < 2:  # aten.slice of a grouped tensor: not followed
+        return None
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if s_in is None or len(idx) != src.group + 1 or type(idx[-1]) is not int \
+            or any(i != slice(None) for i in idx[:-1]):
+        return None
+    g = idx[-1]
+    return src.group_part(g % src.groups) if -src.groups <= g < src.groups else None
+
+
 def _per_head_slice(node, src: ChanInfo, s_in) -> np.ndarray | None:
     """Positions along the per-head axis when ``node`` slices only that axis with literal bounds."""
     nd = len(s_in)
@@ -664,6 +734,11 @@ def getitem(node, A, a):
     if _PIECES in getattr(x, "meta", {}):  # split(...)[i]
         return x.meta[_PIECES][node.args[1]] if type(node.args[1]) is int else None
     src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
+    if src is not None and src.group is not None:  # qkv[0] of a fused qkv: one group, an ordinary head split
+        out = _group_index(node, src, s_in)
+        if out is None:
+            A.freeze(src)
+        return out
     with_none = node.target is operator.getitem and isinstance(node.args[1], tuple) and None in node.args[1]
     if src is not None and (src.split or with_none):
         out = _index_heads(node, src, s_in) if s_in is not None and s_out is not None else None
@@ -744,16 +819,28 @@ def index(node, A, a):
     return _gathered(node, A, src, s_in, s_out, tuple(indices))
 
 
-@rule("select", torch.select, method("select"), aten.select.int, names=("input", "dim", "index"))
+@rule("select", torch.select, method("select"), aten.select.int, names=("input", "dim", "index"), heads=True)
 def select(node, A, a):
     """x.select(d, i) (``x[:, 0]`` after torch.export) on another axis drops that axis and keeps
-    every channel with its value; selecting on the channel axis freezes."""
+    every channel with its value; selecting on the channel axis freezes. On the group axis of a
+    grouped info (a fused qkv's ``qkv[0]`` after torch.export) it takes that group: its heads."""
     x = a["input"]
     src, s_in = A.info(x), A.shape(x)
     if src is None or s_in is None or A.shape(node) is None or isinstance(a["dim"], fx.Node):
         A.freeze(src)
         return None
     d = _norm_dim(int(a["dim"]), len(s_in))
+    if src.split and type(a["index"]) is not int:
+        A.freeze(src)
+        return None
+    if src.split:
+        i = a["index"]
+        out = (src.group_part(i % src.groups) if d == src.group and -src.groups <= i < src.groups else None) \
+            if src.group is not None else (
+            None if d in (src.head, src.dim) else _axes_moved(src, {v: v - (v > d) for v in range(len(s_in)) if v != d}))
+        if out is None:
+            A.freeze(src)
+        return out
     if d == src.dim:
         A.freeze(src)
         return None
@@ -795,21 +882,28 @@ _PIECES = "sqr_fx.pieces"
 def _split_rewrite(node, R, a):
     x = node.args[0]
     src, pieces = R.info(x), node.meta.get(_PIECES)
-    if src is None or pieces is None or node.meta.get("sqr_fx.split_dim") != src.dim or R.keep(src).all():
+    if src is None or pieces is None or node.meta.get("sqr_fx.split_dim") != src.dim or (
+            R.keep(src).all() and all(R.keep(p).all() for p in pieces)):
         return R.copy(node)
-    sizes = [int(R.keep(p).sum()) for p in pieces]
+    # per-head pieces (``_take_dims``): each kept head keeps the same dims of every piece (``uniform_heads``)
+    sizes = [head_widths(R.keep(p), p)[1] if p.split else int(R.keep(p).sum()) for p in pieces]
     return R.graph.call_function(torch.split, (R.arg(x), sizes, src.dim))
 
 
 @rule("split", torch.split, method("split"), aten.split.Tensor, aten.split_with_sizes.default,
       method("split_with_sizes"), torch.chunk, method("chunk"), aten.chunk.default, torch.tensor_split,
-      method("tensor_split"), names=("input", "sections", "dim"), rewrite=_split_rewrite)
+      method("tensor_split"), names=("input", "sections", "dim"), rewrite=_split_rewrite, heads=True)
 def split(node, A, a):
     """Pieces along the channel axis take their positions' ids (rewritten with the kept counts);
     along another axis every piece carries the whole channel info. The tuple itself is untracked:
-    ``getitem`` hands each piece its info."""
+    ``getitem`` hands each piece its info. A head-split input (GPT-NeoX's ``[B, H, T, 3D]`` fused
+    qkv, ``chunk(3, -1)``) split along its per-head axis gives each piece the same dims of every head;
+    every kept head keeps the same dims (``uniform_heads``), so the rewrite's sizes are each piece's
+    kept dims per head. Along its head axis: frozen."""
     x = node.args[0]
     src, s_in = A.info(x), A.shape(x)
+    node.meta.pop(_PIECES, None)  # (a copy from an earlier round carries the old pieces)
+    node.meta.pop("sqr_fx.split_dim", None)
     sections = next((a.get(k) for k in ("sections", "split_size_or_sections", "split_size", "split_sizes", "chunks",
                                          "indices_or_sections") if a.get(k) is not None), None)
     pieces_only = all(u.target is operator.getitem and type(u.args[1]) is int for u in node.users)
@@ -823,12 +917,52 @@ def split(node, A, a):
     d = _norm_dim(int(a.get("dim", 0)), len(s_in))
     fn = {"chunk": torch.chunk, "tensor_split": torch.tensor_split}.get(
         op_name(node).split("_with")[0], torch.split)
+    if src.split:
+        if d == src.head:
+            A.freeze(src)
+            return None
+        if d == src.dim:
+            node.meta["sqr_fx.split_dim"] = d
+            node.meta[_PIECES] = pieces = [_take_dims(src, p.numpy()) for p in fn(torch.arange(s_in[d]), sections)]
+            A.uniform_heads(src)
+            A.align_heads(src, *pieces)
+            return None
     if d != src.dim:
         n = len(fn(torch.empty(s_in[d]), sections))
         node.meta[_PIECES] = [src] * n
         return None
     node.meta["sqr_fx.split_dim"] = d
     node.meta[_PIECES] = [src.take(p.numpy()) for p in fn(torch.arange(len(src)), sections)]
+    return None
+
+
+@rule("unbind", torch.unbind, method("unbind"), aten.unbind.int, names=("input", "dim"), heads=True)
+def unbind(node, A, a):
+    """``x.unbind(d)``: piece i is ``x.select(d, i)``. On the group axis of a grouped info (timm's
+    ``q, k, v = qkv.unbind(0)``) piece g is group g (an ordinary head split over the same heads); on
+    an axis carrying no channels every piece carries the channels with that axis dropped; on a
+    channel axis: frozen. The tuple is untracked: ``getitem`` hands each piece its info. Copied as is
+    (the unbound axis keeps its size)."""
+    x = a["input"]
+    src, s_in = A.info(x), A.shape(x)
+    node.meta.pop(_PIECES, None)  # (a copy from an earlier round carries the old pieces)
+    pieces_only = all(u.target is operator.getitem and type(u.args[1]) is int for u in node.users)
+    if src is None or s_in is None or isinstance(a.get("dim", 0), fx.Node) or not pieces_only:
+        A.freeze(src)
+        return None
+    d = _norm_dim(int(a.get("dim", 0)), len(s_in))
+    if src.group is not None:
+        pieces = [src.group_part(g) for g in range(src.groups)] if d == src.group else None
+    elif src.split:
+        moved = None if d in (src.head, src.dim) else _axes_moved(
+            src, {v: v - (v > d) for v in range(len(s_in)) if v != d})
+        pieces = None if moved is None else [moved] * s_in[d]
+    else:
+        pieces = None if d == src.dim else [src.with_dim(src.dim - (d < src.dim))] * s_in[d]
+    if pieces is None:
+        A.freeze(src)
+        return None
+    node.meta[_PIECES] = pieces
     return None
 
 

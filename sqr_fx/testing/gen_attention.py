@@ -169,6 +169,55 @@ def attention(c: Ctx, st: State) -> State:
     return st
 
 
+@gen("fused_qkv", ("seq",), weight=1.5, families=("unbind", "select", "slice", "permute", "view", "sdpa", "matmul"),
+     enum=("form",))
+def fused_qkv(c: Ctx, st: State) -> State:
+    """timm's fused qkv: ``qkv.reshape(B, T, 3, H, D).permute(2, 0, 3, 1, 4)``, then ``unbind(0)`` (method or
+    torch) or ``qkv[0], qkv[1], qkv[2]`` (``select`` after export); sdpa or matmul/softmax; heads merged back
+    with the width read off the input's shape (``B, T, C = x.shape``). Unbatched inputs get a batch axis.
+    Also GPT-NeoX's per-head layout: ``view(B, T, H, 3D).transpose(1, 2)`` then ``chunk(3, -1)`` / ``split(D, -1)``."""
+    E = st.C
+    H = _heads(c, E)
+    D = E // H
+    form = c.pick("form", ["unbind", "torch_unbind", "index", "neox_chunk", "neox_split"])
+    core = c.pick("core", ["sdpa", "manual"])
+    (Wq, Wk, Wv, Wo), (bq, bk, bv, bo) = _qkvo(c, E, H)
+    if form.startswith("neox"):  # rows regrouped per head: (H, 3, D)
+        def per_head(ts):
+            return torch.stack([t.reshape(H, D, *t.shape[1:]) for t in ts], 1).reshape(3 * E, *ts[0].shape[1:])
+
+        wqkv_h, bqkv_h = c.param(per_head([Wq, Wk, Wv]), "wqkv"), c.param(per_head([bq, bk, bv]), "bqkv")
+    else:
+        wqkv, bqkv = c.param(torch.cat([Wq, Wk, Wv]), "wqkv"), c.param(torch.cat([bq, bk, bv]), "bqkv")
+    wo, bo_ = c.param(Wo, "wo"), c.param(bo, "bo")
+    b = st.batched
+
+    def fn(m, h):
+        x = h if b else h.unsqueeze(0)
+        B, T, C = x.shape
+        if form.startswith("neox"):  # GPT-NeoX: per head q | k | v, [B, H, T, 3D]
+            qkv = F.linear(x, P(m, wqkv_h), P(m, bqkv_h)).view(B, T, H, 3 * D).transpose(1, 2)
+            q, k, v = qkv.chunk(3, dim=-1) if form == "neox_chunk" else qkv.split(D, -1)
+        else:
+            qkv = F.linear(x, P(m, wqkv), P(m, bqkv)).reshape(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+        if form.startswith("neox"):
+            pass
+        elif form == "unbind":
+            q, k, v = qkv.unbind(0)
+        elif form == "torch_unbind":
+            q, k, v = torch.unbind(qkv, 0)
+        else:
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        if core == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            o = (q * D ** -0.5 @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        o = F.linear(o.transpose(1, 2).reshape(B, T, C), P(m, wo), P(m, bo_))
+        return o if b else o.squeeze(0)
+    c.step_h(fn)
+    return st
+
+
 # ---- rotary attention with grouped kv heads --------------------------------------------------------------------
 ROPE_PLANTS = ("none", "q_pair", "k_pair", "k_const_pair", "half_pair", "k_pair_per_head", "group", "q_head")
 
