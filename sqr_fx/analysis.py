@@ -397,19 +397,24 @@ class Analysis:
     # ---- align=N: latency-aware widths -----------------------------------------------------------
     def _widths(self) -> list[ChanInfo]:
         """The tensor axes whose width sets a kernel's cost: every weight-reading op's output channels and
-        the input channels it reads (Linear / conv / addmm / attention projections), and every head-split
+        the input channels it reads (Linear / conv / addmm / attention projections; an embedding's output
+        channels), and every head-split
         tensor (its per-head dim: see :meth:`_align_widths`)."""
         from .rules.weighted import READS
 
+        split = [i for n in self.gm.graph.nodes if (i := n.meta.get(META_KEY)) is not None and i.split]
+        # the same positions before the head split (a q/k/v projection's output, the merged heads an output
+        # projection reads) follow their per-head dims: H' x D' is aligned when D' is
+        heads = {np.sort(i.ids).tobytes() for i in split}
         out: list[ChanInfo] = []
         for node, family, a in self.weighted:
             info = node.meta.get(META_KEY)
             if info is None:
                 continue
-            src = node.meta.get(READS) if family in ("linear", "conv", "addmm") else self.info(a.get("input"))
-            out += [i for i in (info, src) if i is not None and not i.split]
-        out += [i for n in self.gm.graph.nodes if (i := n.meta.get(META_KEY)) is not None and i.split]
-        return out
+            src = (node.meta.get(READS) if family in ("linear", "conv", "addmm") else
+                   None if family == "embedding" else self.info(a.get("input")))
+            out += [i for i in (info, src) if i is not None and not i.split and np.sort(i.ids).tobytes() not in heads]
+        return split + out
 
     def _root_costs(self, root_of: np.ndarray) -> np.ndarray:
         """Stored floats that keeping each group costs (weights, biases, attached per-channel tensors):
@@ -440,7 +445,8 @@ class Analysis:
                 add(info, w[0].numel() + (1 if a.get("bias") is not None else 0))
                 if family != "conv" or int(a.get("groups", 1)) == 1:
                     add(node.meta.get(READS), rows * w[0, 0].numel())
-            else:  # attention: the projections read every input channel; the output rows read every value dim
+            elif family in ("attention", "window_attention"):
+                # the projections read every input channel; the output rows read every value dim
                 names = [n for n in a.names if n.endswith("weight")]
                 total = sum(numel(a.get(n)) for n in names)
                 src = self.info(a.get("input"))
@@ -497,4 +503,4 @@ class Analysis:
 
 
 #: the rule families whose channel widths the alignment looks at (weight-reading ops)
-_ALIGNED_FAMILIES = ("linear", "conv", "addmm", "attention", "window_attention")
+_ALIGNED_FAMILIES = ("linear", "conv", "addmm", "attention", "window_attention", "embedding")
