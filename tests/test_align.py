@@ -221,3 +221,43 @@ def test_cnn_alignment_never_changes_outputs_nor_removes_a_kept_channel(spec, se
     assert_aligned(model, small, align)
     assert_keeps_more(plain, small)
     assert_fixpoint(small, (x,), align)
+
+
+# ---- plumbing: CLI, pass manager, torch.compile, ExportedProgram -------------------------------------
+def _net() -> nn.Module:
+    """Linear(6, 24) -> ReLU -> Linear(24, 3) with 13 dead units: 11 kept, 16 aligned to 8."""
+    net = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 3)).eval()
+    with torch.no_grad():
+        net[0].weight[:13], net[0].bias[:13] = 0, -1.0
+    return net
+
+
+def test_align_reaches_the_cli_the_pass_manager_compile_and_programs(tmp_path):
+    import sqr_fx
+    from sqr_fx.cli import main as cli
+    from torch.fx.passes.infra.pass_manager import PassManager
+
+    net, x = _net(), torch.randn(4, 6)
+    torch.save(net, tmp_path / "net.pt")
+    args = ["minimize", str(tmp_path / "net.pt"), "-o", str(tmp_path / "net.pt2"), "--module", "--input-shape", "4,6",
+            "--quiet"]
+    for extra, width in (([], 11), (["--align", "8"], 16)):
+        assert cli(args + extra) == 0
+        assert torch.export.load(tmp_path / "net.pt2").module().get_parameter("0.weight").shape == (width, 6)
+    with pytest.raises(SystemExit):
+        cli(args + ["--align", "0"])
+
+    p = sqr_fx.MinimizePass((x,), align=8)
+    result = PassManager([p])(torch.fx.symbolic_trace(net))
+    assert result.graph_module.get_parameter("0.weight").shape == (16, 6) and p.report.align == 8
+
+    reports = []
+    torch._dynamo.reset()
+    fast = torch.compile(net, backend=sqr_fx.make_backend(next_backend="eager", callback=reports.append),
+                         options={"align": 8})
+    check_equivalence(net, fast, (torch.randn(5, 6),), rtol=1e-5, atol=1e-6)
+    assert reports[-1].align == 8 and reports[-1].params_after == 16 * 7 + 3 * 16 + 3
+    torch._dynamo.reset()
+
+    ep = minimize(torch.export.export(net, (x,)), align=8)
+    assert ep.module().get_parameter("0.weight").shape == (16, 6) and ep.sqr_report.align == 8
