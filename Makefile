@@ -55,3 +55,10 @@ fuzz: $(STAMP)
 .PHONY: bench-speed
 bench-speed: $(STAMP)
 	$(BIN)/python -m benchmarks.pass_speed
+
+# latency-aware widths (issue 12): ResNet-50, MobileNet v2, ConvNeXt-T, ViT-B/16 masked (d25+m70), minimized
+# with and without align=8: FLOP ratio, CPU latency at batch 1 and 8 (one thread, interleaved, medians), size,
+# the alignment's size cost and the ones-map corrections' latency; writes benchmarks/results/latency.json
+.PHONY: bench-latency
+bench-latency: $(STAMP)
+	$(BIN)/python -m benchmarks.latency
