@@ -2,7 +2,8 @@
 
 Per model (torchvision, random weights, no downloads; the benchmark workload: trained-looking norm
 statistics, mask ``d25+m70`` by default, see ``benchmarks/workload.py``): the masked dense model, its
-minimized form (``minimize``), and the aligned one (``minimize(..., align=8)``). Reported:
+minimized form (``minimize``), and the aligned ones (``minimize(..., align=N)``, N in ``--align``: 8 and
+16). Reported:
 
 * **FLOP ratio**: masked dense / result (``torch.utils.flop_counter``, batch 1, 224 px);
 * **speedup** at batch 1 and batch ``--batch`` (8): masked dense latency / result latency. One thread
@@ -13,13 +14,13 @@ minimized form (``minimize``), and the aligned one (``minimize(..., align=8)``).
   aligned result over the unaligned one (and ``report.align_floats``, the pass's own one-step estimate);
 * **odd widths**: weight dims (out / in channels) that are not a multiple of 8 (16);
 * **ones-map corrections**: a constant channel folded into a zero-padded conv needs ``+ conv(ones, K)``
-  (exact at the borders); their count, and the latency of the unaligned result with every correction
-  cut out (NOT exact: it only measures what the corrections cost);
+  (exact at the borders); their count, and the CPU time of the corrections alone (each ``ones -> conv ->
+  add`` at its traced shapes) as a share of the minimized forward;
 * **exactness**: max relative output error against the masked model on fresh batch-2 inputs.
 
 Prints a table and writes ``benchmarks/results/latency.json``.
 
-    python -m benchmarks.latency [--models resnet50 vit_b_16] [--align 8] [--batch 8] [--repeats 15]
+    python -m benchmarks.latency [--models resnet50 vit_b_16] [--align 8 16] [--batch 8] [--repeats 15]
 """
 from __future__ import annotations
 
@@ -44,23 +45,6 @@ RESULTS = Path(__file__).parent / "results" / "latency.json"
 MODELS = ["resnet50", "mobilenet_v2", "convnext_tiny", "vit_b_16"]
 LABELS = {"resnet50": "ResNet-50", "mobilenet_v2": "MobileNet v2", "convnext_tiny": "ConvNeXt-T",
           "vit_b_16": "ViT-B/16"}
-
-
-def strip_corrections(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
-    """A copy of ``gm`` without its ones-map corrections (``out + conv(ones, K)`` -> ``out``): not exact,
-    only for timing what they cost. Returns (copy, number of corrections cut)."""
-    gm = copy.deepcopy(gm)
-    cut = 0
-    for ones in [n for n in gm.graph.nodes if n.target is torch.ones]:
-        for conv in list(ones.users):
-            for add in list(conv.users):
-                if add.target in (torch.add, torch.Tensor.add) and len(add.args) == 2 and add.args[1] is conv:
-                    add.replace_all_uses_with(add.args[0])
-                    gm.graph.erase_node(add)
-                    cut += 1
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm, cut
 
 
 def corrections(gm: fx.GraphModule) -> int:
@@ -106,45 +90,74 @@ def _cpu(fn):
     return time.process_time() - t0, out
 
 
-def measure(name: str, mask: str, align: int, batch: int, repeats: int, warmup: int) -> dict:
+def correction_seconds(gm: fx.GraphModule, x: torch.Tensor, repeats: int) -> tuple[float, int]:
+    """CPU seconds of ``gm``'s ones-map corrections alone on ``x`` (each ``out + conv(ones, K)`` at its traced
+    shapes, ``out`` a stand-in tensor), median of ``repeats`` after one warm-up; and their count."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    gm = copy.deepcopy(gm)
+    with torch.inference_mode():
+        ShapeProp(gm).propagate(x)
+    items = []
+    for ones in [n for n in gm.graph.nodes if n.target is torch.ones]:
+        for conv in ones.users:
+            for add in conv.users:
+                if add.target is torch.add and add.args[1] is conv:
+                    kern = gm.get_buffer(conv.args[1].target)
+                    items.append((tuple(ones.meta["tensor_meta"].shape), conv.target, kern, conv.args[3:7],
+                                  torch.randn(add.args[0].meta["tensor_meta"].shape)))
+
+    @torch.inference_mode()
+    def run() -> None:
+        for shape, fn, kern, rest, out in items:
+            torch.add(out, fn(torch.ones(shape), kern, None, *rest))
+
+    run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        run()
+        times.append(time.process_time() - t0)
+    return statistics.median(times), len(items)
+
+
+def measure(name: str, mask: str, aligns: list[int], batch: int, repeats: int, warmup: int) -> dict:
     masked = masked_model(build_model(name), MASKS[mask])
     inputs = make_inputs(name)
     x1 = inputs["example"]
-    t_plain, plain = _cpu(lambda: sqr_fx.minimize(masked, (x1,), verify=False))
-    t_aligned, aligned = _cpu(lambda: sqr_fx.minimize(masked, (x1,), verify=False, align=align))
-    variants = {"masked": masked, "minimized": plain, f"aligned{align}": aligned}
-    n_corr = corrections(plain)
-    if n_corr:
-        variants["minimized_no_corrections"], _ = strip_corrections(plain)
-    row: dict = {"model": name, "mask": mask, "align": align,
-                 "pass_cpu_s": {"minimized": t_plain, f"aligned{align}": t_aligned},
-                 "error": {k: output_error(masked, m, inputs["eval"]) for k, m in variants.items()
-                           if k in ("minimized", f"aligned{align}")},
-                 "stored_floats": {k: stored_floats(m) for k, m in variants.items() if k != "minimized_no_corrections"},
-                 "align_floats_estimate": aligned.sqr_report.align_floats,
-                 "flops": {k: flops(m, x1) for k, m in variants.items() if k != "minimized_no_corrections"},
-                 "odd_widths": {f"{k}_mod{n}": odd_widths(m, n) for k, m in variants.items()
-                                if k in ("minimized", f"aligned{align}") for n in (8, 16)},
-                 "ones_map_corrections": {"minimized": n_corr, f"aligned{align}": corrections(aligned)}}
     xb = torch.randn(batch, *x1.shape[1:], generator=torch.Generator().manual_seed(7))
+    pass_s, results = {}, {}
+    pass_s["minimized"], results["minimized"] = _cpu(lambda: sqr_fx.minimize(masked, (x1,), verify=False))
+    for n in aligns:
+        pass_s[f"aligned{n}"], results[f"aligned{n}"] = _cpu(
+            lambda: sqr_fx.minimize(masked, (x1,), verify=False, align=n))
+    variants = {"masked": masked, **results}
+    row: dict = {"model": name, "mask": mask, "aligns": aligns, "pass_cpu_s": pass_s,
+                 "error": {k: output_error(masked, m, inputs["eval"]) for k, m in results.items()},
+                 "stored_floats": {k: stored_floats(m) for k, m in variants.items()},
+                 "align_floats_estimate": {k: m.sqr_report.align_floats for k, m in results.items() if k != "minimized"},
+                 "flops": {k: flops(m, x1) for k, m in variants.items()},
+                 "odd_widths": {k: {f"mod{n}": odd_widths(m, n) for n in (8, 16)} for k, m in variants.items()},
+                 "ones_map_corrections": {k: corrections(m) for k, m in results.items()}}
     row["latency"] = {"batch1": cpu_latencies(variants, x1, repeats, warmup),
                       f"batch{batch}": cpu_latencies(variants, xb, max(repeats // 3, 3), 1)}
+    if row["ones_map_corrections"]["minimized"]:
+        row["correction_cpu_s"] = {b: correction_seconds(results["minimized"], xx, repeats)[0]
+                                   for b, xx in (("batch1", x1), (f"batch{batch}", xb))}
     return row
 
 
 def summarize(row: dict) -> dict:
-    """The ratios the table shows (masked dense / result: above 1 is smaller / faster)."""
-    a = f"aligned{row['align']}"
+    """Per result: the ratios the table shows (masked dense / result: above 1 is smaller / faster)."""
     f, s = row["flops"], row["stored_floats"]
-    out = {"flop_ratio": f["masked"] / f["minimized"], "flop_ratio_aligned": f["masked"] / f[a],
-           "size_ratio": s["masked"] / s["minimized"], "size_ratio_aligned": s["masked"] / s[a],
-           "align_size_cost": s[a] / s["minimized"] - 1}
-    for b, lat in row["latency"].items():
-        med = {k: v["median_s"] for k, v in lat.items()}
-        out[f"speedup_{b}"] = med["masked"] / med["minimized"]
-        out[f"speedup_{b}_aligned"] = med["masked"] / med[a]
-        if "minimized_no_corrections" in med:
-            out[f"correction_cost_{b}"] = med["minimized"] / med["minimized_no_corrections"] - 1
+    out = {}
+    for k in row["error"]:
+        out[k] = {"flop_ratio": f["masked"] / f[k], "size_ratio": s["masked"] / s[k],
+                  "size_cost": s[k] / s["minimized"] - 1}
+        for b, lat in row["latency"].items():
+            out[k][f"speedup_{b}"] = lat["masked"]["median_s"] / lat[k]["median_s"]
+    for b, t in row.get("correction_cpu_s", {}).items():  # the corrections' share of the minimized forward
+        out["minimized"][f"correction_share_{b}"] = t / row["latency"][b]["minimized"]["median_s"]
     return out
 
 
@@ -152,7 +165,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=MODELS)
     p.add_argument("--mask", default=STANDARD_MASK, choices=sorted(MASKS))
-    p.add_argument("--align", type=int, default=8)
+    p.add_argument("--align", type=int, nargs="+", default=[8, 16])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=15, help="interleaved rounds at batch 1 (a third at --batch)")
     p.add_argument("--warmup", type=int, default=2)
@@ -162,23 +175,22 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     rows = []
     b = f"batch{args.batch}"
-    print(f"{'model':<13} {'FLOP':>5} {'FLOP al':>7} {'bs1':>5} {'bs1 al':>6} {b:>6} {b + ' al':>9} "
-          f"{'size':>5} {'size al':>7} {'al cost':>7} {'odd16':>9} {'corr':>5} {'corr cost bs1/' + b:>18} "
-          f"{'max err':>8}", flush=True)
+    print(f"{'model':<13} {'result':<10} {'FLOPs':>6} {'bs1':>6} {b:>7} {'size':>6} {'size cost':>9} "
+          f"{'odd 8/16':>8} {'ones-map':>8} {'max err':>8}", flush=True)
     for name in args.models:
         row = measure(name, args.mask, args.align, args.batch, args.repeats, args.warmup)
         row["summary"] = sm = summarize(row)
         rows.append(row)
-        a = f"aligned{args.align}"
-        odd = f"{row['odd_widths']['minimized_mod16']}->{row['odd_widths'][a + '_mod16']}"
-        corr = row["ones_map_corrections"]
-        cc = (f"{100 * sm['correction_cost_batch1']:+.1f}/{100 * sm['correction_cost_' + b]:+.1f} %"
-              if "correction_cost_batch1" in sm else "-")
-        print(f"{LABELS.get(name, name):<13} {sm['flop_ratio']:>5.2f} {sm['flop_ratio_aligned']:>7.2f} "
-              f"{sm['speedup_batch1']:>5.2f} {sm['speedup_batch1_aligned']:>6.2f} {sm['speedup_' + b]:>6.2f} "
-              f"{sm['speedup_' + b + '_aligned']:>9.2f} {sm['size_ratio']:>5.2f} {sm['size_ratio_aligned']:>7.2f} "
-              f"{100 * sm['align_size_cost']:>6.1f}% {odd:>9} {corr['minimized']:>2}/{corr[a]:<2} {cc:>18} "
-              f"{max(row['error'].values()):>8.1e}", flush=True)
+        for k, v in sm.items():
+            odd = row["odd_widths"][k]
+            print(f"{LABELS.get(name, name):<13} {k:<10} {v['flop_ratio']:>5.2f}x {v['speedup_batch1']:>5.2f}x "
+                  f"{v['speedup_' + b]:>6.2f}x {v['size_ratio']:>5.2f}x {100 * v['size_cost']:>+8.1f}% "
+                  f"{odd['mod8']:>3}/{odd['mod16']:<4} {row['ones_map_corrections'][k]:>8} "
+                  f"{row['error'][k]:>8.1e}", flush=True)
+        if "correction_share_batch1" in sm["minimized"]:
+            m = sm["minimized"]
+            print(f"{'':<13} ones-map corrections: {100 * m['correction_share_batch1']:.2f} % of the minimized "
+                  f"forward at batch 1, {100 * m['correction_share_' + b]:.2f} % at {b}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "what": "masked dense / result ratios (above 1: smaller, faster); see benchmarks/latency.py",
@@ -186,7 +198,7 @@ def main(argv=None) -> None:
                   f"{args.repeats} interleaved rounds at batch 1 and {max(args.repeats // 3, 3)} at batch "
                   f"{args.batch}, medians",
         "workload": f"torchvision, random weights, mask {args.mask}, 224 px, traced at batch 1",
-        "sqr_fx": _code_version(), "torch": torch.__version__,
+        "sqr_fx": _code_version(), "torch": torch.__version__, "threads": args.threads,
         "mkldnn": torch.backends.mkldnn.is_available(), "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 
