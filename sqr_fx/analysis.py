@@ -398,8 +398,7 @@ class Analysis:
     def _widths(self) -> list[ChanInfo]:
         """The tensor axes whose width sets a kernel's cost: every weight-reading op's output channels and
         the input channels it reads (Linear / conv / addmm / attention projections; an embedding's output
-        channels), and every head-split
-        tensor (its per-head dim: see :meth:`_align_widths`)."""
+        channels), and every head-split tensor (its per-head dim: see :meth:`_align_widths`)."""
         from .rules.weighted import READS
 
         split = [i for n in self.gm.graph.nodes if (i := n.meta.get(META_KEY)) is not None and i.split]
@@ -498,7 +497,8 @@ class Analysis:
             for h in alive:
                 if kept[h] < target:
                     keep_cheapest(ids[h], gone[h], int(kept[h]), target)
-                    gone = info.per_head(removed[root_of[info.ids]])
+                    gone = info.per_head(removed[root_of[info.ids]])  # (a group may span several heads)
+                    kept = (~gone).sum(1)
         return changed
 
 
