@@ -6,8 +6,9 @@ minimized form (``minimize``), and the aligned ones (``minimize(..., align=N)``,
 16). Reported:
 
 * **FLOP ratio**: masked dense / result (``torch.utils.flop_counter``, batch 1, 224 px);
-* **speedup** at batch 1 and batch ``--batch`` (8): masked dense latency / result latency. One thread
-  (``--threads``), CPU seconds of each forward (``time.process_time``: load from other processes on a
+* **speedup** at batch 1 and batch ``--batch`` (16): masked dense latency / result latency. One thread
+  (``--threads``; with one thread and a batch under 16, torch runs unstrided 1x1 convs with its own GEMM
+  path, not oneDNN: batch 16 shows the oneDNN kernels), CPU seconds of each forward (``time.process_time``: load from other processes on a
   shared machine does not count), warm-up runs first, then ``--repeats`` rounds in which every variant
   runs once (interleaved), medians;
 * **size ratio**: stored floats, masked dense / result; the **alignment's cost**: stored floats of the
@@ -20,7 +21,7 @@ minimized form (``minimize``), and the aligned ones (``minimize(..., align=N)``,
 
 Prints a table and writes ``benchmarks/results/latency.json``.
 
-    python -m benchmarks.latency [--models resnet50 vit_b_16] [--align 8 16] [--batch 8] [--repeats 15]
+    python -m benchmarks.latency [--models resnet50 vit_b_16] [--align 8 16] [--batch 16] [--repeats 15]
 """
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ def measure(name: str, mask: str, aligns: list[int], batch: int, repeats: int, w
                  "odd_widths": {k: {f"mod{n}": odd_widths(m, n) for n in (8, 16)} for k, m in variants.items()},
                  "ones_map_corrections": {k: corrections(m) for k, m in results.items()}}
     row["latency"] = {"batch1": cpu_latencies(variants, x1, repeats, warmup),
-                      f"batch{batch}": cpu_latencies(variants, xb, max(repeats // 3, 3), 1)}
+                      f"batch{batch}": cpu_latencies(variants, xb, max(repeats // 2, 3), 1)}
     if row["ones_map_corrections"]["minimized"]:
         row["correction_cpu_s"] = {b: correction_seconds(results["minimized"], xx, repeats)[0]
                                    for b, xx in (("batch1", x1), (f"batch{batch}", xb))}
@@ -166,8 +167,8 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=MODELS)
     p.add_argument("--mask", default=STANDARD_MASK, choices=sorted(MASKS))
     p.add_argument("--align", type=int, nargs="+", default=[8, 16])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=15, help="interleaved rounds at batch 1 (a third at --batch)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=15, help="interleaved rounds at batch 1 (half at --batch)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -195,7 +196,7 @@ def main(argv=None) -> None:
     args.out.write_text(json.dumps({
         "what": "masked dense / result ratios (above 1: smaller, faster); see benchmarks/latency.py",
         "timing": f"time.process_time per forward, {args.threads} thread(s), {args.warmup} warm-up round(s), "
-                  f"{args.repeats} interleaved rounds at batch 1 and {max(args.repeats // 3, 3)} at batch "
+                  f"{args.repeats} interleaved rounds at batch 1 and {max(args.repeats // 2, 3)} at batch "
                   f"{args.batch}, medians",
         "workload": f"torchvision, random weights, mask {args.mask}, 224 px, traced at batch 1",
         "sqr_fx": _code_version(), "torch": torch.__version__, "threads": args.threads,
