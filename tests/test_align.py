@@ -86,18 +86,19 @@ def test_resnet18_align8_is_exact_aligned_and_keeps_more():
 # ---- align=None is today's pass ---------------------------------------------------------------------
 def _planted_transformer(attention: str = "sdpa") -> Transformer:
     """Two pre-LN blocks, C=24, MLP 40 (13 units dead: 7 constant, 6 unread), 2 heads of 16 dims: query/
-    key dims 10 and 11 constant (zero key rows), value dims 13 and 10 unread (zero output columns)."""
+    key dims 10 and 11 constant (zero key rows); value dims unread (zero output columns): 13 and 10 in
+    block 0, 3 and 3 in block 1."""
     m = Transformer(4, 24, 40, 2, attention=attention, heads=2, dh=16)
     init_random(m, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        for b in m.blocks:
+        for i, b in enumerate(m.blocks):
             b.mlp.fc1.weight[:7] = 0
             b.mlp.fc2.weight[:, 7:13] = 0
             if attention == "sdpa":
                 b.attn.k.weight[0:10] = 0
                 b.attn.k.weight[16:27] = 0
-                b.attn.o.weight[:, 0:13] = 0
-                b.attn.o.weight[:, 16:26] = 0
+                b.attn.o.weight[:, 0:(13 if i == 0 else 3)] = 0
+                b.attn.o.weight[:, 16:(26 if i == 0 else 19)] = 0
     return m
 
 
@@ -128,22 +129,24 @@ def test_sdpa_transformer_aligns_per_head_dims_and_stays_rectangular():
     assert_aligned(m, small, 8)
     assert_keeps_more(plain, small)
     p, s = _shapes(plain), _shapes(small)
-    for i in range(2):
+    # unaligned: rectangular heads of 6 query/key dims (the longer head) and 6 (block 0) or 13 (block 1)
+    # value dims; aligned: 8 and 8, then 8 and 16 made equal (16: the fused attention kernel needs one
+    # head dim for q, k and v)
+    for i, (vdims, width) in enumerate(((6, 8), (13, 16))):
         blk = f"blocks.{i}"
-        # unaligned: rectangular heads of 6 query/key and 6 value dims (the longest head); aligned: 8
-        assert p[f"{blk}.attn.q.weight"][0] == p[f"{blk}.attn.v.weight"][0] == 12
+        assert (p[f"{blk}.attn.q.weight"][0], p[f"{blk}.attn.v.weight"][0]) == (12, 2 * vdims)
         for w in ("q", "k", "v"):
-            assert s[f"{blk}.attn.{w}.weight"][0] == 16
-        assert s[f"{blk}.attn.o.weight"][1] == 16
+            assert s[f"{blk}.attn.{w}.weight"][0] == 2 * width
+        assert s[f"{blk}.attn.o.weight"][1] == 2 * width
         assert (p[f"{blk}.mlp.fc1.weight"][0], s[f"{blk}.mlp.fc1.weight"][0]) == (27, 32)
     # the per-head width the attention sees: every head keeps the same, aligned, number of dims
     from torch.fx.passes.shape_prop import ShapeProp
     ShapeProp(small).propagate(x)
     sdpa = [n for n in small.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
-    assert sdpa
-    for n in sdpa:
+    assert len(sdpa) == 2
+    for n, width in zip(sdpa, (8, 16)):
         q, k, v = (a.meta["tensor_meta"].shape for a in n.args[:3])
-        assert q[1] == k[1] == v[1] == 2 and q[-1] == k[-1] == v[-1] == 8
+        assert q[1] == k[1] == v[1] == 2 and q[-1] == k[-1] == v[-1] == width
     assert_fixpoint(small, (x,), 8)
 
 
@@ -151,22 +154,24 @@ def test_torchvision_vit_self_attention_aligns_per_head_widths():
     m, _ = _tv_vit(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128,
                    num_classes=10)
     with torch.no_grad():
-        for layer in m.encoder.layers:
+        for i, layer in enumerate(m.encoder.layers):
             w = layer.self_attention.in_proj_weight  # q rows 0..63, k 64..127, v 128..191; head h: 16 h + d
             for h in range(4):
                 w[64 + 16 * h: 64 + 16 * h + 10 + h % 2] = 0  # key dims: 6 or 5 live per head
-                layer.self_attention.out_proj.weight[:, 16 * h: 16 * h + 3] = 0  # value dims: 13 live
+                # value dims: 6 (layer 0) or 13 (layer 1) live per head
+                layer.self_attention.out_proj.weight[:, 16 * h: 16 * h + (10 if i == 0 else 3)] = 0
             layer.mlp[0].weight[:37] = 0  # 37 constant MLP units (more than plant_mlp's)
     x = randn(2, 3, 32, 32)
     plain, small = minimize(m, (x,)), minimize(m, (x,), align=8)
     assert_same(m, small, (randn(3, 3, 32, 32, seed=3),), rtol=1e-9)
     p, s = _shapes(plain), _shapes(small)
-    for i in range(2):
+    # in_proj = 4 heads x (q, k, v). Unaligned: 6 + 6 + 6 (layer 0) or 13 (layer 1) per head. Aligned: 8 each,
+    # then 8 + 8 + 16 made equal (16, the whole head: one head dim for the fused attention kernel)
+    for i, (vdims, width) in enumerate(((6, 8), (13, 16))):
         blk = f"encoder.layers.encoder_layer_{i}"
-        # in_proj = 4 heads x (q, k, v): unaligned 6 + 6 + 13 per head; aligned 8 + 8 + 16 (whole)
-        assert p[f"{blk}.self_attention.in_proj_weight"][0] == 4 * (6 + 6 + 13)
-        assert s[f"{blk}.self_attention.in_proj_weight"][0] == 4 * (8 + 8 + 16)
-        assert s[f"{blk}.self_attention.out_proj.weight"][1] == 64
+        assert p[f"{blk}.self_attention.in_proj_weight"][0] == 4 * (6 + 6 + vdims)
+        assert s[f"{blk}.self_attention.in_proj_weight"][0] == 4 * 3 * width
+        assert s[f"{blk}.self_attention.out_proj.weight"][1] == 4 * width
         units = p[f"{blk}.mlp.0.weight"][0]
         assert units % 8 and s[f"{blk}.mlp.0.weight"][0] == -(-units // 8) * 8
     assert small.sqr_report.align_floats > 0

@@ -86,7 +86,8 @@ def head_layout(qk_live: np.ndarray, v_live: np.ndarray, H: int, align: int = 1)
 
     ``qk_live``/``v_live``: per query/key row and per value row, whether it must stay. ``align`` > 1
     (``minimize(..., align=N)``): a shared width below the current one is rounded up to a multiple of
-    ``align`` (at most the current width); the extra rows are zero padding, exact as above."""
+    ``align`` (at most the current width), and equal query/key and value widths stay equal (the fused
+    attention kernels need one head dim); the extra rows are zero padding, exact as above."""
     dq, dv = len(qk_live) // H, len(v_live) // H
     heads = [h for h in range(H) if v_live[h * dv:(h + 1) * dv].any()]
     vdims = [[h * dv + d for d in range(dv) if v_live[h * dv + d]] for h in heads]
@@ -96,6 +97,8 @@ def head_layout(qk_live: np.ndarray, v_live: np.ndarray, H: int, align: int = 1)
         heads, vdims, qdims = [0], [[]], [[]]
     elif align > 1:
         wq_, wv_ = (min(-(-w // align) * align, d) for w, d in ((wq_, dq), (wv_, dv)))
+        if dq == dv:  # one head dim for q, k and v: torch's fused CPU attention kernel needs it
+            wq_ = wv_ = max(wq_, wv_)
     return heads, qdims, vdims, wq_, wv_
 
 
