@@ -10,7 +10,8 @@ minimized form (``minimize``), and the aligned ones (``minimize(..., align=N)``,
   (``--threads``; with one thread and a batch under 16, torch runs unstrided 1x1 convs with its own GEMM
   path, not oneDNN: batch 16 shows the oneDNN kernels), CPU seconds of each forward (``time.process_time``: load from other processes on a
   shared machine does not count), warm-up runs first, then ``--repeats`` rounds in which every variant
-  runs once (interleaved), medians;
+  runs once (interleaved); the speedup is the median over the rounds of each round's ratio (paired, so a
+  load change between rounds cancels; the ratio of the medians is kept in the JSON too);
 * **size ratio**: stored floats, masked dense / result; the **alignment's cost**: stored floats of the
   aligned result over the unaligned one (and ``report.align_floats``, the pass's own one-step estimate);
 * **odd widths**: weight dims (out / in channels) that are not a multiple of 8 (16);
@@ -81,7 +82,7 @@ def cpu_latencies(models: dict[str, Callable], x: torch.Tensor, repeats: int, wa
             t0 = time.process_time()
             m(x)
             times[k].append(time.process_time() - t0)
-    return {k: {"median_s": statistics.median(v), "min_s": min(v), "runs": len(v)} for k, v in times.items()}
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "runs_s": v} for k, v in times.items()}
 
 
 def _cpu(fn):
@@ -156,7 +157,10 @@ def summarize(row: dict) -> dict:
         out[k] = {"flop_ratio": f["masked"] / f[k], "size_ratio": s["masked"] / s[k],
                   "size_cost": s[k] / s["minimized"] - 1}
         for b, lat in row["latency"].items():
-            out[k][f"speedup_{b}"] = lat["masked"]["median_s"] / lat[k]["median_s"]
+            # paired: the ratio within each round (both ran back to back), median over the rounds
+            out[k][f"speedup_{b}"] = statistics.median(
+                m / r for m, r in zip(lat["masked"]["runs_s"], lat[k]["runs_s"]))
+            out[k][f"speedup_{b}_of_medians"] = lat["masked"]["median_s"] / lat[k]["median_s"]
     for b, t in row.get("correction_cpu_s", {}).items():  # the corrections' share of the minimized forward
         out["minimized"][f"correction_share_{b}"] = t / row["latency"][b]["minimized"]["median_s"]
     return out
@@ -197,7 +201,7 @@ def main(argv=None) -> None:
         "what": "masked dense / result ratios (above 1: smaller, faster); see benchmarks/latency.py",
         "timing": f"time.process_time per forward, {args.threads} thread(s), {args.warmup} warm-up round(s), "
                   f"{args.repeats} interleaved rounds at batch 1 and {max(args.repeats // 2, 3)} at batch "
-                  f"{args.batch}, medians",
+                  f"{args.batch}; speedups: median over rounds of the per-round ratio",
         "workload": f"torchvision, random weights, mask {args.mask}, 224 px, traced at batch 1",
         "sqr_fx": _code_version(), "torch": torch.__version__, "threads": args.threads,
         "mkldnn": torch.backends.mkldnn.is_available(), "rows": rows}, indent=2))
