@@ -27,7 +27,7 @@ from .coupling import Groups
 from .errors import SqrFxError, UnsupportedOpError
 from .rules import lookup
 from .rules.registry import UNNORMALIZED, has_hooks
-from .trace import fetch_attr, shared_ties, tied_targets
+from .trace import OTHER_SHAPES, fetch_attr, record_other_shapes, shared_ties, tied_targets
 from .values import META_KEY, ChanInfo, shape_of
 
 __all__ = ["Analysis", "Plan"]
@@ -78,8 +78,10 @@ def _read_cols(nz: Optional[np.ndarray], live_rows: np.ndarray, n: int) -> np.nd
 class Analysis:
     """State shared by the rules during the forward sweep (see module docstring)."""
 
-    def __init__(self, gm: fx.GraphModule, strict: bool = False, drop_inputs: bool = True, align: int = 1):
+    def __init__(self, gm: fx.GraphModule, strict: bool = False, drop_inputs: bool = True,
+                 example_inputs: Optional[tuple] = None, align: int = 1):
         self.gm, self.strict, self.drop_inputs = gm, strict, drop_inputs
+        self.example_inputs = example_inputs
         self.align = max(int(align or 1), 1)
         self.weighted: list[tuple[fx.Node, str, Any]] = []  # (node, family, args) of weight-reading ops
         self.groups = Groups()
@@ -106,6 +108,16 @@ class Analysis:
         return a.meta.get(META_KEY)
 
     shape = staticmethod(shape_of)
+
+    def other_shapes(self, node: fx.Node) -> Optional[list]:
+        """``node``'s shapes at the other input sizes the graph accepts (``trace.OTHER_SHAPES``; each
+        None for a non-tensor), recorded on the first call of a round that needs them; None when no
+        example inputs were given (a rule then treats the traced sizes as the only ones it knows)."""
+        if OTHER_SHAPES not in node.meta:
+            if self.example_inputs is None:
+                return None
+            record_other_shapes(self.gm, self.example_inputs)
+        return node.meta[OTHER_SHAPES]
 
     def tensor(self, a: Any) -> Optional[torch.Tensor]:
         """The constant tensor behind a ``get_attr`` node (None for anything computed, and for a

@@ -196,7 +196,8 @@ def minimize(
         for node in gm.graph.nodes:
             if node.name in set_aside:
                 node.meta[OPAQUE] = True
-        analysis = Analysis(gm, strict=strict, drop_inputs=drop_inputs, align=align).run()
+        analysis = Analysis(gm, strict=strict, drop_inputs=drop_inputs, example_inputs=example_inputs,
+                            align=align).run()
         plan = analysis.plan()
         frozen = plan.frozen_nodes
         report.declined = plan.declined
@@ -224,7 +225,7 @@ def minimize(
         if row is not None:
             row.shape_after, row.params_after = _layer_params(gm, a)
     report.rows = list(rows.values())
-    gm = finish(gm, model, portable=portable)  # modules, train/eval, fold buffers, torch-only graph (portable.py)
+    gm = finish(gm, model, portable=portable)  # modules, train/eval, fold buffers, torch-only graph (sqr_fx/portable/)
     report.params_after, report.floats_after = count_parameters(gm), count_stored_floats(gm)
     report.frozen_ops = frozen
     if verify:

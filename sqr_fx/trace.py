@@ -12,8 +12,11 @@ meaning serves both front ends and the rewrite only ever slices ``get_attr`` ten
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import warnings
+from itertools import chain
 from typing import Any, Callable
 
 import torch
@@ -25,7 +28,7 @@ from .attention import functionalize_mha
 from .errors import SqrFxError, TiedWeightsError, TraceError, TrainingModeError, UnsupportedDtypeError
 from .normalize import NotFunctional, is_inplace, linear_from_matmul, normalize_args, resolve_inplace
 from .rules.registry import has_hooks
-from .verify import outputs_match, run_cloned
+from .verify import _clone, outputs_match, run_cloned
 
 __all__ = ["to_graph", "fetch_attr", "propagate_shapes", "check_model", "tied_targets", "shared_ties", "ShapeFailure",
            "keyword_adapter"]
@@ -420,3 +423,75 @@ def keyword_adapter(model: nn.Module, inputs: dict) -> tuple[nn.Module, tuple]:
 
 def _describe(inputs: tuple) -> str:
     return ", ".join(f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
+
+
+#: ``node.meta`` key: the node's output shape on each derived input the graph accepts (other batch and
+#: spatial/sequence sizes, :func:`sqr_fx.verify.derived_inputs`); ``None`` for a non-tensor output
+OTHER_SHAPES = "sqr_fx.other_shapes"
+
+
+#: ops whose output has their input's shape, run on meta tensors as ``empty_like`` (no decomposition)
+_SAME_SHAPE = {F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default, F.group_norm,
+               torch.ops.aten.group_norm.default, F.instance_norm}
+
+
+def record_other_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Write :data:`OTHER_SHAPES` on every node: the shapes the graph's values take at the derived input
+    sizes it accepts. A rule whose channel mapping is read off the traced sizes (``reshape(-1, 6)``,
+    ``flatten`` over axes of size 1) compares it with these, so a mapping that holds only at the traced
+    size is refused. Shapes come from meta tensors (no FLOPs, no data); a graph meta tensors cannot run
+    (a tensor made in forward, data-dependent sizes) goes through fake tensors, then a real run; an input
+    size the graph refuses is skipped."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .verify import derived_inputs
+
+    for node in gm.graph.nodes:
+        node.meta[OTHER_SHAPES] = []
+
+    class Record(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            self.seen[n] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+            return out
+
+    class OnMeta(Record):
+        def get_attr(self, target, args, kwargs):
+            t = super().get_attr(target, args, kwargs)
+            return t.to("meta") if isinstance(t, torch.Tensor) else t
+
+        def call_function(self, target, args, kwargs):
+            if target in _SAME_SHAPE and args and isinstance(args[0], torch.Tensor):
+                return torch.empty_like(args[0])  # (meta batch_norm runs a Python decomposition: slow)
+            return super().call_function(target, args, kwargs)
+
+        def call_module(self, target, args, kwargs):
+            mod = self.fetch_attr(target)
+            if isinstance(mod, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and args:
+                return torch.empty_like(args[0])
+            state = {k: v.to("meta") for k, v in chain(mod.named_parameters(), mod.named_buffers())}
+            return torch.func.functional_call(mod, state, args, kwargs) if state else mod(*args, **kwargs)
+
+    for _, inputs in derived_inputs(example_inputs)[1:]:
+        seen = None
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            for kind in (OnMeta, Record, None):
+                rec = (kind or Record)(gm)
+                rec.seen = {}
+                try:
+                    if kind is OnMeta:
+                        rec.run(*(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs))
+                    elif kind is Record:
+                        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                            rec.run(*(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs))
+                    else:
+                        with contextlib.redirect_stderr(io.StringIO()):
+                            rec.run(*_clone(inputs))
+                    seen = rec.seen
+                    break
+                except Exception:  # noqa: BLE001 - next way; a size the graph refuses fails them all
+                    continue
+        if seen is not None:
+            for node in gm.graph.nodes:
+                node.meta[OTHER_SHAPES].append(seen.get(node))

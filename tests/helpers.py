@@ -17,7 +17,11 @@ hypothesis example runs well under a second on one core.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import subprocess
+import sys
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -713,3 +717,45 @@ def masked_torchvision(name: str, seed: int = 0, sparsity: float = 0.5, dead: fl
     model = randomize_norm_stats(model, g)
     model = global_magnitude_mask(model, sparsity)
     return plant_dead_units(model, dead, g, exclude_rows=[head]).eval()
+
+
+# ---- results load without sqr_fx ----------------------------------------------------------------------------
+_LOADER = """
+import importlib.abc, json, sys
+
+class NoSqrFx(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "sqr_fx" or name.startswith("sqr_fx."):
+            raise ImportError("sqr_fx is not installed here")
+
+sys.meta_path.insert(0, NoSqrFx())
+import torch
+
+errors = {}
+for name in NAMES:
+    module = torch.load(f"{name}.pt", weights_only=False)
+    inputs, expected = torch.load(f"{name}.io.pt")
+    with torch.no_grad():
+        out = module(*inputs)
+    out = out["logits"] if isinstance(out, dict) else out
+    errors[name] = float((out - expected).abs().max() / expected.abs().max())
+assert not [m for m in sys.modules if m.split(".")[0] == "sqr_fx"]
+print(json.dumps(errors))
+"""
+
+
+def errors_in_a_fresh_process_without_sqr_fx(models: dict[str, tuple], tmp_path) -> dict[str, float]:
+    """``torch.save`` each result of ``models`` (name -> (original, result, inputs)), load them all in ONE
+    fresh Python process where ``import sqr_fx`` fails, run them there on ``inputs``; returns each
+    result's largest error relative to the original's output scale (outputs or ``.logits``)."""
+    for name, (original, result, inputs) in models.items():
+        with torch.no_grad():
+            out = original(*inputs)
+        torch.save(result, tmp_path / f"{name}.pt")
+        torch.save((inputs, getattr(out, "logits", out)), tmp_path / f"{name}.io.pt")
+    code = f"NAMES = {sorted(models)!r}\n" + textwrap.dedent(_LOADER)
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    errors = json.loads(run.stdout.strip().splitlines()[-1])
+    assert sorted(errors) == sorted(models)
+    return errors

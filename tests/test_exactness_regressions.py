@@ -845,3 +845,30 @@ class FlatSlice(nn.Module):
 def test_slice_of_a_flattened_channel_axis_is_declined():
     m = FlatSlice().double().eval()
     minimize_exact(m, [(torch.randn(2, 3, 4, 4, dtype=torch.float64),), (torch.randn(2, 3, 6, 7, dtype=torch.float64),)])
+
+
+class LiteralReshape(nn.Module):
+    """``reshape(-1, 6)`` of a [B, 6, 1, 1, 1] conv map keeps channels on axis 1 at the traced size
+    only: at another spatial size each row holds 6 positions of one channel (fuzz seed 31337097166)."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.conv, self.fc = nn.Conv3d(4, 6, 2, stride=2, dilation=2), nn.Linear(6, 3)
+        dead(self.conv, 1, 0.5)  # constant channel 1: folded into fc at the traced size
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        h = h.reshape(-1, 6) if self.form == "literal" else h.view(h.size(0), -1)
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("form", ["literal", "size_read"])
+def test_reshape_whose_channel_layout_depends_on_the_input_size(form):
+    m = LiteralReshape(form).double().eval()
+    inputs = batches((3, 4, 3, 4, 3), (2, 4, 5, 6, 5), (1, 4, 3, 4, 3))
+    if form == "literal":  # the original accepts the larger size; channel 1 must stay
+        s = minimize_exact(m, inputs)
+        assert s.sqr_report.params_after == s.sqr_report.params_before
+    else:  # view(B, -1) feeding a 6-wide linear accepts the traced spatial size only: removal is exact
+        shrinks(minimize_exact(m, [inputs[0], inputs[2]]))

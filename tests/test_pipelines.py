@@ -146,3 +146,61 @@ def test_hf_gpt2_program():
     for b, t in [(2, 12), (3, 7)]:
         ids = _ids(b, t, seed=t)
         torch.testing.assert_close(small.module()(ids).logits, m(ids).logits, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_convnext_tiny_through_every_entry_point(tmp_path, capsys):
+    """ConvNeXt-T with planted dead stream channels (LayerNorms, residual stream): the ExportedProgram
+    entry point (saved, loaded, minimized by the CLI too), the compile backend and the pass manager.
+    Each exact at two shapes and smaller."""
+    from test_transformers import planted_convnext_tiny
+
+    m, _ = planted_convnext_tiny()
+    m = m.eval()
+    shapes = [(2, 3, 64, 64), (3, 3, 96, 80)]
+    ep = torch.export.export(m, (_x(*shapes[0]),), dynamic_shapes=({0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO},))
+    small = minimize(ep)
+    assert isinstance(small, torch.export.ExportedProgram) and small.sqr_report.ratio > 1.1
+    torch.export.save(ep, tmp_path / "in.pt2")
+    assert cli(["minimize", str(tmp_path / "in.pt2"), "-o", str(tmp_path / "out.pt2"), "--quiet"]) == 0
+    assert "x smaller" in capsys.readouterr().out
+    by_cli = torch.export.load(tmp_path / "out.pt2")
+    p = MinimizePass((_x(*shapes[0]),))
+    by_pass = PassManager([p])(torch.fx.symbolic_trace(m)).graph_module
+    assert p.report.ratio > 1.1
+    reports = []
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend=sqr_fx.make_backend(next_backend="eager", callback=reports.append))
+    for i, shape in enumerate(shapes):
+        x = _x(*shape, seed=10 + i)
+        for result in (small.module(), by_cli.module(), by_pass, compiled):
+            check_equivalence(m, result, (x,), rtol=1e-8, atol=1e-9)
+    assert reports and all(r.ratio > 1.1 for r in reports)
+    torch._dynamo.reset()
+
+
+def test_cli_writes_onnx_that_onnxruntime_runs(tmp_path, capsys):
+    """The ONNX entry point: a saved program minimized by the CLI with ``--onnx``; onnxruntime runs the
+    ONNX file at the traced shape and at another batch and size (dynamic dims kept), matching the original."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    m = masked_torchvision("resnet18", seed=0).float()
+    x = torch.randn(2, 3, 64, 64)
+    ep = torch.export.export(m, (x,), dynamic_shapes=({0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO},))
+    torch.export.save(ep, tmp_path / "in.pt2")
+    args = ["minimize", str(tmp_path / "in.pt2"), "-o", str(tmp_path / "out.pt2"), "--onnx", str(tmp_path / "out.onnx")]
+    assert cli(args + ["--quiet"]) == 0
+    assert "x smaller" in capsys.readouterr().out
+    onnx.checker.check_model(onnx.load(str(tmp_path / "out.onnx")))
+    session = ort.InferenceSession(str(tmp_path / "out.onnx"))
+    name = session.get_inputs()[0].name
+    for shape in [(2, 3, 64, 64), (3, 3, 80, 72)]:
+        xi = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0]))
+        (got,) = session.run(None, {name: xi.numpy()})
+        with torch.no_grad():
+            want = m(xi)
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    n_in = sum(t.numel() for t in ep.state_dict.values())
+    n_out = sum(int(torch.tensor(list(i.dims)).prod()) for i in onnx.load(str(tmp_path / "out.onnx")).graph.initializer)
+    assert n_out < n_in

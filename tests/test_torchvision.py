@@ -3,7 +3,8 @@
 Each model is masked as :func:`helpers.masked_torchvision` describes (global magnitude ~50%, ~20%
 whole dead output units and unread input columns, trained-looking BatchNorm, float64). The
 minimized graph is traced at 64x64 and checked there and at 96x80 with another batch size: a
-folded constant in a zero-padded conv must stay exact at every resolution.
+folded constant in a zero-padded conv must stay exact at every resolution. Each result is saved and
+run in a fresh process where sqr_fx cannot be imported.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import masked_torchvision
+from helpers import errors_in_a_fresh_process_without_sqr_fx, masked_torchvision
 from sqr_fx import check_equivalence, count_parameters, count_stored_floats, minimize
 
 RTOL, ATOL = 1e-7, 1e-9
@@ -34,7 +35,7 @@ def _minimized(name: str):
     return model, minimize(model, (_x(2, 3, 64, 64, seed=1),))
 
 
-def _check(name: str) -> None:
+def _check(name: str, tmp_path) -> None:
     model, small = _minimized(name)
     small.graph.lint()
     for x in (_x(2, 3, 64, 64, seed=2), _x(3, 3, 96, 80, seed=3)):
@@ -45,17 +46,21 @@ def _check(name: str) -> None:
     assert rep.rounds >= 1 and any(r.out_unused for r in rep.rows) and any(r.in_const for r in rep.rows)
     if name in PADDED_FOLDS:  # the ones-map correction, written out in torch ops (sqr_fx.portable)
         assert any(n.target is torch.ones for n in small.graph.nodes)
+    # an ordinary module: saved, it loads and runs in a fresh process where sqr_fx is not importable
+    x = _x(2, 3, 72, 64, seed=4)
+    errors = errors_in_a_fresh_process_without_sqr_fx({name: (model, small, (x,))}, tmp_path)
+    assert errors[name] < 1e-9, errors
 
 
 @pytest.mark.parametrize("name", FAST)
-def test_masked_torchvision_model_is_exact_and_smaller(name):
-    _check(name)
+def test_masked_torchvision_model_is_exact_and_smaller(name, tmp_path):
+    _check(name, tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SLOW)
-def test_masked_torchvision_model_is_exact_and_smaller_slow(name):
-    _check(name)
+def test_masked_torchvision_model_is_exact_and_smaller_slow(name, tmp_path):
+    _check(name, tmp_path)
 
 
 def test_minimized_model_exports_and_jit_traces():

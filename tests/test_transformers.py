@@ -543,9 +543,9 @@ def test_compensated_layer_norm_exports_with_torch_export(name):
 
 # ---- torchvision models ---------------------------------------------------------------------------
 @pytest.mark.slow
-def test_torchvision_convnext_tiny_planted_stream_channels():
+def planted_convnext_tiny() -> tuple[nn.Module, list[int]]:
     """ConvNeXt-T, float64: trained-looking norms and layer scales, 50 % magnitude mask, 20 % dead
-    units, and 10 planted dead stream channels in stage 0 (see the module docstring)."""
+    units, and 10 planted dead stream channels ``J`` in stage 0 (see the module docstring)."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     m = torchvision.models.convnext_tiny(num_classes=10).double()
@@ -568,6 +568,11 @@ def test_torchvision_convnext_tiny_planted_stream_channels():
             b[5].weight[J] = 0           # fc2 row j writes 0
             b[5].bias[J] = 0
         m.features[2][1].weight[:, J] = 0  # downsample conv ignores LN2d output j
+    return m, J
+
+
+def test_torchvision_convnext_tiny_planted_stream_channels():
+    m, J = planted_convnext_tiny()
     x = randn(2, 3, 64, 64)
     s = minimize(m, (x,), portable=False)
 

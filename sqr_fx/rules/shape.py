@@ -218,11 +218,39 @@ def _merged(src: ChanInfo, in_shape, out_shape):
     return None
 
 
+def _layout(src: ChanInfo, s_in, s_out):
+    """Where the reshape puts ``src``'s channels, read off one pair of sizes: ("merged", out axis) for
+    head axes merged back, ("split", out axis, heads), ("block", out axis, inner > 1), or None."""
+    if src.split:
+        if s_in == s_out:
+            return ("same",)
+        m = _merged(src, s_in, s_out)
+        return None if m is None else ("merged", m.dim)
+    m = _reshape_map(s_in, s_out, src)
+    if m is not None:
+        return ("block", m[0], m[1] > 1)
+    k = _split_map(s_in, s_out, src)
+    return None if k is None else ("split", k, s_out[k])
+
+
 def _reshaped(node, A, x):
     src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
     if src is None or s_in is None or s_out is None:
         A.freeze(src)
         return None
+    if s_in != s_out:
+        # Precondition: the channels land in the same place at every input size the graph accepts.
+        # The sizes of a reshape are read at the traced size: ``reshape(-1, 6)`` of [B, 6, 1, 1] keeps
+        # channels on axis 1 there, and cuts each channel's spatial positions into rows elsewhere.
+        here = _layout(src, s_in, s_out)
+        others = A.other_shapes(x), A.other_shapes(node)
+        pairs = list(zip(*others)) if None not in others else None
+        if pairs is None or any(o_in is None or o_out is None or (o_in, o_out) != (s_in, s_out) and
+                                _layout(src, o_in, o_out) != here for o_in, o_out in pairs):
+            A.decline(node, "where the channels land depends on the input size (a reshape read at the traced "
+                            "size)" if pairs is not None else "no other input size known to check the reshape at",
+                      src)
+            return None
     if src.split:  # the same shape, or the two head axes merged back into one
         out = src if s_in == s_out else _merged(src, s_in, s_out)
         if out is None:
