@@ -8,8 +8,8 @@ minimized form (``minimize``), and the aligned ones (``minimize(..., align=N)``,
 * **FLOP ratio**: masked dense / result (``torch.utils.flop_counter``, batch 1, 224 px);
 * **speedup** at batch 1 and batch ``--batch`` (16): masked dense latency / result latency. One thread
   (``--threads``; with one thread and a batch under 16, torch runs unstrided 1x1 convs with its own GEMM
-  path, not oneDNN: batch 16 shows the oneDNN kernels), CPU seconds of each forward (``time.process_time``: load from other processes on a
-  shared machine does not count), warm-up runs first, then ``--repeats`` rounds in which every variant
+  path, not oneDNN: batch 16 shows the oneDNN kernels), CPU seconds of each forward (``time.process_time``:
+  load from other processes on a shared machine does not count), warm-up runs first, then ``--repeats`` rounds in which every variant
   runs once (interleaved); the speedup is the median over the rounds of each round's ratio (paired, so a
   load change between rounds cancels; the ratio of the medians is kept in the JSON too);
 * **size ratio**: stored floats, masked dense / result; the **alignment's cost**: stored floats of the
@@ -18,6 +18,9 @@ minimized form (``minimize``), and the aligned ones (``minimize(..., align=N)``,
 * **ones-map corrections**: a constant channel folded into a zero-padded conv needs ``+ conv(ones, K)``
   (exact at the borders); their count, and the CPU time of the corrections alone (each ``ones -> conv ->
   add`` at its traced shapes) as a share of the minimized forward;
+* **folded-bias adds**: a constant folded into a layer without bias is added after the restored module
+  (``sqr_fx_<layer>_folded_bias``), one more pass over its output: their count and CPU time alone, as a
+  share of the minimized forward;
 * **exactness**: max relative output error against the masked model on fresh batch-2 inputs.
 
 Prints a table and writes ``benchmarks/results/latency.json``.
@@ -123,6 +126,33 @@ def correction_seconds(gm: fx.GraphModule, x: torch.Tensor, repeats: int) -> tup
     return statistics.median(times), len(items)
 
 
+def folded_bias_seconds(gm: fx.GraphModule, x: torch.Tensor, repeats: int) -> tuple[float, int]:
+    """CPU seconds of ``gm``'s folded-bias adds alone on ``x``: a constant folded into a layer that had no
+    bias is a buffer ``sqr_fx_<layer>_folded_bias`` added after the module (``sqr_fx.portable``), one more
+    pass over the layer's output; median of ``repeats`` after one warm-up; and their count."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    gm = copy.deepcopy(gm)
+    with torch.inference_mode():
+        ShapeProp(gm).propagate(x)
+    items = [(torch.randn(n.args[0].meta["tensor_meta"].shape), gm.get_buffer(n.args[1].target))
+             for n in gm.graph.nodes if n.target is torch.add and len(n.args) == 2
+             and getattr(n.args[1], "op", None) == "get_attr" and "folded_bias" in n.args[1].target]
+
+    @torch.inference_mode()
+    def run() -> None:
+        for out, bias in items:
+            torch.add(out, bias)
+
+    run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        run()
+        times.append(time.process_time() - t0)
+    return statistics.median(times), len(items)
+
+
 def measure(name: str, mask: str, aligns: list[int], batch: int, repeats: int, warmup: int) -> dict:
     masked = masked_model(build_model(name), MASKS[mask])
     inputs = make_inputs(name)
@@ -137,7 +167,8 @@ def measure(name: str, mask: str, aligns: list[int], batch: int, repeats: int, w
     row: dict = {"model": name, "mask": mask, "aligns": aligns, "pass_cpu_s": pass_s,
                  "error": {k: output_error(masked, m, inputs["eval"]) for k, m in results.items()},
                  "stored_floats": {k: stored_floats(m) for k, m in variants.items()},
-                 "align_floats_estimate": {k: m.sqr_report.align_floats for k, m in results.items() if k != "minimized"},
+                 "align_floats_estimate": {k: m.sqr_report.align_floats for k, m in results.items()
+                                           if k != "minimized"},
                  "flops": {k: flops(m, x1) for k, m in variants.items()},
                  "odd_widths": {k: {f"mod{n}": odd_widths(m, n) for n in (8, 16)} for k, m in variants.items()},
                  "ones_map_corrections": {k: corrections(m) for k, m in results.items()}}
@@ -146,6 +177,10 @@ def measure(name: str, mask: str, aligns: list[int], batch: int, repeats: int, w
     if row["ones_map_corrections"]["minimized"]:
         row["correction_cpu_s"] = {b: correction_seconds(results["minimized"], xx, repeats)[0]
                                    for b, xx in (("batch1", x1), (f"batch{batch}", xb))}
+    row["folded_bias_adds"] = folded_bias_seconds(results["minimized"], x1, 1)[1]
+    if row["folded_bias_adds"]:
+        row["folded_bias_cpu_s"] = {b: folded_bias_seconds(results["minimized"], xx, repeats)[0]
+                                    for b, xx in (("batch1", x1), (f"batch{batch}", xb))}
     return row
 
 
@@ -163,6 +198,8 @@ def summarize(row: dict) -> dict:
             out[k][f"speedup_{b}_of_medians"] = lat["masked"]["median_s"] / lat[k]["median_s"]
     for b, t in row.get("correction_cpu_s", {}).items():  # the corrections' share of the minimized forward
         out["minimized"][f"correction_share_{b}"] = t / row["latency"][b]["minimized"]["median_s"]
+    for b, t in row.get("folded_bias_cpu_s", {}).items():  # the folded-bias adds' share
+        out["minimized"][f"folded_bias_share_{b}"] = t / row["latency"][b]["minimized"]["median_s"]
     return out
 
 
@@ -192,10 +229,13 @@ def main(argv=None) -> None:
                   f"{v['speedup_' + b]:>6.2f}x {v['size_ratio']:>5.2f}x {100 * v['size_cost']:>+8.1f}% "
                   f"{odd['mod8']:>3}/{odd['mod16']:<4} {row['ones_map_corrections'][k]:>8} "
                   f"{row['error'][k]:>8.1e}", flush=True)
-        if "correction_share_batch1" in sm["minimized"]:
-            m = sm["minimized"]
+        m = sm["minimized"]
+        if "correction_share_batch1" in m:
             print(f"{'':<13} ones-map corrections: {100 * m['correction_share_batch1']:.2f} % of the minimized "
                   f"forward at batch 1, {100 * m['correction_share_' + b]:.2f} % at {b}", flush=True)
+        if "folded_bias_share_batch1" in m:
+            print(f"{'':<13} {row['folded_bias_adds']} folded-bias adds: {100 * m['folded_bias_share_batch1']:.2f} % "
+                  f"of the minimized forward at batch 1, {100 * m['folded_bias_share_' + b]:.2f} % at {b}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "what": "masked dense / result ratios (above 1: smaller, faster); see benchmarks/latency.py",
