@@ -10,8 +10,9 @@ minimized form (``minimize``), and the aligned ones (``minimize(..., align=N)``,
   (``--threads``; with one thread and a batch under 16, torch runs unstrided 1x1 convs with its own GEMM
   path, not oneDNN: batch 16 shows the oneDNN kernels), CPU seconds of each forward (``time.process_time``:
   load from other processes on a shared machine does not count), warm-up runs first, then ``--repeats``
-  rounds in which every variant runs once (interleaved); the speedup is the median over the rounds of each round's ratio (paired, so a
-  load change between rounds cancels; the ratio of the medians is kept in the JSON too);
+  rounds in which every variant runs once (interleaved); the speedup is the median over the rounds of
+  each round's ratio (paired, so a load change between rounds cancels; the ratio of the medians is kept
+  in the JSON too);
 * **size ratio**: stored floats, masked dense / result; the **alignment's cost**: stored floats of the
   aligned result over the unaligned one (and ``report.align_floats``, the pass's own one-step estimate);
 * **odd widths**: weight dims (out / in channels) that are not a multiple of 8 (16);
