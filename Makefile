@@ -42,12 +42,13 @@ clean:
 # the generative differential fuzzer (sqr_fx/testing): N random pruned models (every rule family, every
 # argument form, both front ends) through minimize, checked for exactness, purity and the fixpoint;
 # failures are shrunk and printed as recipes. `make fuzz N=10000 SEED=3 SAVE=dir` also writes each failure
-# class to dir as a standalone regression test.
+# class to dir as a standalone regression test; `make fuzz ALIGN=4` runs every case with minimize(..., align=4).
 N ?= 1000
 SEED ?= 0
 SAVE ?=
+ALIGN ?=
 fuzz: $(STAMP)
-	$(BIN)/python -m sqr_fx.testing.fuzz --n $(N) --seed $(SEED) $(if $(SAVE),--save $(SAVE))
+	$(BIN)/python -m sqr_fx.testing.fuzz --n $(N) --seed $(SEED) $(if $(SAVE),--save $(SAVE)) $(if $(ALIGN),--align $(ALIGN))
 
 # the pass's own speed (issue 12): minimize's CPU time against the FX floor (trace + one shape propagation +
 # graph copy + recompile) per model and for a 64..512-block Linear/ReLU chain, the self-check's seconds and
