@@ -266,3 +266,29 @@ def test_align_reaches_the_cli_the_pass_manager_compile_and_programs(tmp_path):
 
     ep = minimize(torch.export.export(net, (x,)), align=8)
     assert ep.module().get_parameter("0.weight").shape == (16, 6) and ep.sqr_report.align == 8
+
+
+# ---- Swin: window attention rounds its per-head widths up ---------------------------------------------
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_swin_window_attention_aligns_per_head_widths(v2):
+    """The planted Swin of test_window_attention (8 dims per head; per head 6 or 7 query/key and 6 value
+    dims live, the last head dead): with align=4 every kept head is 8 wide in q, k and v (6 -> 8, 7 -> 8:
+    rounded up, at most the current width), heads still go; exact at padded map sizes; a fixpoint."""
+    from test_window_attention import _attns, _calls, _same, _swin, _widths, plant_constant_stream_reads, plant_heads
+    import torchvision.models.swin_transformer as tvs
+
+    m = _swin(v2)
+    g = torch.Generator().manual_seed(0)
+    for attn in _attns(m):
+        plant_heads(attn, g, cosine=v2)
+    for block in (b for b in m.modules() if isinstance(b, tvs.SwinTransformerBlock)):
+        plant_constant_stream_reads(block, g)
+    x = randn(2, 3, 32, 32)
+    plain, small = minimize(m, (x,), portable=False), minimize(m, (x,), portable=False, align=4)
+    for node, p_node, attn in zip(_calls(small), _calls(plain), _attns(m)):
+        H, d = attn.num_heads, attn.qkv.in_features // attn.num_heads
+        assert _widths(plain, p_node) == (H - 1, d - (1 if v2 else 2), d - 2)
+        assert _widths(small, node) == (H - 1, d, d)
+    assert count_stored_floats(plain) < count_stored_floats(small) < count_stored_floats(m)
+    _same(m, small, [(2, 3, 32, 32), (3, 3, 36, 28), (1, 3, 52, 36)])
+    assert_fixpoint(small, (x,), 4)
