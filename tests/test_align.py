@@ -292,3 +292,37 @@ def test_swin_window_attention_aligns_per_head_widths(v2):
     assert count_stored_floats(plain) < count_stored_floats(small) < count_stored_floats(m)
     _same(m, small, [(2, 3, 32, 32), (3, 3, 36, 28), (1, 3, 52, 36)])
     assert_fixpoint(small, (x,), 4)
+
+
+def test_hf_bert_heads_align_and_stay_equal():
+    """Hugging Face BERT (torch.export front end, head-split views into sdpa): 4 heads of 16 dims, per head
+    11 live query/key and 10 live value dims, head 1 unread, 13 constant MLP units. align=4: 3 heads of 12
+    (11 -> 12, 10 -> 12) in q, k and v alike; MLP 83 -> 84."""
+    from test_transformers import _hf, _ids, params
+
+    tf = _hf()
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=96, max_position_embeddings=64, use_cache=False)
+    m = tf.BertModel(cfg)
+    with torch.no_grad():
+        for layer in m.encoder.layer:
+            for h in range(4):
+                layer.attention.self.key.weight[16 * h:16 * h + 5] = 0
+                layer.attention.output.dense.weight[:, 16 * h:16 * h + 6] = 0
+            layer.attention.output.dense.weight[:, 16:32] = 0
+            layer.intermediate.dense.weight[:13] = 0
+    m = m.eval().double()
+    x = _ids(2, 12)
+    plain, small = minimize(m, (x,)), minimize(m, (x,), align=4)
+    p, s = params(plain), params(small)
+    for i in range(2):
+        pre = f"encoder.layer.{i}."
+        assert [p[pre + f"attention.self.{w}.weight"].shape[0] for w in ("query", "key", "value")] == [33, 33, 30]
+        for w in ("query", "key", "value"):
+            assert s[pre + f"attention.self.{w}.weight"].shape == (3 * 12, 64)
+        assert s[pre + "attention.output.dense.weight"].shape == (64, 36)
+        assert (p[pre + "intermediate.dense.weight"].shape[0], s[pre + "intermediate.dense.weight"].shape[0]) == (83, 84)
+    for b, t in [(2, 12), (3, 7), (1, 20)]:
+        assert_same(m, small, (_ids(b, t, seed=t),), rtol=1e-9)
+    assert_fixpoint(small, (x,), 4)
