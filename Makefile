@@ -53,13 +53,17 @@ fuzz: $(STAMP)
 # the pass's own speed (issue 12): minimize's CPU time against the FX floor (trace + one shape propagation +
 # graph copy + recompile) per model and for a 64..512-block Linear/ReLU chain, the self-check's seconds and
 # peak RSS; prints a table and writes benchmarks/results/pass_speed.json
-.PHONY: bench-speed
+.PHONY: bench-speed bench-memory
 bench-speed: $(STAMP)
 	$(BIN)/python -m benchmarks.pass_speed
 
+# peak RSS of minimize on a 1B-parameter Llama-style decoder (about 9 GiB of memory); benchmarks/results/memory.json
+bench-memory: $(STAMP)
+	$(BIN)/python -m benchmarks.memory
+
 # latency-aware widths (issue 12): ResNet-50, MobileNet v2, ConvNeXt-T, ViT-B/16 masked (d25+m70), minimized
-# with and without align=8: FLOP ratio, CPU latency at batch 1 and 8 (one thread, interleaved, medians), size,
-# the alignment's size cost and the ones-map corrections' latency; writes benchmarks/results/latency.json
+# with and without align=8 and 16: FLOP ratio, CPU latency at batch 1 and 16 (one thread, interleaved), size,
+# the alignment's size cost, the ones-map corrections' and folded-bias adds' share; writes benchmarks/results/latency.json
 .PHONY: bench-latency
 bench-latency: $(STAMP)
 	$(BIN)/python -m benchmarks.latency

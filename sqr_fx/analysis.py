@@ -91,6 +91,7 @@ class Analysis:
         self.declined: list[str] = []
         self._rule = ""
         self.head_links: list[list[ChanInfo]] = []
+        self.uniform: list[ChanInfo] = []  # head-split infos whose kept heads keep the same dims
         self.pending: dict[fx.Node, Any] = {}  # facts a rule leaves for a later node (attention's q, k)
         self._hidden: set[fx.Node] = set()
         self._probe_cache: dict[str, Any] = {}
@@ -179,6 +180,11 @@ class Analysis:
     def align_heads(self, *infos: ChanInfo) -> None:
         """Head-split infos whose heads pair up (attention's q, k, v): the same heads must stay."""
         self.head_links.append(list(infos))
+
+    def uniform_heads(self, info: ChanInfo) -> None:
+        """Every kept head of ``info`` keeps the same dims (a slice of the per-head axis, rewritten as one
+        ``index_select`` for all heads, needs the same new positions in every head)."""
+        self.uniform.append(info)
 
     def local_change(self, node: fx.Node) -> None:
         """``node`` can shrink inside itself (attention heads) even if no channel group goes."""
@@ -380,6 +386,8 @@ class Analysis:
             nonlocal changed
             ids = info.per_head(info.ids)[h]
             gone = np.flatnonzero(removed[root_of[ids]])
+            if not len(gone):  # kept meanwhile by a head sharing its ids (grouped kv heads)
+                return
             removed[root_of[ids[gone[0]]]] = False
             changed = True
 
@@ -388,6 +396,13 @@ class Analysis:
             for i in infos:
                 for h in np.flatnonzero(alive & i.per_head(removed[root_of[i.ids]]).all(1)):
                     keep_first(i, h)
+        for i in self.uniform:  # every kept head keeps the union of the dims kept heads keep
+            kept = ~i.per_head(removed[root_of[i.ids]])
+            alive = kept.any(1)
+            fix = alive[:, None] & kept[alive].any(0)[None, :] & ~kept
+            if fix.any():
+                removed[root_of[i.per_head(i.ids)[fix]]] = False
+                changed = True
         for node in self.gm.graph.nodes:
             i = node.meta.get(META_KEY)
             if i is None or not i.split:
@@ -416,7 +431,7 @@ class Analysis:
         split = [i for n in self.gm.graph.nodes if (i := n.meta.get(META_KEY)) is not None and i.split]
         # the same positions before the head split (a q/k/v projection's output, the merged heads an output
         # projection reads) follow their per-head dims: H' x D' is aligned when D' is
-        heads = {np.sort(i.ids).tobytes() for i in split}
+        heads = {np.unique(i.ids).tobytes() for i in split}  # (a repeated kv head: its ids once)
         out: list[ChanInfo] = []
         for node, family, a in self.weighted:
             info = node.meta.get(META_KEY)
@@ -424,7 +439,7 @@ class Analysis:
                 continue
             src = (node.meta.get(READS) if family in ("linear", "conv", "addmm") else
                    None if family == "embedding" else self.info(a.get("input")))
-            out += [i for i in (info, src) if i is not None and not i.split and np.sort(i.ids).tobytes() not in heads]
+            out += [i for i in (info, src) if i is not None and not i.split and np.unique(i.ids).tobytes() not in heads]
         return split + out
 
     def _root_costs(self, root_of: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-__all__ = ["self_attention", "attend", "project_heads", "functionalize_mha"]
+__all__ = ["self_attention", "attend", "project_heads", "functionalize_mha", "rotary", "rotary_interleaved"]
 
 
 @torch.fx.wrap
@@ -39,6 +39,33 @@ def self_attention(x: Tensor, q_weight: Tensor, q_bias: Tensor, k_weight: Tensor
         x = x.transpose(0, 1)
     out = attend(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias, num_heads, scale)
     return out if batch_first else out.transpose(0, 1)
+
+
+@torch.fx.wrap
+def rotary(x: Tensor, cos: Tensor, sin: Tensor, half: int) -> Tensor:
+    """Rotary position embedding, rotate_half form: ``x * cos + rotate_half(x) * sin`` with
+    ``rotate_half(x) = cat(-x[..., half:], x[..., :half])``; dims ``i`` and ``i + half`` are one
+    rotation pair. The same ops in the same order as Hugging Face's ``apply_rotary_pos_emb`` (bit for
+    bit); ``half`` is explicit so that a call on fewer kept pairs says how many.
+
+    >>> x, c, s = torch.randn(2, 3, 5, 8), torch.randn(5, 8), torch.randn(5, 8)
+    >>> torch.equal(rotary(x, c, s, 4), x * c + torch.cat((-x[..., 4:], x[..., :4]), -1) * s)
+    True
+    """
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+@torch.fx.wrap
+def rotary_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary position embedding, interleaved (GPT-J) form: ``x * cos + rotate_every_two(x) * sin`` with
+    ``rotate_every_two(x) = stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)``; dims ``2i`` and ``2i + 1``
+    are one rotation pair. The same ops in the same order as Hugging Face's GPT-J (bit for bit).
+
+    >>> x, c, s = torch.randn(2, 5, 3, 8), torch.randn(5, 1, 8), torch.randn(5, 1, 8)
+    >>> torch.equal(rotary_interleaved(x, c, s), x * c + torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2) * s)
+    True
+    """
+    return x * cos + torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2) * sin
 
 
 def project_heads(x: Tensor, weight: Tensor, bias: Optional[Tensor], num_heads: int, n, t) -> Tensor:

@@ -24,7 +24,7 @@ from .rules import lookup
 from .rules.registry import OPAQUE
 from .rules.shape import is_input_gather
 from .size import count_parameters, count_stored_floats
-from .trace import ShapeFailure, fetch_attr, keyword_adapter, propagate_shapes, to_graph
+from .trace import ShapeFailure, fetch_attr, keyword_adapter, privatize, propagate_shapes, to_graph
 from .values import META_KEY
 from .verify import self_check
 
@@ -157,6 +157,7 @@ def minimize(
     if align is not None and (isinstance(align, bool) or not isinstance(align, (int, np.integer)) or align < 1):
         raise SqrFxError(f"align must be a positive integer (or None), got {align!r}")
     align = int(align or 1)
+    versions = [(n, p._version) for n, p in model.named_parameters()] if isinstance(model, nn.Module) else []
     if isinstance(example_inputs, dict):  # keyword inputs, as torch.export takes them
         model, example_inputs = keyword_adapter(model, example_inputs)
     example_inputs = _check_inputs(example_inputs)
@@ -225,6 +226,11 @@ def minimize(
         if row is not None:
             row.shape_after, row.params_after = _layer_params(gm, a)
     report.rows = list(rows.values())
+    privatize(gm, model)  # the front end shared the input's parameters; the result owns its tensors
+    changed = [n for (n, v), p in zip(versions, model.parameters()) if p._version != v]
+    if changed:  # (the front end runs the model's forward on a copy that shares its parameters)
+        raise SqrFxError(f"the model's forward writes into its parameters in place ({', '.join(changed[:3])}): "
+                         "its function changes with every call, so no smaller model computes it")
     gm = finish(gm, model, portable=portable)  # modules, train/eval, fold buffers, torch-only graph (sqr_fx/portable/)
     report.params_after, report.floats_after = count_parameters(gm), count_stored_floats(gm)
     report.frozen_ops = frozen

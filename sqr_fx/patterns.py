@@ -1,4 +1,4 @@
-"""Written-out normalizations recognized as the op they compute (needs traced shapes).
+"""Written-out normalizations and rotary embeddings recognized as the op they compute (needs traced shapes).
 
 Hugging Face writes RMSNorm out (Llama, Mistral, Qwen, Gemma, T5, OLMo ...)::
 
@@ -11,9 +11,20 @@ rewritten to that call, whose rule removes stream channels with a compensated RM
 multiply after it, ``weight * x`` or Gemma's ``(1 + weight) * x``, stays an ordinary per-channel
 product). Matched only when every intermediate has no other reader, the mean is over the last axis
 with ``keepdim=True``, and ``eps`` is a Python number; anything else is left as it is.
+
+Rotary position embeddings (Llama, Mistral, Qwen2 ...) are written out too::
+
+    x * cos + torch.cat((-x[..., D // 2:], x[..., :D // 2]), -1) * sin     # rotate_half form
+
+Each of the slices, the negation and the cat would see a head-split tensor alone and freeze it; the
+subgraph is rewritten to one :func:`sqr_fx.attention.rotary` call (the same ops, in the same order),
+whose rule couples each rotation pair ``(i, i + D/2)`` (``rules/rotary.py``). GPT-J's interleaved form
+``x * cos + stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2) * sin`` (pairs ``(2i, 2i + 1)``) becomes
+one :func:`sqr_fx.attention.rotary_interleaved` call the same way.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional
 
 import torch
@@ -23,7 +34,7 @@ from torch import fx
 from .rules.registry import op_name
 from .values import shape_of
 
-__all__ = ["rms_norm_from_pattern"]
+__all__ = ["rms_norm_from_pattern", "rotary_from_pattern"]
 
 aten = torch.ops.aten
 
@@ -147,3 +158,152 @@ def rms_norm_from_pattern(gm: fx.GraphModule, example_inputs: tuple = ()) -> int
         gm.recompile()
     return count
 
+
+
+# ---- rotary position embedding ------------------------------------------------------------------------------
+def _slice_of(n: Any) -> Optional[tuple[fx.Node, int, range]]:
+    """(X, axis, positions) when ``n`` slices one axis of X with literal bounds and nothing else
+    (``X[..., a:b:s]``, ``X[:, :, a:b]``, ``aten.slice(X, d, a, b, s)``); axis is non-negative."""
+    if not isinstance(n, fx.Node) or n.op != "call_function" or not n.args or not isinstance(n.args[0], fx.Node) \
+            or n.kwargs:
+        return None
+    x, s = n.args[0], shape_of(n.args[0])
+    if s is None or not s:
+        return None
+    if n.target is aten.slice.Tensor:
+        d, start, end, step = (list(n.args[1:]) + [0, None, None, 1][len(n.args) - 1:])[:4]
+        if not all(v is None or type(v) is int for v in (d, start, end, step)) or d is None:
+            return None
+        return x, d % len(s), range(s[d])[slice(start, end, step)]
+    if n.target is operator.getitem:
+        idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        if idx.count(Ellipsis) == 1 and idx[-1] is not Ellipsis and idx[:-1] == (Ellipsis,):
+            idx = (slice(None),) * (len(s) - 1) + idx[-1:]
+        if Ellipsis in idx or len(idx) != len(s) or not all(isinstance(i, slice) for i in idx) \
+                or any(v is not None and type(v) is not int for i in idx for v in (i.start, i.stop, i.step)):
+            return None
+        cut = [d for d, i in enumerate(idx) if i != slice(None)]
+        d = cut[0] if len(cut) == 1 else len(s) - 1
+        return (x, d, range(s[d])[idx[d]]) if len(cut) <= 1 else None
+    return None
+
+
+def _last_axis_positions(n: Any) -> Optional[tuple[fx.Node, range, list[fx.Node]]]:
+    """(X, positions, the slices) when ``n`` slices X's last axis, possibly after full slices of other
+    axes (``aten.slice(aten.slice(X, 0, 0, max), 3, 0, 8)`` after torch.export), each read only by the next."""
+    found = _slice_of(n)
+    if found is None or found[1] != len(shape_of(found[0])) - 1:
+        return None
+    x, _, pos = found
+    chain = [n]
+    while _only_user(x):
+        up = _slice_of(x)
+        if up is None or up[2] != range(shape_of(up[0])[up[1]]):  # not a full slice: a real selection
+            break
+        chain.append(x)
+        x = up[0]
+    return x, pos, chain
+
+
+def _rotation_of(n: Any) -> Optional[tuple[fx.Node, bool, list[fx.Node]]]:
+    """(X, interleaved, intermediate nodes) when ``n`` is ``rotate_half(X)`` =
+    ``cat((-X[..., D/2:], X[..., :D/2]), -1)`` or ``rotate_every_two(X)`` =
+    ``stack((-X[..., 1::2], X[..., ::2]), -1).flatten(-2)``, with unshared intermediates."""
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method"):
+        return None
+    inter = [n]
+    interleaved = op_name(n) == "flatten"
+    if interleaved:  # flatten(stack(...), -2): the trailing pair axis back into the last one
+        start = n.kwargs.get("start_dim", n.args[1] if len(n.args) > 1 else 0)
+        end = n.kwargs.get("end_dim", n.args[2] if len(n.args) > 2 else -1)
+        inner, s = n.args[0], shape_of(n.args[0])
+        if s is None or type(start) is not int or type(end) is not int or start % len(s) != len(s) - 2 \
+                or end % len(s) != len(s) - 1 or not _only_user(inner) or op_name(inner) != "stack":
+            return None
+        n = inner
+        inter.append(n)
+    elif op_name(n) not in ("cat", "concat"):
+        return None
+    if n.op != "call_function":
+        return None
+    parts = n.args[0] if n.args else None
+    d = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or type(d) is not int:
+        return None
+    neg, lo = parts
+    if not (_only_user(neg) and _only_user(lo) and op_name(neg) == "neg" and len(neg.args) == 1 and not neg.kwargs):
+        return None
+    hi = _last_axis_positions(neg.args[0]) if _only_user(neg.args[0]) else None
+    lo_ = _last_axis_positions(lo)
+    if hi is None or lo_ is None or hi[0] is not lo_[0]:
+        return None
+    x, s = hi[0], shape_of(hi[0])
+    D = s[-1]
+    if interleaved:
+        ok = d % (len(s) + 1) == len(s) and hi[1] == range(1, D, 2) and lo_[1] == range(0, D, 2)
+    else:
+        ok = d % len(s) == len(s) - 1 and hi[1] == range(D // 2, D) and lo_[1] == range(D // 2)
+    if D % 2 or not ok:
+        return None
+    return x, interleaved, inter + [neg] + hi[2] + lo_[2]
+
+
+def _mul_operands(n: Any) -> Optional[tuple[Any, Any]]:
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method") or op_name(n) != "mul" \
+            or len(n.args) != 2 or n.kwargs:
+        return None
+    return n.args[0], n.args[1]
+
+
+def _rotary_match(node: fx.Node):
+    """(X, cos, sin, interleaved, nodes the call replaces) for ``X * cos + rotation(X) * sin`` (module docstring)."""
+    for m_cos, m_sin in (node.args, node.args[::-1]):
+        a, b = _mul_operands(m_cos), _mul_operands(m_sin)
+        if a is None or b is None:
+            continue
+        for r, sin in (b, b[::-1]):
+            found = _rotation_of(r) if _only_user(r) else None
+            if found is None:
+                continue
+            x, interleaved, inter = found
+            for xx, cos in (a, a[::-1]):
+                if xx is x and cos is not x and sin is not x:
+                    return x, cos, sin, interleaved, [node, m_cos, m_sin] + inter
+    return None
+
+
+def rotary_from_pattern(gm: fx.GraphModule) -> int:
+    """Rewrite every written-out rotary embedding ``X * cos + rotate_half(X) * sin`` (operands of each
+    product and of the sum in either order) to one :func:`sqr_fx.attention.rotary` call, and the
+    interleaved (GPT-J) ``X * cos + rotate_every_two(X) * sin`` to one ``rotary_interleaved`` call;
+    returns how many.
+
+    The call computes the same ops in the same order (products and sums commute exactly in floating
+    point), so the graph's function is unchanged bit for bit. Matched only when the slices, the
+    negation, the cat / stack and both products have no other reader; X itself may have any readers.
+    Needs ``tensor_meta`` (the slices' bounds are checked against X's traced last-axis width)."""
+    from .attention import rotary, rotary_interleaved
+
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method") or op_name(node) != "add" or len(node.args) != 2 \
+                or node.kwargs or not all(_only_user(a) for a in node.args):
+            continue
+        match = _rotary_match(node)
+        if match is None:
+            continue
+        x, cos, sin, interleaved, dead = match
+        with gm.graph.inserting_before(node):
+            if interleaved:
+                new = gm.graph.call_function(rotary_interleaved, (x, cos, sin))
+            else:
+                new = gm.graph.call_function(rotary, (x, cos, sin, shape_of(x)[-1] // 2))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        for n in dead:  # in data-flow order from the sum back to X's slices
+            if not n.users:
+                gm.graph.erase_node(n)
+        count += 1
+    if count:
+        gm.recompile()
+    return count

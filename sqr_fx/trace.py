@@ -172,8 +172,14 @@ def _unwrap_parametrizations(model: nn.Module) -> nn.Module:
 
 
 def _private_copy(model: nn.Module) -> nn.Module:
-    """deepcopy that also takes non-leaf tensor attributes (``prune`` leaves ``weight = orig * mask``)."""
-    memo: dict[int, Any] = {}
+    """A copy of the module tree that the front end may edit (functional layers, baked parametrizations).
+    Parameters share their STORAGE with ``model`` (new Parameter objects), not copied: nothing in the pass writes into a tensor, a sliced
+    parameter is a new tensor, and :func:`privatize` clones the ones the result still shares before it is
+    returned (one copy of the kept weights, not two: a 1B-parameter model needs no extra 4 GB). Buffers
+    are copied (a forward may update them); so are non-leaf tensor attributes (``prune`` leaves
+    ``weight = orig * mask``)."""
+    # new Parameter objects over the same storage: ``prune.remove`` assigns ``weight_orig.data`` on the copy
+    memo: dict[int, Any] = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
     for mod in model.modules():
         for v in vars(mod).values():
             if isinstance(v, torch.Tensor) and not v.is_leaf:
@@ -237,10 +243,11 @@ def shared_ties(gm: fx.GraphModule) -> dict[str, list[str]]:
     return shared
 
 
-def rms_norm_from_pattern(gm: fx.GraphModule, example_inputs: tuple) -> int:
-    from .patterns import rms_norm_from_pattern as match  # patterns reads the rules' op names
+def recognize_patterns(gm: fx.GraphModule, example_inputs: tuple) -> int:
+    """Written-out RMSNorms and rotary embeddings become the one call they compute (patterns.py)."""
+    from .patterns import rms_norm_from_pattern, rotary_from_pattern  # patterns reads the rules' op names
 
-    return match(gm, example_inputs)
+    return rms_norm_from_pattern(gm, example_inputs) + rotary_from_pattern(gm)
 
 
 def fold_constants(gm: fx.GraphModule) -> int:
@@ -267,7 +274,7 @@ def _symbolic(model: nn.Module, example_inputs: tuple, expected: Any) -> fx.Grap
     problem = outputs_match(expected, got)
     if problem is not None:
         raise NotFunctional(f"the symbolic trace computes another function than the model ({problem})")
-    rms_norm_from_pattern(gm, example_inputs)  # (shapes known now; the new node keeps the product's shape)
+    recognize_patterns(gm, example_inputs)  # (shapes known now; the new node keeps the product's shape)
     return gm
 
 
@@ -307,7 +314,7 @@ def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> t
             raise TraceError(f"neither front end reproduces {type(model).__name__} on the example inputs: "
                              f"torch.fx.symbolic_trace failed with {type(fx_err).__name__}: {str(fx_err)[:300]}; "
                              f"torch.export's program computes another function ({problem})")
-        rms_norm_from_pattern(gm, example_inputs)
+        recognize_patterns(gm, example_inputs)
     _mark_varying_axis1(model if frontend == "export" else private, gm, example_inputs)
     shared = shared_ties(gm)
     whole = {k: v for k, v in tied_targets(gm).items() if k not in shared}
@@ -430,9 +437,23 @@ def _describe(inputs: tuple) -> str:
 OTHER_SHAPES = "sqr_fx.other_shapes"
 
 
-#: ops whose output has their input's shape, run on meta tensors as ``empty_like`` (no decomposition)
+#: ops whose output has their input's shape, run on meta tensors as ``empty_like`` (their meta kernels are
+#: Python decompositions: MobileNet v2's 70 hardtanh cost 0.4 s)
 _SAME_SHAPE = {F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default, F.group_norm,
-               torch.ops.aten.group_norm.default, F.instance_norm}
+               torch.ops.aten.group_norm.default, F.instance_norm, F.layer_norm, torch.ops.aten.layer_norm.default,
+               F.rms_norm, F.relu, F.relu6, F.hardtanh, F.gelu, F.silu,
+               F.hardswish, F.hardsigmoid, F.mish, F.elu, F.leaky_relu, F.softplus, F.dropout, torch.relu,
+               torch.sigmoid, torch.tanh, torch.ops.aten.relu.default, torch.ops.aten.hardtanh.default,
+               torch.ops.aten.gelu.default, torch.ops.aten.silu.default, torch.ops.aten.hardswish.default}
+
+
+def _same_shape_module(mod: nn.Module) -> bool:
+    """An activation / norm / dropout module: output shaped like its input (run as ``empty_like`` on meta)."""
+    if isinstance(mod, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Identity,
+                        nn.modules.dropout._DropoutNd)):
+        return True
+    return type(mod).__module__ == "torch.nn.modules.activation" and not isinstance(
+        mod, (nn.MultiheadAttention, nn.GLU))
 
 
 def record_other_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
@@ -467,7 +488,7 @@ def record_other_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
 
         def call_module(self, target, args, kwargs):
             mod = self.fetch_attr(target)
-            if isinstance(mod, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and args:
+            if _same_shape_module(mod) and args and isinstance(args[0], torch.Tensor):
                 return torch.empty_like(args[0])
             state = {k: v.to("meta") for k, v in chain(mod.named_parameters(), mod.named_buffers())}
             return torch.func.functional_call(mod, state, args, kwargs) if state else mod(*args, **kwargs)
@@ -495,3 +516,28 @@ def record_other_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
         if seen is not None:
             for node in gm.graph.nodes:
                 node.meta[OTHER_SHAPES].append(seen.get(node))
+
+
+def privatize(gm: nn.Module, model: nn.Module) -> None:
+    """Clone, in place on ``gm``, every tensor it shares storage with ``model`` (:func:`_private_copy`
+    shares the parameters): the result never aliases the input. A tensor held under several names
+    stays one tensor; a Parameter stays a Parameter with its ``requires_grad``."""
+    theirs = {t.untyped_storage().data_ptr() for t in chain(model.parameters(), model.buffers()) if t.numel()}
+    clones: dict[int, Any] = {}
+
+    def own(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or not t.numel() or t.untyped_storage().data_ptr() not in theirs:
+            return t
+        if id(t) not in clones:
+            c = t.detach().clone()
+            clones[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+        return clones[id(t)]
+
+    for mod in gm.modules():
+        for store in (mod._parameters, mod._buffers):
+            for k, t in list(store.items()):
+                if t is not None and own(t) is not t:
+                    store[k] = own(t)
+        for k, v in list(vars(mod).items()):
+            if isinstance(v, torch.Tensor) and own(v) is not v:
+                setattr(mod, k, own(v))

@@ -85,3 +85,28 @@ def test_random_and_in_place_expressions_are_never_folded():
 
     gm = torch.fx.symbolic_trace(Noisy())
     assert fold_constants(gm) == 0
+
+
+def test_a_buffer_table_sliced_at_every_use_is_counted_once():
+    """symbolic_trace evaluates a buffer-only expression into a ``_tensor_constant`` per use (timm eva02's
+    RoPE sin/cos, 48 views of one table): the result stores the views of one storage once, and the size
+    report counts them once (it grew 0.88x on eva02 when each view was counted)."""
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.randn(16, 8, dtype=torch.float64))
+            self.fc = nn.ModuleList(nn.Linear(4, 4) for _ in range(4))
+
+        def forward(self, x):
+            for fc in self.fc:
+                sin, cos = self.table.tensor_split(2, -1)
+                x = fc(x * cos + x * sin)
+            return x
+
+    m = Blocks().double().eval()
+    gm = torch.fx.symbolic_trace(m)
+    assert sum(n.op == "get_attr" and n.target.startswith("_tensor_constant") for n in gm.graph.nodes) >= 4
+    s = minimize(m, (_x(2, 16, 4),))
+    assert count_stored_floats(s) <= count_stored_floats(m)
+    assert s.sqr_report.floats_after <= s.sqr_report.floats_before
+    check_equivalence(m, s, (_x(3, 16, 4, seed=2),), rtol=1e-10, atol=1e-12)

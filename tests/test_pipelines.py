@@ -148,6 +148,38 @@ def test_hf_gpt2_program():
         torch.testing.assert_close(small.module()(ids).logits, m(ids).logits, rtol=1e-9, atol=1e-9)
 
 
+def test_hf_gpt2_through_the_cli_the_pass_manager_and_the_compile_backend(tmp_path, capsys):
+    """GPT-2 (Hugging Face, planted dead MLP units): the saved program through the CLI (re-saved, re-loaded),
+    its module through ``MinimizePass``, the model through ``torch.compile(backend=sqr_fx)``; each smaller and
+    exact at two (batch, length) shapes."""
+    tf = pytest.importorskip("transformers")
+    from test_transformers import _gpt2, _ids
+
+    m = _gpt2(tf, tie=False)
+    ep = torch.export.export(m, (_ids(2, 12),), dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO},))
+    torch.export.save(ep, tmp_path / "gpt2.pt2")
+    assert cli(["minimize", str(tmp_path / "gpt2.pt2"), "-o", str(tmp_path / "small.pt2"), "--quiet"]) == 0
+    assert "x smaller" in capsys.readouterr().out
+    by_cli = torch.export.load(tmp_path / "small.pt2").module()
+    p = MinimizePass((_ids(2, 12),))
+    by_pass = PassManager([p])(ep.module()).graph_module
+    assert p.report.ratio > 1.2
+    reports = []
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend=sqr_fx.make_backend(next_backend="eager", callback=reports.append))
+
+    def logits(out):
+        return out.logits if hasattr(out, "logits") else out["logits"] if isinstance(out, dict) else out[0]
+
+    for b, t in [(2, 12), (3, 7)]:
+        ids = _ids(b, t, seed=t)
+        want = m(ids).logits
+        for result in (by_cli, by_pass, compiled):
+            torch.testing.assert_close(logits(result(ids)), want, rtol=1e-9, atol=1e-9)
+    assert reports and all(r.ratio > 1.2 for r in reports)
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_convnext_tiny_through_every_entry_point(tmp_path, capsys):
     """ConvNeXt-T with planted dead stream channels (LayerNorms, residual stream): the ExportedProgram

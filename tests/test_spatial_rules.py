@@ -39,6 +39,7 @@ OPS = {
     "interp_bilinear": lambda h: F.interpolate(h, size=(7, 5), mode="bilinear", align_corners=False),
     "interp_bicubic": lambda h: F.interpolate(h, scale_factor=1.5, mode="bicubic", align_corners=True),
     "normalize_spatial": lambda h: F.normalize(h, dim=-1),
+    "gather_rows": lambda h: h[:, :, torch.tensor([0, 5, 5, 2])],  # advanced indexing of a spatial axis
 }
 
 
@@ -111,3 +112,47 @@ def test_matmul_with_a_transposed_parameter_is_a_linear_layer():
         s = minimize(src, (x,))
         assert s.sqr_report.ratio == pytest.approx(1.5)
         check_equivalence(m, s, (_x(2, 3, 4, seed=5),), rtol=1e-10, atol=1e-12)
+
+
+class EosPooling(nn.Module):
+    """CLIP's text pooling: the hidden state at each sequence's argmax token, ``x[arange(B), ids.argmax(-1)]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+        with torch.no_grad():
+            self.a.weight[2:5], self.a.bias[2:5] = 0, -1.0  # three dead units behind the relu
+
+    def forward(self, x, ids):
+        h = torch.relu(self.a(x))
+        return self.b(h[torch.arange(h.shape[0]), ids.argmax(-1)])
+
+
+@pytest.mark.parametrize("front", ["fx", "export"])
+def test_token_pooling_by_index_tensors_keeps_channels(front):
+    m = EosPooling().double().eval()
+    x, ids = _x(3, 5, 6), _x(3, 5, seed=1)
+    auto = torch.export.Dim.AUTO
+    src = m if front == "fx" else torch.export.export(
+        m, (x, ids), dynamic_shapes=({0: auto, 1: auto}, {0: auto, 1: auto})).module()
+    s = minimize(src, (x, ids))
+    assert s.sqr_report.params_after == s.sqr_report.params_before - 3 * 6 - 3 - 3 * 3
+    for b, t in [(3, 5), (4, 7)]:
+        args = (_x(b, t, 6, seed=b), _x(b, t, seed=t))
+        check_equivalence(m, s, args, rtol=1e-10, atol=1e-12)
+
+
+def test_indexing_the_channel_axis_with_a_tensor_declines():
+    class ChannelGather(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(3, 2)
+            with torch.no_grad():
+                self.a.weight[1], self.a.bias[1] = 0, 0.5  # a constant channel, gathered twice below
+
+        def forward(self, x):
+            return self.b(self.a(x)[:, torch.tensor([1, 1, 4])])
+
+    m = ChannelGather().double().eval()
+    s = minimize(m, (_x(2, 6),))
+    check_equivalence(m, s, (_x(5, 6, seed=3),), rtol=1e-10, atol=1e-12)

@@ -830,3 +830,23 @@ def test_hf_gpt2_untied_mlp_units(activation):
     assert count_stored_floats(s) < count_stored_floats(m)
     for b, t in [(2, 12), (3, 7), (1, 30)]:
         assert_same(m, s, (_ids(b, t, seed=t),), rtol=1e-9)
+
+
+def test_hf_wav2vec2_dead_mlp_units():
+    """Wav2Vec2 (a conv feature encoder on raw audio ``[B, L]``, its ``input_values[:, None]`` and grouped
+    positional conv, then a post-norm transformer) crashed before issue 10; now its dead MLP units go."""
+    tf = _hf()
+    torch.manual_seed(0)
+    cfg = tf.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                            conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8,
+                            num_conv_pos_embedding_groups=2, vocab_size=12, do_stable_layer_norm=False)
+    m = tf.Wav2Vec2ForCTC(cfg).eval().double()
+    with torch.no_grad():
+        for layer in m.wav2vec2.encoder.layers:
+            layer.feed_forward.output_dense.weight[:, :16] = 0  # 16 of 64 MLP units unread
+    s = minimize(m, (randn(2, 400),))
+    for i in range(2):
+        assert params(s)[f"wav2vec2.encoder.layers.{i}.feed_forward.intermediate_dense.weight"].shape[0] == 48
+    for shape in [(2, 400), (3, 560)]:
+        x = randn(*shape, seed=shape[1])
+        torch.testing.assert_close(s(x).logits, m(x).logits, rtol=1e-9, atol=1e-10)

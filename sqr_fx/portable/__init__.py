@@ -2,7 +2,7 @@
 
 The rounds work in a functional dialect: ``F.linear`` / ``F.conv2d`` / ``F.batch_norm(training=False)`` on
 ``get_attr`` tensors, and sqr_fx's own helpers where no torch op expresses a shrunk layer
-(``ones_map``, the compensated norms, ``self_attention``, ``window_attention``). That dialect is what
+(``ones_map``, the compensated norms, ``self_attention``, ``window_attention``, the rotary forms). That dialect is what
 the rules read, but as a deliverable it has four defects: module-based tools (quantization, hooks,
 PEFT, ``torch.nn.utils.prune``) find no module; ``.train()`` changes nothing (BatchNorm is frozen in
 its eval form); a constant folded into a layer that had no bias becomes a new trainable tensor; and
@@ -55,10 +55,12 @@ from .common import _original_params, sqr_fx_references
 from .guards import _picklable_guards
 from .inline import inline_helpers
 from .modules import _fold_biases_to_buffers, restore_modules
-from .ops import group_norm_ops, layer_norm_ops, ones_map_ops, rms_norm_ops, self_attention_ops, window_attention_ops
+from .ops import (group_norm_ops, layer_norm_ops, ones_map_ops, rms_norm_ops, rotary_interleaved_ops, rotary_ops,
+                  self_attention_ops, window_attention_ops)
 
 __all__ = ["finish", "restore_modules", "inline_helpers", "sqr_fx_references", "layer_norm_ops", "rms_norm_ops",
-           "group_norm_ops", "ones_map_ops", "self_attention_ops", "window_attention_ops"]
+           "group_norm_ops", "ones_map_ops", "self_attention_ops", "window_attention_ops", "rotary_ops",
+           "rotary_interleaved_ops"]
 
 
 # ---- entry point --------------------------------------------------------------------------------------------

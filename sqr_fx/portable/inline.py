@@ -9,8 +9,8 @@ from torch import fx, nn
 
 from .common import _container, _get_attrs, _original_params, _split, fetch, sqr_fx_references
 from .modules import _CONV_DIMS, _rank
-from .ops import (group_norm_ops, layer_norm_ops, ones_map_ops, rms_norm_ops, self_attention_ops,
-                  window_attention_ops)
+from .ops import (group_norm_ops, layer_norm_ops, ones_map_ops, rms_norm_ops, rotary_interleaved_ops, rotary_ops,
+                  self_attention_ops, window_attention_ops)
 
 
 def _trace_into(gm: fx.GraphModule, node: fx.Node, fn: Callable[..., Any], args: tuple) -> bool:
@@ -112,7 +112,7 @@ class _Stack:
 def inline_helpers(gm: fx.GraphModule, model: Optional[nn.Module] = None) -> list[str]:
     """Replace every sqr_fx helper call by torch ops (module docstring, 3.); returns what still needs sqr_fx
     (nothing when every call matched its pattern)."""
-    from ..attention import self_attention
+    from ..attention import rotary, rotary_interleaved, self_attention
     from ..layers import compensated_group_norm, compensated_layer_norm, compensated_rms_norm
     from ..rules.weighted import ones_map
     from ..window_attention import window_attention
@@ -130,6 +130,10 @@ def inline_helpers(gm: fx.GraphModule, model: Optional[nn.Module] = None) -> lis
                 spatial -= 2
             if spatial is not None and spatial >= 0:
                 _trace_into(gm, node, ones_map_ops, (a[0], spatial))
+        elif t is rotary and len(a) == 4:
+            _trace_into(gm, node, rotary_ops, a)
+        elif t is rotary_interleaved and len(a) == 3:
+            _trace_into(gm, node, rotary_interleaved_ops, a)
         elif t is compensated_layer_norm and len(a) in (6, 7):
             _trace_into(gm, node, layer_norm_ops, a + (1e-5,) * (7 - len(a)))
         elif t is compensated_rms_norm and len(a) in (4, 5):

@@ -91,6 +91,16 @@ def self_attention_ops(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, 
     return out if batch_first else out.transpose(0, 1)
 
 
+def rotary_ops(x, cos, sin, half: int):
+    """``sqr_fx.attention.rotary``."""
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def rotary_interleaved_ops(x, cos, sin):
+    """``sqr_fx.attention.rotary_interleaved``."""
+    return x * cos + torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2) * sin
+
+
 def window_attention_ops(input, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias,
                          relative_position_bias, window_size: list[int], num_heads: int, shift_size: list[int],
                          scale: Optional[float], logit_scale=None):

@@ -39,23 +39,36 @@ _NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale
 
 def _as_heads(info: ChanInfo | None, shape, at: int = -1) -> ChanInfo | None:
     """The info as [.., H, S, D] heads (axis -3) x dims (axis ``at``: -1, or -2 for a transposed
-    key); None when laid out otherwise. A one-axis info is one head of D dims (axis ``at``) or,
-    when D == 1, H heads of one dim (axis -3)."""
+    key); None when laid out otherwise. A one-axis info is one head of D dims (axis ``at``; with
+    H > 1 heads on axis -3, that head repeated: the same channels in every head) or, when D == 1,
+    H heads of one dim (axis -3)."""
     if info is None or shape is None or len(shape) < 3:
         return None
     nd = len(shape)
     d = nd + at
     if info.split:
         return info if (info.head, info.dim) == (nd - 3, d) else None
-    if info.dim == d:
-        return replace(info, head=nd - 3, heads=1) if shape[-3] == 1 or nd == 3 else None
+    if info.dim == d:  # channel d in every head alike: one head repeated (MQA's kv after repeat_kv)
+        one = replace(info, head=nd - 3, heads=1)
+        return one if shape[-3] == 1 or nd == 3 else _repeat_heads(one, shape[-3])
     if info.dim == nd - 3 and shape[d] == 1:
         return replace(info, head=nd - 3, dim=d, heads=len(info))
     return None
 
 
-def _attend(node: fx.Node, A, iq: ChanInfo, ik: ChanInfo, v: fx.Node, iv: ChanInfo, masked: bool) -> ChanInfo:
-    """The per-head facts shared by sdpa and matmul/softmax attention (module docstring)."""
+def _repeat_heads(info: ChanInfo, r: int) -> ChanInfo:
+    """kv heads as the q heads read them under ``enable_gqa``: q head t reads kv head t // r, so kv head g
+    appears r times in a row, with its ids (one fate: removing kv dim (g, d) removes it for all r readers)."""
+    def rep(arr):
+        return np.repeat(info.per_head(arr), r, axis=0).reshape(-1)
+
+    return replace(info, ids=rep(info.ids), const=rep(info.const), value=rep(info.value), heads=info.heads * r)
+
+
+def _attend(node: fx.Node, A, iq: ChanInfo, ik: ChanInfo, v: fx.Node, iv: ChanInfo, masked: bool,
+            out: ChanInfo | None = None) -> ChanInfo:
+    """The per-head facts shared by sdpa and matmul/softmax attention (module docstring); ``out``: the
+    output's layout when it is not v's own (grouped kv heads)."""
     H = iq.heads
     A.union(iq.ids, ik.ids)  # q dim d and k dim d of one head: one fate
     head_q, head_v = np.repeat(np.arange(H), len(iq) // H), np.repeat(np.arange(H), len(iv) // H)
@@ -65,7 +78,10 @@ def _attend(node: fx.Node, A, iq: ChanInfo, ik: ChanInfo, v: fx.Node, iv: ChanIn
     A.read(ik, iv.ids, same & ~iq.zero[None, :])
     A.align_heads(iq, ik, iv)
     # the output has v's layout: its info in the form v's own producer gave it
-    return replace(A.info(v), const=v_const, value=np.where(v_const, iv.value, 0.0))
+    base = out or A.info(v)
+    if len(base) != len(iv):  # v's channels repeated over the heads (``_as_heads``): the output has them per head
+        base = iv
+    return replace(base, const=v_const, value=np.where(v_const, iv.value, 0.0))
 
 
 def _alive_heads(R, info: ChanInfo) -> np.ndarray:
@@ -103,12 +119,20 @@ def sdpa(node: fx.Node, A, a) -> ChanInfo | None:
     q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
     sq, sk, sv, so = A.shape(q), A.shape(k), A.shape(v), A.shape(node)
     iq, ik, iv = _as_heads(A.info(q), sq), _as_heads(A.info(k), sk), _as_heads(A.info(v), sv)
-    ok = (iq is not None and ik is not None and iv is not None and so is not None
-          and iq.heads == ik.heads == iv.heads and len(iq) == len(ik)
-          and sq[:-2] == sk[:-2] == sv[:-2] and sk[-2] == sv[-2]
+    gqa = a.get("enable_gqa", False)
+    ok = (iq is not None and ik is not None and iv is not None and so is not None and type(gqa) is bool
+          and ik.heads == iv.heads and len(iq) // iq.heads == len(ik) // ik.heads
+          and sq[:-3] == sk[:-3] == sv[:-3] and sk[-3:-1] == sv[-3:-1] and sq[-1] == sk[-1]
           and not isinstance(a.get("dropout_p", 0.0), fx.Node) and float(a.get("dropout_p", 0.0) or 0.0) == 0.0
-          and not a.get("enable_gqa", False) and not isinstance(a.get("scale"), fx.Node)
-          and not isinstance(a.get("is_causal", False), fx.Node))
+          and not isinstance(a.get("scale"), fx.Node) and not isinstance(a.get("is_causal", False), fx.Node))
+    # enable_gqa: q head t reads kv head t // r (r = q heads / kv heads); the q heads of one kv head share
+    # its ids, so they go together, and the kept layout is again r q heads per kept kv head
+    ok = ok and (iq.heads == ik.heads and sq[-3] == sk[-3] if not gqa else
+                 iq.split and ik.split and iv.split and sq[-3] == iq.heads and sk[-3] == ik.heads
+                 and iq.heads % ik.heads == 0)
+    if ok and gqa:
+        r = iq.heads // ik.heads
+        ik, iv = _repeat_heads(ik, r), _repeat_heads(iv, r)
     H = iq.heads if ok else 1
     node.meta["sqr_fx.mask_per_head"] = None
     if ok and mask is not None:
@@ -122,7 +146,7 @@ def sdpa(node: fx.Node, A, a) -> ChanInfo | None:
         return None
     node.meta["sqr_fx.sdpa_d"] = sq[-1]
     node.meta["sqr_fx.sdpa_heads"] = (iq, iv)
-    return _attend(node, A, iq, ik, v, iv, masked=mask is not None)
+    return _attend(node, A, iq, ik, v, iv, masked=mask is not None, out=iv if gqa else None)
 
 
 # ---- attention written with matmul and softmax -------------------------------------------------
@@ -132,7 +156,7 @@ _SOFTMAX = (F.softmax, torch.softmax, method("softmax"), aten.softmax.int, aten.
 # a masked_fill value this low gives exp(value - row max) == 0 in every float dtype (scores below
 # 1e29 in magnitude): -inf, or the dtype minimum Hugging Face's eager attention uses
 _MASKED = -1e30
-_AFTER_SOFTMAX = ("dropout", "to", "type_as", "contiguous", "clone", "float", "double")
+_AFTER_SOFTMAX = ("dropout", "to", "_to_copy", "type_as", "contiguous", "clone", "float", "double")
 
 
 _SCALE_OPS = ("mul", "truediv", "div", "imul", "itruediv")
@@ -171,10 +195,26 @@ def _shift_step(node: fx.Node, s: fx.Node, A) -> bool:
 
 
 def _keeps_values(node: fx.Node, A) -> bool:
-    """Dropout (eval: minimize admits eval models only), casts, copies."""
+    """Dropout (eval: minimize admits eval models only), casts, copies: elementwise, so each head's
+    probabilities stay that head's (a cast rounds each entry on its own).
+    A functional dropout that says it trains (``aten.dropout(p, 0.1, True)``, ``F.dropout``'s default) is random: not."""
     if node.op == "call_module":
         return isinstance(A.module(node), torch.nn.modules.dropout._DropoutNd)
-    return op_name(node) in _AFTER_SOFTMAX and node.kwargs.get("training", False) is not True
+    name = op_name(node)
+    if name not in _AFTER_SOFTMAX:
+        return False
+    if name == "dropout":
+        rate = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        training = node.kwargs.get("training", node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True))
+        return training is False or (type(rate) in (int, float) and rate == 0)
+    return True
+
+
+def _value_readers(p: fx.Node) -> list[fx.Node]:
+    """Readers of ``p`` apart from torch.export's metadata checks (dtype/device/layout: no values read)."""
+    return [u for u in p.users if not (u.target is aten._assert_tensor_metadata.default
+                                       and u.kwargs.get("size") is None and u.kwargs.get("stride") is None
+                                       and len(u.args) == 1)]
 
 
 def _softmax_dim(node: fx.Node) -> Any:
@@ -199,12 +239,12 @@ def _follow_scores(s: fx.Node, A) -> tuple[fx.Node, bool] | None:
             return None
         masked |= op_name(u) not in _SCALE_OPS
         s = u
-    while len(p.users) == 1 and _keeps_values(next(iter(p.users)), A):
-        p = next(iter(p.users))  # eval dropout, dtype casts: p's values unchanged (eval models only)
+    while len(_value_readers(p)) == 1 and _keeps_values(_value_readers(p)[0], A):
+        p = _value_readers(p)[0]  # eval dropout, dtype casts: p's values unchanged (eval models only)
     # p must reach nothing but p @ v: any other reader would see the removed heads go
-    if len(p.users) != 1:
+    if len(_value_readers(p)) != 1:
         return None
-    (pv,) = p.users
+    (pv,) = _value_readers(p)
     return (pv, masked) if _is(pv, _MATMUL) and pv.args[0] is p and pv.args[1] is not p else None
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..values import ChanInfo
-from .registry import method, rule
+from .registry import method, op_name, rule
 
 aten = torch.ops.aten
 
@@ -82,6 +82,8 @@ def pointwise(node: fx.Node, A, a) -> ChanInfo | None:
     x = _first_tensor_arg(node)
     src = A.info(x)
     others = [v for v in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(v, fx.Node)]
+    if op_name(node) in ("type_as", "to"):  # x.type_as(y), x.to(y): y's dtype/device only, none of its values
+        others = [v for v in others if A.shape(v) is None]
     if any(A.info(v) is not None or A.tensor(v) is None or A.tensor(v).numel() != 1
            for v in others if A.shape(v) is not None):
         # a second tensor operand (pow(x, y), clamp(x, min=P) with a per-channel P): not a one-input

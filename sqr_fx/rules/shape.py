@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import replace
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -117,9 +117,30 @@ def output(node, A, a):
 
 
 # ---- concatenation ----------------------------------------------------------------------------
-@rule("cat", torch.cat, torch.concat, aten.cat.default, names=("tensors", "dim"))
+def _cat_heads(infos: list[ChanInfo], d: int, A) -> ChanInfo | None:
+    """Head-split parts laid out alike: cat on the per-head axis concatenates each head's dims (partial
+    rotary's ``cat((rotated, passed), -1)``); on another axis channel (h, j) of every part is one."""
+    first = infos[0]
+    if not all(i.split and (i.head, i.dim, i.heads) == (first.head, first.dim, first.heads) for i in infos):
+        return None
+    if d == first.dim:
+        def cat(attr):
+            return np.concatenate([i.per_head(getattr(i, attr)) for i in infos], axis=1).reshape(-1)
+
+        return replace(first, ids=cat("ids"), const=cat("const"), value=cat("value"))
+    if d == first.head or any(len(i) != len(first) for i in infos):
+        return None
+    const = np.logical_and.reduce([i.const for i in infos])
+    for i in infos[1:]:
+        A.union(first.ids, i.ids)
+        const &= i.value == first.value
+    return replace(first, const=const, value=np.where(const, first.value, 0.0))
+
+
+@rule("cat", torch.cat, torch.concat, aten.cat.default, names=("tensors", "dim"), heads=True)
 def cat(node, A, a):
-    """cat on the channel axis: ids concatenate; on another axis: channel j of every part is one."""
+    """cat on the channel axis: ids concatenate; on another axis: channel j of every part is one.
+    Head-split parts: ``_cat_heads``."""
     if isinstance(a["tensors"], fx.Node):  # a tuple made elsewhere (split(...)[::-1]): not followed
         A.freeze(a["tensors"])
         return None
@@ -130,6 +151,11 @@ def cat(node, A, a):
         A.freeze(parts)
         return None
     d = _norm_dim(int(a.get("dim", 0)), len(out_shape))
+    if any(i.split for i in infos):
+        out = _cat_heads(infos, d, A) if all(len(s) == len(out_shape) for s in shapes) else None
+        if out is None:
+            A.freeze(parts)
+        return out
     if all(i.dim == d for i in infos):
         return ChanInfo.concat(infos, d)
     if all(i.dim == infos[0].dim for i in infos):
@@ -218,14 +244,60 @@ def _merged(src: ChanInfo, in_shape, out_shape):
     return None
 
 
+def _heads_repeated(src: ChanInfo, in_shape, out_shape):
+    """``[.., H, r, .., D] -> [.., H * r, .., D]`` (the head axis merged with the axis after it, Hugging
+    Face's ``repeat_kv``): head ``h * r + j`` of the output holds channel (h, d) of the input at index j of
+    the merged axis, so it carries (h, d)'s id and value (one tensor, one fate; a constant stays the
+    constant at every index). None when the reshape is not that."""
+    a, r = src.head, in_shape[src.head + 1] if src.head + 1 < len(in_shape) else 0
+    if src.dim <= a + 1 or r < 1 or tuple(out_shape) != tuple(in_shape[:a]) + (src.heads * r,) + tuple(in_shape[a + 2:]):
+        return None
+
+    def rep(arr):
+        return np.repeat(src.per_head(arr), r, axis=0).reshape(-1)
+
+    return ChanInfo(src.dim - 1, rep(src.ids), rep(src.const), rep(src.value), head=a, heads=src.heads * r)
+
+
+def _axes_moved(src: ChanInfo, old_to_new: dict[int, int]) -> ChanInfo | None:
+    """A head-split info on the same positions with its two axes renumbered (None: an axis is dropped)."""
+    if src.head not in old_to_new or src.dim not in old_to_new:
+        return None
+    return replace(src, head=old_to_new[src.head], dim=old_to_new[src.dim])
+
+
+def _squeezed_heads(node, A, x, src: ChanInfo):
+    """unsqueeze / squeeze(dims) of a head-split tensor: size-1 axes come or go around the head axes."""
+    s_in, s_out = A.shape(x), A.shape(node)
+    d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if s_in is None or s_out is None or d is None:
+        return None
+    nd = len(s_in)
+    if "unsqueeze" in op_name(node):
+        if type(d) is not int:
+            return None
+        d = _norm_dim(d, nd + 1)
+        return _axes_moved(src, {a: a + (a >= d) for a in range(nd)})
+    dims = [d] if type(d) is int else list(d)
+    if not all(type(v) is int for v in dims):
+        return None
+    gone = {_norm_dim(v, nd) for v in dims if s_in[_norm_dim(v, nd)] == 1}  # squeezing a size > 1 is a no-op
+    if len(s_out) != nd - len(gone):
+        return None
+    return _axes_moved(src, {a: a - sum(g < a for g in gone) for a in range(nd) if a not in gone})
+
+
 def _layout(src: ChanInfo, s_in, s_out):
     """Where the reshape puts ``src``'s channels, read off one pair of sizes: ("merged", out axis) for
-    head axes merged back, ("split", out axis, heads), ("block", out axis, inner > 1), or None."""
+    head axes merged back, ("repeated", ...) for heads repeated (``repeat_kv``), ("split", out axis, heads), ("block", out axis, inner > 1), or None."""
     if src.split:
         if s_in == s_out:
             return ("same",)
         m = _merged(src, s_in, s_out)
-        return None if m is None else ("merged", m.dim)
+        if m is not None:
+            return ("merged", m.dim)
+        r = _heads_repeated(src, s_in, s_out)
+        return None if r is None else ("repeated", r.head, r.dim, r.heads)
     m = _reshape_map(s_in, s_out, src)
     if m is not None:
         return ("block", m[0], m[1] > 1)
@@ -251,8 +323,8 @@ def _reshaped(node, A, x):
                             "size)" if pairs is not None else "no other input size known to check the reshape at",
                       src)
             return None
-    if src.split:  # the same shape, or the two head axes merged back into one
-        out = src if s_in == s_out else _merged(src, s_in, s_out)
+    if src.split:  # the same shape, the two head axes merged back into one, or heads repeated
+        out = src if s_in == s_out else (_merged(src, s_in, s_out) or _heads_repeated(src, s_in, s_out))
         if out is None:
             A.freeze(src)
         return out
@@ -290,6 +362,12 @@ def flatten(node, A, a):
         if A.info(x) is not None:
             A.decline(node, "squeeze() without axes: which axes go depends on the run-time shape", A.info(x))
         return None
+    src = A.info(x)
+    if src is not None and src.split and "squeeze" in op_name(node):
+        out = _squeezed_heads(node, A, x, src)
+        if out is None:
+            A.freeze(src)
+        return out
     return _reshaped(node, A, x)
 
 
@@ -404,11 +482,41 @@ def roll(node, A, a):
     return src.with_dim(src.dim)
 
 
-@rule("expand", method("expand"), aten.expand.default, method("expand_as"))
+def _expand_sizes(node) -> list:
+    return list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
+
+
+def _expand_rewrite(node, R, a):
+    """Literal sizes on the channel axes become the kept widths."""
+    out = R.info(node)
+    if out is None or R.keep(out).all():
+        return R.copy(node)
+    sizes = _expand_sizes(node)
+    widths = zip((out.head, out.dim), head_widths(R.keep(out), out)) if out.split else [(out.dim, int(R.keep(out).sum()))]
+    for axis, n in widths:
+        if sizes[axis] != -1:
+            sizes[axis] = n
+    return R.graph.call_method("expand", (R.arg(node.args[0]), tuple(R.arg(v) for v in sizes)))
+
+
+@rule("expand", method("expand"), aten.expand.default, method("expand_as"), rewrite=_expand_rewrite, heads=True)
 def expand(node, A, a):
-    """Broadcast along other axes keeps channel j; a literal size on the channel axis would freeze."""
+    """Broadcast along other axes keeps channel j; a literal size on the channel axis would freeze.
+    A head-split tensor broadcast along other axes (``repeat_kv``'s ``[B, KV, 1, T, D] -> [B, KV, r, T, D]``)
+    keeps its heads; literal sizes on its head axes are rewritten to the kept widths."""
     x = node.args[0]
     src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
+    if src is not None and src.split:
+        off = len(s_out) - len(s_in) if s_in is not None and s_out is not None else -1
+        axes = (src.head, src.dim)
+        ok = off >= 0 and node.target != "expand_as" and all(s_out[v + off] == s_in[v] for v in axes)
+        if ok:
+            sizes = _expand_sizes(node)
+            ok = len(sizes) == len(s_out) and all(type(sizes[v + off]) is int for v in axes)
+        if not ok:
+            A.freeze(src)
+            return None
+        return replace(src, head=src.head + off, dim=src.dim + off)
     if src is None and s_in:  # a learned token (ViT's class token) joins the channels of its last axis
         src = _param_info(x, A, len(s_in) - 1)
     if src is None or s_in is None or s_out is None:
@@ -422,9 +530,9 @@ def expand(node, A, a):
             return src.with_dim(dim)
         A.freeze(src, node.args[1])
         return None
-    sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-    if s_out[dim] != len(src) or sizes[dim] != -1:
-        A.freeze(src)
+    sizes = _expand_sizes(node)
+    if s_out[dim] != len(src) or (sizes[dim] != -1 and (type(sizes[dim]) is not int or src.blocks)):
+        A.freeze(src)  # (a literal width is rewritten to the kept one)
         return None
     return src.with_dim(dim)
 
@@ -433,6 +541,10 @@ def expand(node, A, a):
 def _slice_rewrite(node, R, a):
     if _PIECES in getattr(node.args[0], "meta", {}):
         return R.copy(node)  # one output of a split: the split itself was rewritten
+    if node.meta.get(_HEAD_POS) is not None:
+        out, src = R.info(node), R.info(node.args[0])
+        return R.copy(node) if R.keep(src).all() and R.keep(out).all() else _head_slice_rewrite(
+            node, R, node.meta[_HEAD_POS])
     out_info, src = R.info(node), R.info(node.args[0])
     pos = node.meta.get("sqr_fx.slice_pos")
     if out_info is None or pos is None or (R.keep(src, 0).all() and R.keep(out_info).all()):
@@ -454,16 +566,122 @@ def _slice_rewrite(node, R, a):
     return R.index_select(x, out_info.dim, idx, f"{node.name}_idx")
 
 
+def _index_heads(node, src: ChanInfo, s_in) -> ChanInfo | None:
+    """Indexing a head-split tensor along other axes only (``x[:, :, None]``, ``x[..., 1:]`` on the
+    sequence axis, a full slice of a head axis): the same positions, axes renumbered. None otherwise.
+    A one-axis info goes through here for indices holding ``None`` (its channel axis sliced whole)."""
+    nd = len(s_in)
+    if not src.split:
+        out = _index_heads(node, replace(src, head=src.dim, heads=1), s_in)
+        return None if out is None else replace(out, head=None, heads=1)
+    if node.target is aten.slice.Tensor:
+        d = _norm_dim(int(node.args[1]) if len(node.args) > 1 else 0, nd)
+        bounds = list(node.args[2:5]) + [None] * (3 - len(node.args[2:5]))
+        if any(v is not None and type(v) is not int for v in bounds):
+            return None
+        full = len(range(s_in[d])[slice(*bounds)]) == s_in[d]
+        return src if full or d not in (src.head, src.dim) else None
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if sum(i is Ellipsis for i in idx) > 1:
+        return None
+    if Ellipsis in idx:
+        k = idx.index(Ellipsis)
+        real = sum(i is not None for i in idx) - 1
+        idx = idx[:k] + (slice(None),) * (nd - real) + idx[k + 1:]
+    moved, old, new = {}, 0, 0
+    for i in idx:
+        if i is None:
+            new += 1
+            continue
+        if old >= nd:
+            return None
+        if type(i) is int and old not in (src.head, src.dim):
+            old += 1
+            continue
+        if not isinstance(i, slice) or any(v is not None and type(v) is not int for v in (i.start, i.stop, i.step)):
+            return None
+        if old in (src.head, src.dim) and len(range(s_in[old])[i]) != s_in[old]:
+            return None
+        moved[old] = new
+        old, new = old + 1, new + 1
+    moved.update({a: new + a - old for a in range(old, nd)})
+    return _axes_moved(src, moved)
+
+
+_HEAD_POS = "sqr_fx.head_slice_pos"
+
+
+def _per_head_slice(node, src: ChanInfo, s_in) -> np.ndarray | None:
+    """Positions along the per-head axis when ``node`` slices only that axis with literal bounds."""
+    nd = len(s_in)
+    if node.target is aten.slice.Tensor:
+        bounds = list(node.args[2:5]) + [None] * (3 - len(node.args[2:5]))
+        d = _norm_dim(int(node.args[1]) if len(node.args) > 1 else 0, nd)
+        if d != src.dim or any(v is not None and type(v) is not int for v in bounds):
+            return None
+        return np.arange(s_in[d])[slice(*bounds)]
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if idx.count(Ellipsis) == 1 and idx.index(Ellipsis) == 0 and len(idx) == 2:
+        idx = (slice(None),) * (nd - 1) + idx[1:]
+    if len(idx) != nd or not all(isinstance(i, slice) for i in idx) or any(
+            i != slice(None) for k, i in enumerate(idx) if k != src.dim):
+        return None
+    sl = idx[src.dim]
+    if any(v is not None and type(v) is not int for v in (sl.start, sl.stop, sl.step)):
+        return None
+    return np.arange(s_in[src.dim])[sl]
+
+
+def _take_dims(src: ChanInfo, pos: np.ndarray) -> ChanInfo:
+    """Positions ``pos`` of every head of a head-split info."""
+    def take(arr):
+        return src.per_head(arr)[:, pos].reshape(-1)
+
+    return replace(src, ids=take(src.ids), const=take(src.const), value=take(src.value))
+
+
+def _head_slice_rewrite(node, R, pos: np.ndarray):
+    """The kept heads keep the same dims (``uniform_heads``): one index_select of the new positions."""
+    src, out = R.info(node.args[0]), R.info(node)
+    keep_in, keep_out = src.per_head(R.keep(src)), out.per_head(R.keep(out))
+    rows_in, rows_out = keep_in[keep_in.any(1)], keep_out[keep_in.any(1)]
+    assert (rows_in == rows_in[0]).all() and (rows_out == rows_out[0]).all(), "head slice left uneven"
+    rank = np.cumsum(rows_in[0]) - 1
+    idx = rank[pos[rows_out[0]]]
+    if len(idx) == int(rows_in[0].sum()) and (idx == np.arange(len(idx))).all():
+        return R.arg(node.args[0])  # every kept dim of x is selected, in order
+    return R.index_select(R.arg(node.args[0]), out.dim, idx, f"{node.name}_idx")
+
+
 @rule("slice", operator.getitem, aten.slice.Tensor, names=("input", "index"), rewrite=_slice_rewrite,
-      per_target={aten.slice.Tensor: ("input", "dim", "start", "end", "step")})
+      per_target={aten.slice.Tensor: ("input", "dim", "start", "end", "step")}, heads=True)
 def getitem(node, A, a):
     """x[..., a:b:s, ...] on the channel axis keeps the selected ids (other axes: unchanged).
     Precondition: the axis is not a flatten of channels with spatial axes (its positions move with
-    the input's size, so literal positions would select other features at another size)."""
+    the input's size, so literal positions would select other features at another size).
+    A head-split tensor is followed only where its head axes keep every position (``_index_heads``)."""
     x = node.args[0]
     if _PIECES in getattr(x, "meta", {}):  # split(...)[i]
         return x.meta[_PIECES][node.args[1]] if type(node.args[1]) is int else None
     src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
+    with_none = node.target is operator.getitem and isinstance(node.args[1], tuple) and None in node.args[1]
+    if src is not None and (src.split or with_none):
+        out = _index_heads(node, src, s_in) if s_in is not None and s_out is not None else None
+        if out is None and src.split and s_in is not None and s_out is not None:
+            pos = _per_head_slice(node, src, s_in)
+            if pos is not None:  # x[..., :r] of a head-split x (partial rotary): the same dims of every head
+                out = _take_dims(src, pos)
+                node.meta[_HEAD_POS] = pos
+                A.uniform_heads(src)
+                A.align_heads(src, out)
+        if out is None:
+            A.freeze(src)
+        return out
+    if src is not None and not src.split and node.target is operator.getitem and s_in is not None \
+            and s_out is not None:
+        idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if any(isinstance(i, fx.Node) and A.shape(i) is not None for i in idx):  # x[:, ids]: advanced indexing
+            return _gathered(node, A, src, s_in, s_out, idx)
     if src is not None and src.blocks:
         A.decline(node, "slices an axis that flattens channels with spatial axes", src)
         return None
@@ -492,6 +710,38 @@ def getitem(node, A, a):
     pos = np.arange(s_in[src.dim])[sl]
     node.meta["sqr_fx.slice_pos"] = pos
     return src.take(pos)
+
+
+def _gathered(node, A, src: ChanInfo, s_in, s_out, idx) -> Optional[ChanInfo]:
+    """Advanced indexing with index TENSORS on axes other than the channel axis (``x[:, ids]``, CLIP's
+    ``x[arange(B), eos]``, ``aten.index``): every output position is a whole channel vector of ``x`` at
+    some position, so each channel keeps its id and value. Precondition: the indexed axes are
+    contiguous and every other entry is a full slice (``None`` in ``aten.index``); the indexed block
+    becomes the index's broadcast shape in place (torch's rule for adjacent advanced indices), so the
+    channel axis stays where it is before the block and keeps its distance to the end after it."""
+    nd = len(s_in)
+    full = [i is None or (isinstance(i, slice) and i == slice(None)) for i in idx]
+    tensors = [k for k, i in enumerate(idx) if isinstance(i, fx.Node) and A.shape(i) is not None]
+    ok = (len(idx) <= nd and tensors == list(range(tensors[0], tensors[-1] + 1))
+          and all(full[k] for k in range(len(idx)) if k not in tensors) and src.dim not in tensors
+          and all(A.shape(idx[k]) is not None for k in tensors))
+    if not ok:
+        A.decline(node, "advanced indexing other than index tensors on adjacent non-channel axes", src)
+        return None
+    if src.dim < tensors[0]:
+        return src
+    return src.with_dim(len(s_out) - (nd - src.dim))
+
+
+@rule("index", aten.index.Tensor, names=("input", "indices"))
+def index(node, A, a):
+    """``aten.index(x, [None, ids])`` (torch.export's ``x[:, ids]``): as advanced indexing in ``getitem``."""
+    x, indices = a["input"], a["indices"]
+    src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
+    if src is None or src.split or s_in is None or s_out is None or not isinstance(indices, (list, tuple)):
+        A.freeze(src)
+        return None
+    return _gathered(node, A, src, s_in, s_out, tuple(indices))
 
 
 @rule("select", torch.select, method("select"), aten.select.int, names=("input", "dim", "index"))
@@ -659,15 +909,19 @@ _METADATA = {"ndim", "dtype", "device", "is_cuda", "is_cpu", "is_meta", "require
              "is_quantized", "is_floating_point", "is_complex"}
 
 
-@rule("size", method("size"), aten.sym_size.int, getattr)
+@rule("size", method("size"), aten.sym_size.int, getattr, heads=True)
 def size(node, A, a):
-    """Reading the channel axis' size (or the whole shape) freezes it: the number would change."""
+    """Reading the channel axis' size (or the whole shape) freezes it: the number would change.
+    ``q.dtype`` of a head-split q (eager attention's ``softmax(...).to(q.dtype)``) reads no channel."""
     x = node.args[0] if node.args else None
     src = A.info(x)
     if src is None:
         return None
     if node.target is getattr and node.args[1] in _METADATA:
         return None  # x.ndim, x.dtype, x.device ...: nothing that counts channels
+    if src.split:
+        A.freeze(src)
+        return None
     if node.target is getattr and node.args[1] != "shape":
         A.freeze(src)  # x.T, x.mT, x.data ...: a tensor, not metadata, and not followed
         return None

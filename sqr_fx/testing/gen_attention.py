@@ -1,7 +1,7 @@
 """Attention: ``nn.MultiheadAttention`` (every call form), q/k/v projections with head split into
 ``scaled_dot_product_attention`` or into matmul / softmax / matmul (masks, fills, bmm), torchvision's
-shifted-window attention (V1, V2, functional) and patch merging; with planted dead head dims, dead
-heads, unused inputs and constant outputs.
+shifted-window attention (V1, V2, functional) and patch merging, rotary attention with grouped kv heads;
+with planted dead head dims, dead heads, rotation pairs, kv groups, unused inputs and constant outputs.
 """
 from __future__ import annotations
 
@@ -165,6 +165,103 @@ def attention(c: Ctx, st: State) -> State:
         o = o.transpose(-3, -2)
         o = o.reshape(o.shape[:-2] + (E,)) if merge == "reshape" else o.flatten(-2)
         return F.linear(o, P(m, wo), P(m, bo_))
+    c.step_h(fn)
+    return st
+
+
+# ---- rotary attention with grouped kv heads --------------------------------------------------------------------
+ROPE_PLANTS = ("none", "q_pair", "k_pair", "k_const_pair", "half_pair", "k_pair_per_head", "group", "q_head")
+
+
+@torch.no_grad()
+def _plant_rope(c: Ctx, Wq, bq, Wk, bk, Wv, Wo, H: int, KV: int, D: int, pairs: list, mode: str) -> None:
+    """Rotation pairs (``pairs``: the two dims of each) zero in q or k (or only one of the two dims, or
+    constant non-zero in k: both must stay), a dead kv group, a dead q head of a live group."""
+    r = H // KV
+    j = int(c.prng.integers(len(pairs)))
+    if mode in ("q_pair", "half_pair"):
+        dims = pairs[j][:1] if mode == "half_pair" else pairs[j]
+        rows = [h * D + d for h in range(H) for d in dims]
+        Wq[rows], bq[rows] = 0.0, 0.0
+    elif mode in ("k_pair", "k_const_pair"):
+        rows = [g * D + d for g in range(KV) for d in pairs[j]]
+        Wk[rows] = 0.0
+        bk[rows] = 0.0 if mode == "k_pair" else 0.5
+    elif mode == "k_pair_per_head":
+        rows = [g * D + d for g in range(KV) for d in pairs[(j + g) % len(pairs)]]
+        Wk[rows], bk[rows] = 0.0, 0.0
+    elif mode == "group":
+        g = int(c.prng.integers(KV))
+        Wo[:, g * r * D:(g + 1) * r * D] = 0.0
+        Wk[g * D:(g + 1) * D] = 0.0
+        Wv[g * D:(g + 1) * D] = 0.0
+    elif mode == "q_head":
+        h = int(c.prng.integers(H))
+        Wo[:, h * D:(h + 1) * D] = 0.0
+
+
+ROPE_FORMS = ["written", "sqr", "interleaved", "sqr_interleaved", "partial"]
+
+
+@gen("rotary_attention", ("seq",), weight=1.5, families=("rotary", "sdpa", "matmul", "expand", "slice", "view", "cat"),
+     enum=("form", "gqa", "core"))
+def rotary_attention(c: Ctx, st: State) -> State:
+    """Llama-style attention: rotary q/k (tables from the positions; rotate_half or GPT-J's interleaved
+    rotate_every_two, written out or as sqr_fx's call; ``partial``: only the first D/2 dims rotate), kv
+    heads repeated Hugging Face style (``repeat_kv``) or by sdpa's ``enable_gqa``."""
+    import sqr_fx.attention as sa  # called as sa.rotary: torch.fx.wrap patches the name there
+    if not st.batched:
+        raise Skip("needs [B, T, C]")
+    E = st.C
+    H = c.pick("heads", [h for h in divisors(E) if h <= 4 and (E // h) % 2 == 0])
+    KV = c.pick("kv", divisors(H))
+    D, r = E // H, H // KV
+    form = c.pick("form", ROPE_FORMS if D % 4 == 0 else ROPE_FORMS[:-1])
+    gqa = c.pick("gqa", ["repeat", "sdpa"] if r > 1 else ["none"])
+    core = c.pick("core", ["sdpa", "manual"] if gqa != "sdpa" else ["sdpa"])
+    rot = D // 2 if form == "partial" else D
+    half = rot // 2
+    pairs = [(2 * i, 2 * i + 1) if "interleaved" in form else (i, i + half) for i in range(half)]
+    Wq, Wo = c.randn(H * D, E, scale=fan_in_scale(E)), c.randn(E, H * D, scale=fan_in_scale(E))
+    Wk, Wv = (c.randn(KV * D, E, scale=fan_in_scale(E)) for _ in range(2))
+    bq, bk, bv, bo = c.randn(H * D, scale=0.3), c.randn(KV * D, scale=0.3), c.randn(KV * D, scale=0.3), c.randn(E)
+    _plant_rope(c, Wq, bq, Wk, bk, Wv, Wo, H, KV, D, pairs, c.pick("plant", ROPE_PLANTS))
+    names = [c.param(t, "w") for t in (Wq, bq, Wk, bk, Wv, bv, Wo, bo)]
+    inv = c.buffer(1.0 / 10000 ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot), "inv_freq")
+
+    def rope(x, freqs):
+        if "interleaved" in form:
+            emb = freqs.repeat_interleave(2, -1)
+            cos, sin = emb.cos(), emb.sin()
+            if form == "sqr_interleaved":
+                return sa.rotary_interleaved(x, cos, sin)
+            return x * cos + torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2) * sin
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if form == "sqr":
+            return sa.rotary(x, cos, sin, half)
+        if form == "partial":
+            x_rot, x_pass = x[..., :rot], x[..., rot:]
+            x_rot = x_rot * cos + torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1) * sin
+            return torch.cat((x_rot, x_pass), dim=-1)
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    def fn(m, h):
+        wq, bq_, wk, bk_, wv, bv_, wo, bo_ = (P(m, n) for n in names)
+        b, t = h.shape[0], h.shape[1]
+        q = F.linear(h, wq, bq_).view(b, t, H, D).transpose(1, 2)
+        k = F.linear(h, wk, bk_).view(b, t, KV, D).transpose(1, 2)
+        v = F.linear(h, wv, bv_).view(b, t, KV, D).transpose(1, 2)
+        freqs = torch.arange(t, dtype=h.dtype)[:, None] * P(m, inv)[None, :]
+        q, k = rope(q, freqs), rope(k, freqs)
+        if gqa == "repeat":
+            k = k[:, :, None, :, :].expand(b, KV, r, t, D).reshape(b, H, t, D)
+            v = v[:, :, None, :, :].expand(b, KV, r, t, D).reshape(b, H, t, D)
+        if core == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa == "sdpa")
+        else:
+            o = F.softmax(q @ k.transpose(-2, -1) * D ** -0.5, dim=-1) @ v
+        return F.linear(o.transpose(1, 2).reshape(b, t, H * D), wo, bo_)
     c.step_h(fn)
     return st
 

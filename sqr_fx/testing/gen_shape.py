@@ -311,3 +311,25 @@ def index_select(c: Ctx, st: State) -> State:
     if along == "ch":
         return replace(st, C=k)
     return replace(st, sp=(k,) + tuple(st.sp[1:]))
+
+
+@gen("gather", ANY, weight=1, families=("slice", "index"), enum=("form",))
+def gather(c: Ctx, st: State) -> State:
+    """Advanced indexing of a spatial/sequence axis with an index tensor (``x[:, ids]``; ``aten.index`` after
+    export): whole channel vectors are gathered, so channels pass with their values."""
+    if not st.sp:
+        raise Skip("no spatial axis")
+    i = c.pick("axis", list(range(len(st.sp))))
+    n = st.sp[i]
+    k = c.pick("k", range(1, n + 2))
+    idx = c.prng.choice(n, size=k, replace=k > n).tolist()
+    form = c.pick("form", ["getitem", "negative", "inline"])
+    if form == "negative":
+        idx = [v - n for v in idx]
+    ax = st.lit(st.sp_axes[i])
+    t = c.buffer(torch.tensor(idx, dtype=torch.long), "gidx")
+    if form == "inline":
+        c.step_h(lambda m, h: h[(slice(None),) * ax + (torch.tensor(idx),)])
+    else:
+        c.step_h(lambda m, h: h[(slice(None),) * ax + (P(m, t),)])
+    return replace(st, sp=tuple(k if j == i else v for j, v in enumerate(st.sp)))
