@@ -42,12 +42,13 @@ clean:
 # the generative differential fuzzer (sqr_fx/testing): N random pruned models (every rule family, every
 # argument form, both front ends) through minimize, checked for exactness, purity and the fixpoint;
 # failures are shrunk and printed as recipes. `make fuzz N=10000 SEED=3 SAVE=dir` also writes each failure
-# class to dir as a standalone regression test.
+# class to dir as a standalone regression test; `make fuzz ALIGN=4` runs every case with minimize(..., align=4).
 N ?= 1000
 SEED ?= 0
 SAVE ?=
+ALIGN ?=
 fuzz: $(STAMP)
-	$(BIN)/python -m sqr_fx.testing.fuzz --n $(N) --seed $(SEED) $(if $(SAVE),--save $(SAVE))
+	$(BIN)/python -m sqr_fx.testing.fuzz --n $(N) --seed $(SEED) $(if $(SAVE),--save $(SAVE)) $(if $(ALIGN),--align $(ALIGN))
 
 # the pass's own speed (issue 12): minimize's CPU time against the FX floor (trace + one shape propagation +
 # graph copy + recompile) per model and for a 64..512-block Linear/ReLU chain, the self-check's seconds and
@@ -59,3 +60,10 @@ bench-speed: $(STAMP)
 # peak RSS of minimize on a 1B-parameter Llama-style decoder (about 9 GiB of memory); benchmarks/results/memory.json
 bench-memory: $(STAMP)
 	$(BIN)/python -m benchmarks.memory
+
+# latency-aware widths (issue 12): ResNet-50, MobileNet v2, ConvNeXt-T, ViT-B/16 masked (d25+m70), minimized
+# with and without align=8 and 16: FLOP ratio, CPU latency at batch 1 and 16 (one thread, interleaved), size,
+# the alignment's size cost, the ones-map corrections' and folded-bias adds' share; writes benchmarks/results/latency.json
+.PHONY: bench-latency
+bench-latency: $(STAMP)
+	$(BIN)/python -m benchmarks.latency

@@ -8,6 +8,10 @@ cannot follow (``freeze``). Then :meth:`Analysis.plan` decides, per coupling gro
 * **unused**: no kept reader reads any member with a non-zero weight -> delete;
 * **constant**: every member position is ``const`` -> fold into readers, delete;
 * otherwise, or when frozen (graph outputs, ops without a rule) -> keep.
+
+Post-plan steps only keep more: no tensor loses every channel, head-split tensors stay rectangular,
+and with ``align=N`` every width the plan reduces is padded back, with the cheapest removable groups,
+to a multiple of N (or to its width before the round): see :meth:`Analysis._align_widths`.
 """
 from __future__ import annotations
 
@@ -39,6 +43,15 @@ class Plan:
     frozen_nodes: list[str] = field(default_factory=list)
     local_changes: list[str] = field(default_factory=list)
     declined: list[str] = field(default_factory=list)  # nodes outside their rule's preconditions, with why
+    align: int = 1  # the width multiple the plan keeps (``minimize(..., align=N)``); rules read it too
+    unaligned: Optional[np.ndarray] = None  # ``removed`` before the alignment step (None: align 1)
+
+    @property
+    def aligned(self) -> np.ndarray:
+        """Roots the plan keeps only to align widths (removable, kept back)."""
+        if self.unaligned is None:
+            return np.zeros_like(self.removed)
+        return self.unaligned & ~self.removed
 
     def removed_at(self, info: Optional[ChanInfo]) -> np.ndarray:
         """Bool mask of removed positions of ``info`` (all False for an untracked tensor)."""
@@ -66,9 +79,11 @@ class Analysis:
     """State shared by the rules during the forward sweep (see module docstring)."""
 
     def __init__(self, gm: fx.GraphModule, strict: bool = False, drop_inputs: bool = True,
-                 example_inputs: Optional[tuple] = None):
+                 example_inputs: Optional[tuple] = None, align: int = 1):
         self.gm, self.strict, self.drop_inputs = gm, strict, drop_inputs
         self.example_inputs = example_inputs
+        self.align = max(int(align or 1), 1)
+        self.weighted: list[tuple[fx.Node, str, Any]] = []  # (node, family, args) of weight-reading ops
         self.groups = Groups()
         self.edges: list[tuple[ChanInfo, np.ndarray, Optional[np.ndarray]]] = []
         self.local: list[str] = []
@@ -241,6 +256,8 @@ class Analysis:
                     self._hidden |= {a for a in node.all_input_nodes
                                      if a.meta.get(META_KEY) is not None and a.meta[META_KEY].group is not None}
                     self.freeze(list(self._hidden))
+                if r.family in _ALIGNED_FAMILIES:
+                    self.weighted.append((node, r.family, args))
                 try:
                     out = r.analyze(node, self, args)
                 except SqrFxError:
@@ -340,10 +357,18 @@ class Analysis:
         removed = present & ~read_dynamic
         while self._keep_one_channel(removed, root_of) | self._keep_heads_rectangular(removed, root_of):
             pass  # each step only keeps more, so this ends
-        return Plan(root_of, removed, ~used, list(self.unknown), list(self.local), list(self.declined))
+        unaligned = None
+        if self.align > 1 and removed.any():
+            unaligned = removed.copy()
+            cost, widths = self._root_costs(root_of), self._widths()
+            while (self._align_widths(removed, root_of, cost, widths) | self._keep_one_channel(removed, root_of)
+                   | self._keep_heads_rectangular(removed, root_of)):
+                pass  # only keeps more: ends aligned, or with every width as it was
+        return Plan(root_of, removed, ~used, list(self.unknown), list(self.local), list(self.declined),
+                    align=self.align, unaligned=unaligned)
 
     # Keeping a removable group is always exact: a constant one is simply not folded, an unused one
-    # is read by no kept reader whatever it holds. The two steps below only ever keep more.
+    # is read by no kept reader whatever it holds. The steps below only ever keep more.
     def _keep_one_channel(self, removed: np.ndarray, root_of: np.ndarray) -> bool:
         """No tensor loses every channel (torch ops reject zero-width inputs): keep its first group."""
         changed = False
@@ -399,3 +424,131 @@ class Analysis:
                     break
                 keep_first(i, short[0])
         return changed
+
+    # ---- align=N: latency-aware widths -----------------------------------------------------------
+    def _widths(self) -> list[ChanInfo]:
+        """The tensor axes whose width sets a kernel's cost: every weight-reading op's output channels and
+        the input channels it reads (Linear / conv / addmm / attention projections; an embedding's output
+        channels), and every head-split tensor (its per-head dim: see :meth:`_align_widths`)."""
+        from .rules.weighted import READS
+
+        split = [i for n in self.gm.graph.nodes if (i := n.meta.get(META_KEY)) is not None and i.split]
+        # the same positions before the head split (a q/k/v projection's output, the merged heads an output
+        # projection reads) follow their per-head dims: H' x D' is aligned when D' is
+        heads = {np.unique(i.ids).tobytes() for i in split}  # (a repeated kv head: its ids once)
+        out: list[ChanInfo] = []
+        for node, family, a in self.weighted:
+            info = node.meta.get(META_KEY)
+            if info is None:
+                continue
+            src = (node.meta.get(READS) if family in ("linear", "conv", "addmm") else
+                   None if family == "embedding" else self.info(a.get("input")))
+            out += [i for i in (info, src) if i is not None and not i.split and np.unique(i.ids).tobytes() not in heads]
+        return split + out
+
+    def _root_costs(self, root_of: np.ndarray) -> np.ndarray:
+        """Stored floats that keeping each group costs (weights, biases, attached per-channel tensors):
+        the alignment keeps the cheapest groups first."""
+        from .rules.weighted import READS
+
+        cost = np.zeros(len(root_of))
+
+        def add(info: Optional[ChanInfo], per: float) -> None:
+            if info is not None and len(info):
+                np.add.at(cost, root_of[info.ids], per)
+
+        def numel(a: Any) -> int:
+            t = self.tensor(a)
+            return t.numel() if t is not None else 0
+
+        for node, family, a in self.weighted:
+            info = node.meta.get(META_KEY)
+            if info is None:
+                continue
+            if family in ("linear", "conv", "addmm"):
+                w = self.tensor(a["weight"])
+                if w is None:
+                    continue
+                if family == "addmm":
+                    w = w.t()
+                rows = w.shape[0]
+                add(info, w[0].numel() + (1 if a.get("bias") is not None else 0))
+                if family != "conv" or int(a.get("groups", 1)) == 1:
+                    add(node.meta.get(READS), rows * w[0, 0].numel())
+            elif family in ("attention", "window_attention"):
+                # the projections read every input channel; the output rows read every value dim
+                names = [n for n in a.names if n.endswith("weight")]
+                total = sum(numel(a.get(n)) for n in names)
+                src = self.info(a.get("input"))
+                if src is not None and not src.split:
+                    add(src, (total - numel(a.get(names[-1]))) / max(len(src), 1))
+                add(info, numel(a.get(names[-1])) / max(len(info), 1) + 1)
+        for node in self.gm.graph.nodes:
+            i = node.meta.get(META_KEY)
+            if node.op == "get_attr" and i is not None and len(i):
+                add(i, numel(node) / len(i))
+        return cost
+
+    def _align_widths(self, removed: np.ndarray, root_of: np.ndarray, cost: np.ndarray,
+                      widths: list[ChanInfo]) -> bool:
+        """Every reduced width a multiple of ``align``: keep back the cheapest removed groups of each
+        width that is not (a width the plan leaves whole stays as it is; one that cannot reach a multiple
+        ends whole). A head-split tensor aligns its per-head dim: each kept head keeps the same count
+        (rectangular); its heads may go. An attention's query/key and value heads that were equally wide
+        stay equally wide. Keeping a group changes every tensor it spans: the caller repeats
+        this with the other steps until nothing changes."""
+        n_align = self.align
+        changed = False
+
+        def keep_cheapest(ids: np.ndarray, gone: np.ndarray, kept: int, target: int) -> None:
+            nonlocal changed
+            roots = root_of[ids[gone]]
+            uniq, first, counts = np.unique(roots, return_index=True, return_counts=True)
+            for j in np.lexsort((first, cost[uniq])):  # cheapest first, then by position
+                if kept >= target:
+                    break
+                removed[uniq[j]] = False
+                kept += int(counts[j])
+                changed = True
+
+        for info in widths:
+            gone = removed[root_of[info.ids]]
+            if not gone.any():
+                continue
+            if not info.split:
+                n, kept = len(info), int((~gone).sum())
+                if kept % n_align:
+                    keep_cheapest(info.ids, gone, kept, min(-(-kept // n_align) * n_align, n))
+                continue
+            gone, ids = info.per_head(gone), info.per_head(info.ids)
+            kept = (~gone).sum(1)
+            alive = np.flatnonzero(kept > 0)
+            if not len(alive):
+                continue
+            target = min(-(-int(kept.max()) // n_align) * n_align, gone.shape[1])
+            for h in alive:
+                if kept[h] < target:
+                    keep_cheapest(ids[h], gone[h], int(kept[h]), target)
+                    gone = info.per_head(removed[root_of[info.ids]])  # (a group may span several heads)
+                    kept = (~gone).sum(1)
+        # attention whose query/key and value heads were equally wide keeps them equally wide: torch's
+        # fused CPU attention kernel needs one head dim for q, k and v (else a 3-4x slower path)
+        for infos in self.head_links:
+            if len(infos) != 3 or len({i.per_head(i.ids).shape for i in infos}) != 1:
+                continue
+            gone = [i.per_head(removed[root_of[i.ids]]) for i in infos]
+            alive = np.flatnonzero(np.logical_or.reduce([~g.all(1) for g in gone]))
+            if not len(alive):
+                continue
+            target = max(int((~g[alive]).sum(1).max()) for g in gone)
+            for i, g in zip(infos, gone):
+                ids = i.per_head(i.ids)
+                for h in alive:
+                    kept = int((~i.per_head(removed[root_of[i.ids]])[h]).sum())
+                    if kept < target:
+                        keep_cheapest(ids[h], i.per_head(removed[root_of[i.ids]])[h], kept, target)
+        return changed
+
+
+#: the rule families whose channel widths the alignment looks at (weight-reading ops)
+_ALIGNED_FAMILIES = ("linear", "conv", "addmm", "attention", "window_attention", "embedding")

@@ -6,7 +6,8 @@ inputs. The backend binds those placeholders back to the tensors as ``get_attr``
 pass reads weight values), keeps the user's inputs as graph inputs (a ``SymInt`` of a dynamic
 recompile is driven by its hint), minimizes, and compiles the smaller graph with ``next_backend``
 (default ``"inductor"``). Each compiled graph's report is kept: :func:`last_report`, or a
-``callback(report)`` passed through :func:`make_backend`.
+``callback(report)`` passed through :func:`make_backend`. ``minimize`` keywords go to :func:`make_backend`,
+or as ``torch.compile(model, backend="sqr_fx", options={"align": 8})``.
 
 Inference only: the minimized graph holds its own (sliced) tensors, so training through it would
 not update the model's parameters; a graph in training mode (batch statistics, dropout) is refused
@@ -83,12 +84,13 @@ def make_backend(next_backend: str | Callable = "inductor", callback: Callable[[
                  **minimize_kwargs: Any) -> Callable:
     """A torch.compile backend: minimize (``minimize_kwargs``), then compile with ``next_backend``."""
 
-    def backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
+    def backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None, **_: Any) -> Callable:
+        """``options``: ``torch.compile(..., options=...)``, more ``minimize`` keywords (e.g. ``align``)."""
         from .minimize import minimize
 
         bound, keep = _bind_state(gm, list(example_inputs))
         user = tuple(_concrete(example_inputs[i]) for i in keep)
-        small = minimize(bound.eval(), user, **minimize_kwargs)
+        small = minimize(bound.eval(), user, **{**minimize_kwargs, **(options or {})})
         _REPORTS.append(small.sqr_report)
         del _REPORTS[:-16]
         if callback is not None:

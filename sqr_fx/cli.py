@@ -29,6 +29,13 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with the ``squeeze-release`` and ``demo`` subcommands."""
     from .recipes import RECIPES
@@ -73,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype of the --input-shape examples (default: %(default)s)")
     mz.add_argument("--strict", action="store_true", help="fail on an op without a rule instead of keeping it")
     mz.add_argument("--no-verify", action="store_true", help="skip the self-check against the input")
+    mz.add_argument("--align", type=_positive, metavar="N",
+                    help="latency-aware widths: keep every reduced width a multiple of N (e.g. 8 or 16) "
+                         "by keeping the cheapest removable channels")
     mz.add_argument("--quiet", action="store_true", help="no per-layer report")
     return parser
 
@@ -134,7 +144,7 @@ def _minimize(args: argparse.Namespace) -> int:
             _step(f"loading program {args.input}")
             model, inputs = torch.export.load(args.input), None
         _step("minimizing" + ("" if args.no_verify else " and verifying"))
-        small = minimize(model, inputs, strict=args.strict, verify=not args.no_verify)
+        small = minimize(model, inputs, strict=args.strict, verify=not args.no_verify, align=args.align)
         report = small.sqr_report
         if args.module:
             _step("exporting the result")

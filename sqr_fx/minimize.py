@@ -97,6 +97,7 @@ def minimize(
     verbose: bool = False,
     verify: bool = True,
     portable: bool = True,
+    align: int | None = None,
 ) -> fx.GraphModule:
     """Return a new, smaller GraphModule computing the same function as ``model``.
 
@@ -127,6 +128,13 @@ def minimize(
             way the result has modules again where the original had Linear/Conv/BatchNorm/LayerNorm/
             GroupNorm/Embedding modules, follows ``.train()``/``.eval()``, and keeps folded constants in
             buffers (``sqr_fx.portable``, docs/design.md "The returned module").
+        align: latency-aware widths. With ``align=N`` (e.g. 8 or 16) every width the pass reduces (conv
+            channels, Linear features, MLP units, per-head query/key/value dims) ends a multiple of N, or
+            as it was: the cheapest removable channels (fewest stored floats) are kept back. Kernels pad
+            odd widths (oneDNN convs work in blocks of 16 channels), so an aligned result is often faster
+            for a little more size; keeping a removable channel is exact (a constant one is then not
+            folded). ``report.align_floats`` is the size it costs, the rows' ``out_align``/``in_align``
+            the channels it kept. None or 1: no alignment.
 
     Returns:
         A ``torch.fx.GraphModule`` with plain dense parameters; ``result.sqr_report`` holds
@@ -144,8 +152,11 @@ def minimize(
         from .program import minimize_program
 
         return minimize_program(model, example_inputs, strict=strict, drop_inputs=drop_inputs,
-                                max_rounds=max_rounds, verbose=verbose, verify=verify)
+                                max_rounds=max_rounds, verbose=verbose, verify=verify, align=align)
     t0 = time.perf_counter()
+    if align is not None and (isinstance(align, bool) or not isinstance(align, (int, np.integer)) or align < 1):
+        raise SqrFxError(f"align must be a positive integer (or None), got {align!r}")
+    align = int(align or 1)
     versions = [(n, p._version) for n, p in model.named_parameters()] if isinstance(model, nn.Module) else []
     if isinstance(example_inputs, dict):  # keyword inputs, as torch.export takes them
         model, example_inputs = keyword_adapter(model, example_inputs)
@@ -156,7 +167,8 @@ def minimize(
         shape, n = _layer_params(gm, a)
         fam = lookup(node, gm)[0].family
         rows[a["weight"].target] = LayerRow(a["weight"].target.rsplit(".", 1)[0], fam, shape, params_before=n)
-    report = MinimizeReport(frontend, params_before=count_parameters(model), floats_before=count_stored_floats(model))
+    report = MinimizeReport(frontend, params_before=count_parameters(model), floats_before=count_stored_floats(model),
+                            align=align)
     frozen: list[str] = []
     traced = gm
     set_aside: set[str] = set()  # nodes whose rule failed: frozen in every later analysis
@@ -185,13 +197,16 @@ def minimize(
         for node in gm.graph.nodes:
             if node.name in set_aside:
                 node.meta[OPAQUE] = True
-        analysis = Analysis(gm, strict=strict, drop_inputs=drop_inputs, example_inputs=example_inputs).run()
+        analysis = Analysis(gm, strict=strict, drop_inputs=drop_inputs, example_inputs=example_inputs,
+                            align=align).run()
         plan = analysis.plan()
         frozen = plan.frozen_nodes
         report.declined = plan.declined
         report.tied_tensors = sorted(analysis.tied)
         report.shared_tensors = sorted(analysis.shared)
         if not plan.any:
+            if align > 1:
+                report.align_floats = _alignment_cost(gm, plan, rows)
             break
         try:
             new = rewrite(gm, plan)
@@ -227,6 +242,26 @@ def minimize(
     if verbose:
         print(report)
     return gm
+
+
+def _alignment_cost(gm: fx.GraphModule, plan: Plan, rows: dict[str, LayerRow]) -> int:
+    """At the fixpoint of an aligned run: the channels each layer keeps only for alignment (into
+    ``rows``), and the stored floats they cost: the size of ``gm`` against ONE unaligned rewrite of it
+    (what the last plan would remove without the alignment; -1 when that rewrite fails)."""
+    aligned = plan.aligned
+    for node, a in _weighted_nodes(gm):
+        row = rows.get(a["weight"].target)
+        if row is None:
+            continue
+        for info, attr in ((node.meta.get(META_KEY), "out_align"), (a["input"].meta.get(META_KEY), "in_align")):
+            if info is not None:
+                setattr(row, attr, int(aligned[plan.root_of[info.ids]].sum()))
+    removed = plan.unaligned if plan.unaligned is not None else plan.removed
+    bare = Plan(plan.root_of, removed, plan.unused, local_changes=plan.local_changes)  # align 1
+    try:
+        return count_stored_floats(gm) - count_stored_floats(rewrite(gm, bare))
+    except Exception:  # noqa: BLE001 - an estimate only: the aligned result itself is unaffected
+        return -1
 
 
 def _near(gm: fx.GraphModule, name: str | None, depth: int = 2) -> set[str]:

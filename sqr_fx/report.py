@@ -23,6 +23,8 @@ class LayerRow:
     in_const: int = 0
     params_before: int = 0
     params_after: int = 0
+    out_align: int = 0  # output / input channels kept only to align widths (``minimize(..., align=N)``)
+    in_align: int = 0
 
 
 @dataclass
@@ -46,6 +48,8 @@ class MinimizeReport:
     fixed_shapes: list[str] = field(default_factory=list)  # variants the traced program itself refuses
     verify_seconds: float = 0.0  # CPU seconds of the self-check
     set_aside: list[str] = field(default_factory=list)  # rules that failed to rewrite their node: frozen
+    align: int = 1  # minimize(..., align=N): every reduced width a multiple of N
+    align_floats: int = 0  # stored floats the alignment keeps (one unaligned rewrite of the result smaller)
 
     @property
     def ratio(self) -> float:
@@ -77,6 +81,9 @@ class MinimizeReport:
              r.out_unused, r.out_const, r.in_unused, r.in_const, r.params_before, r.params_after)
             for r in self.rows
         ]
+        if self.align > 1:  # the channels kept back for alignment, per layer
+            head += ("out align", "in align")
+            body = [b + (r.out_align, r.in_align) for b, r in zip(body, self.rows)]
         widths = [max(len(str(x)) for x in col) for col in zip(head, *body)] if body else [len(h) for h in head]
         fmt = lambda row: "  ".join(str(x).rjust(w) if i > 1 else str(x).ljust(w)  # noqa: E731
                                     for i, (x, w) in enumerate(zip(row, widths)))
@@ -86,6 +93,10 @@ class MinimizeReport:
             f"parameters {self.params_before:,} -> {self.params_after:,}; stored floats "
             f"{self.floats_before:,} -> {self.floats_after:,} ({self.ratio:.2f}x smaller)"
         )
+        if self.align > 1:
+            cost = (f"{self.align_floats:,} stored floats ({100 * self.align_floats / max(self.floats_after, 1):.1f} % "
+                    f"of the result)" if self.align_floats >= 0 else "not measured")
+            lines.append(f"widths aligned to multiples of {self.align} (or kept whole): the alignment keeps {cost}")
         if self.input_features_dropped:
             lines.append(f"{self.input_features_dropped} input feature(s) never read: gathered away inside the graph")
         if self.frozen_ops:

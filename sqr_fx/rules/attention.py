@@ -56,7 +56,7 @@ def _analyze(node: fx.Node, A, a) -> ChanInfo | None:
     v_val = bv + Wv @ c
     row_const = ~((Wo != 0) & ~v_const[None, :]).any(1)
     H = int(a["num_heads"])
-    if shrinks(_layout(Wq, _np(T["q_bias"]), Wk, Wv, Wo, H), H, Wq.shape[0] // H, Wv.shape[0] // H):
+    if shrinks(_layout(Wq, _np(T["q_bias"]), Wk, Wv, Wo, H, A.align), H, Wq.shape[0] // H, Wv.shape[0] // H):
         A.local_change(node)  # heads or per-head dims to drop, whatever the channel plan says
     out_val = (_np(bo) if bo is not None else 0.0) + Wo @ np.where(v_const, v_val, 0.0)
     return ChanInfo(len(out_s) - 1, out_ids, row_const, np.where(row_const, out_val, 0.0))
@@ -81,10 +81,13 @@ def pack_cols(Wo: torch.Tensor, vdims: list[list[int]], width: int) -> torch.Ten
     return Wo2
 
 
-def head_layout(qk_live: np.ndarray, v_live: np.ndarray, H: int):
+def head_layout(qk_live: np.ndarray, v_live: np.ndarray, H: int, align: int = 1):
     """Kept heads (those with a live value dim), their live query/key and value dims, the shared widths.
 
-    ``qk_live``/``v_live``: per query/key row and per value row, whether it must stay."""
+    ``qk_live``/``v_live``: per query/key row and per value row, whether it must stay. ``align`` > 1
+    (``minimize(..., align=N)``): a shared width below the current one is rounded up to a multiple of
+    ``align`` (at most the current width), and equal query/key and value widths stay equal (the fused
+    attention kernels need one head dim); the extra rows are zero padding, exact as above."""
     dq, dv = len(qk_live) // H, len(v_live) // H
     heads = [h for h in range(H) if v_live[h * dv:(h + 1) * dv].any()]
     vdims = [[h * dv + d for d in range(dv) if v_live[h * dv + d]] for h in heads]
@@ -92,6 +95,10 @@ def head_layout(qk_live: np.ndarray, v_live: np.ndarray, H: int):
     wq_, wv_ = max([1] + [len(d) for d in qdims]), max([1] + [len(d) for d in vdims])
     if not heads:  # nothing reaches the output: one all-zero head keeps the call well-formed
         heads, vdims, qdims = [0], [[]], [[]]
+    elif align > 1:
+        wq_, wv_ = (min(-(-w // align) * align, d) for w, d in ((wq_, dq), (wv_, dv)))
+        if dq == dv:  # one head dim for q, k and v: torch's fused CPU attention kernel needs it
+            wq_ = wv_ = max(wq_, wv_)
     return heads, qdims, vdims, wq_, wv_
 
 
@@ -101,12 +108,12 @@ def shrinks(layout, H: int, dq: int, dv: int) -> bool:
     return len(heads) < H or wq_ < dq or wv_ < dv
 
 
-def _layout(Wq, bq, Wk, Wv, Wo, H: int):
+def _layout(Wq, bq, Wk, Wv, Wo, H: int, align: int = 1):
     """Softmax attention: a value dim lives when it is read and reads; a query/key dim when k reads
     something (else a per-query shift) and q is not identically 0."""
     v_live = (Wv != 0).any(1) & (Wo != 0).any(0)
     qk_live = (Wk != 0).any(1) & ((Wq != 0).any(1) | (bq != 0))
-    return head_layout(qk_live, v_live, H)
+    return head_layout(qk_live, v_live, H, align)
 
 
 def _rewrite(node: fx.Node, R, a) -> fx.Node:
@@ -129,7 +136,7 @@ def _rewrite(node: fx.Node, R, a) -> fx.Node:
     Wq, bq, Wk, bk, Wv, bv = (T[f"{p}_{w}"] for p in _PROJ for w in ("weight", "bias"))
     v_reads = (Wv != 0).any(1)
     bo = bo + Wo[:, ~v_reads] @ bv[~v_reads]  # softmax rows sum to 1: a constant value dim is its bias
-    heads, qdims, vdims, wq_, wv_ = _layout(Wq, bq, Wk, Wv, Wo, int(a["num_heads"]))
+    heads, qdims, vdims, wq_, wv_ = _layout(Wq, bq, Wk, Wv, Wo, int(a["num_heads"]), R.plan.align)
     Wq2, bq2 = pack_rows(Wq, bq, qdims, wq_)
     Wk2, bk2 = pack_rows(Wk, bk, qdims, wq_)
     Wv2, bv2 = pack_rows(Wv, bv, vdims, wv_)

@@ -112,7 +112,7 @@ def _parse(node: fx.Node, a, tensor) -> Optional[dict[str, Any]]:
                 rpb_ax=rpb_ax, ls_ax=ls_ax)
 
 
-def _layout(c: dict[str, Any]):
+def _layout(c: dict[str, Any], align: int = 1):
     """Kept heads, their live query/key and value dims, and the shared widths (module docstring)."""
     W = {p: c["W"][p].numpy() for p in _PROJ}
     bq, bk = c["B"]["q"].numpy(), c["B"]["k"].numpy()
@@ -122,7 +122,7 @@ def _layout(c: dict[str, Any]):
         qk_live = ~(q_zero & ~(W["k"] != 0).any(1) & (bk == 0))
     else:  # k_d constant: a per-query shift; q_d == 0: adds 0
         qk_live = (W["k"] != 0).any(1) & ~q_zero
-    return head_layout(qk_live, v_live, c["H"])
+    return head_layout(qk_live, v_live, c["H"], align)
 
 
 def _analyze(node: fx.Node, A, a):
@@ -153,7 +153,7 @@ def _analyze(node: fx.Node, A, a):
     row_const = ~((Wo != 0) & ~v_const[None, :]).any(1)
     out_val = bo + Wo @ np.where(v_const, bv, 0.0)
     H = c["H"]
-    if shrinks(_layout(c), H, W["q"].shape[0] // H, W["v"].shape[0] // H):
+    if shrinks(_layout(c, A.align), H, W["q"].shape[0] // H, W["v"].shape[0] // H):
         A.local_change(node)
     return ChanInfo(3, out_ids, row_const, np.where(row_const, out_val, 0.0))
 
@@ -201,7 +201,7 @@ def _rewrite(node: fx.Node, R, a):
     Wo, bo = c["Wo"][ko], c["bo"][ko]
     v_reads = (W["v"] != 0).any(1)
     bo = bo + Wo[:, ~v_reads] @ B["v"][~v_reads]  # softmax rows sum to 1: a constant value dim is its bias
-    layout = _layout(dict(c, W=W, B=B, Wo=Wo))
+    layout = _layout(dict(c, W=W, B=B, Wo=Wo), R.plan.align)
     if keep_in.all() and bool(ko.all()) and not shrinks(layout, H, dq, dv):
         return R.copy(node)
     heads, qdims, vdims, wq_, wv_ = layout

@@ -55,6 +55,10 @@ _WEIGHTED = ("linear", "conv", "batch_norm", "layer_norm", "group_norm", "rms_no
 MAX_ROUNDS = 30  # a graph of <= 12 ops reaches its fixpoint in far fewer rounds; hitting this is a failure
 
 
+#: ``--align N``: every case runs ``minimize(..., align=N)`` (latency-aware widths; None: the default pass)
+ALIGN: Optional[int] = None
+
+
 def _minimize_kwargs(seed: int = 0) -> dict:
     """``verify=False`` when minimize has a self-check: the fuzzer must see wrong answers itself. Half the
     cases (odd seeds) run ``portable=False``, whose result is a fixpoint of minimize; a portable result
@@ -65,6 +69,8 @@ def _minimize_kwargs(seed: int = 0) -> dict:
         kw["verify"] = False
     if "portable" in params:
         kw["portable"] = seed % 2 == 0
+    if ALIGN is not None:
+        kw["align"] = ALIGN
     return kw
 
 
@@ -327,7 +333,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--shrink-per-class", type=int, default=1, help="failures shrunk per class (0: none)")
     ap.add_argument("--case", type=int, default=None, help="run the one case of this case seed and print it")
     ap.add_argument("--time-limit", type=float, default=None, help="stop starting new graphs after this many s")
+    ap.add_argument("--align", type=int, default=None, help="run every case with minimize(..., align=N)")
     args = ap.parse_args(argv)
+    global ALIGN
+    ALIGN = args.align
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # torch's deprecation / export chatter on thousands of graphs
     if args.case is not None:

@@ -1,0 +1,328 @@
+"""``minimize(..., align=N)``: every width the pass reduces ends a multiple of N, or as it was.
+
+Keeping a removable channel is exact (an unused one is read by no kept reader, a constant one is then
+simply not folded), so the aligned result computes the same function; it keeps every channel the
+unaligned result keeps, plus the cheapest removable ones that round each reduced width up. Head-split
+tensors align their per-head dims and stay rectangular; ``align=None`` (or 1) is today's pass, bit for bit.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from helpers import build, cnn_specs, masked_torchvision, mlp_specs
+from sqr_fx import SqrFxError, check_equivalence, count_stored_floats, minimize
+from test_transformers import ConvNeXtish, Transformer, _tv_vit, assert_same, init_random, randn
+
+RTOL, ATOL = 1e-9, 1e-10
+
+
+def _x(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _shapes(m: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every weight matrix / kernel by name."""
+    return {k: tuple(v.shape) for k, v in m.named_parameters() if v.dim() >= 2}
+
+
+def assert_aligned(model: nn.Module, small: nn.Module, n: int) -> int:
+    """Both channel dims of every weight: a multiple of ``n`` or the original; returns how many shrank."""
+    before, shrunk = _shapes(model), 0
+    for name, s in _shapes(small).items():
+        if name not in before:
+            continue
+        for d in (0, 1):
+            assert s[d] == before[name][d] or s[d] % n == 0, f"{name} dim {d}: {before[name][d]} -> {s[d]}"
+            shrunk += s[d] < before[name][d]
+    return shrunk
+
+
+def assert_keeps_more(unaligned: nn.Module, aligned: nn.Module) -> None:
+    """The aligned result never removes a channel the unaligned one keeps (per layer: no dim smaller)."""
+    a, b = _shapes(unaligned), _shapes(aligned)
+    assert a.keys() <= b.keys()
+    for name, s in a.items():
+        assert all(y >= x for x, y in zip(s, b[name])), f"{name}: unaligned {s}, aligned {b[name]}"
+
+
+def assert_fixpoint(small, inputs, align):
+    again = minimize(small, inputs, align=align)
+    assert again.sqr_report.rounds == 0, "a second minimize still removed something"
+    assert count_stored_floats(again) == count_stored_floats(small)
+
+
+# ---- a pruned torchvision ResNet-18 ------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _resnet():
+    model = masked_torchvision("resnet18", seed=0)
+    x = _x(2, 3, 64, 64, seed=1)
+    return model, x, minimize(model, (x,)), minimize(model, (x,), align=8)
+
+
+def test_resnet18_align8_is_exact_aligned_and_keeps_more():
+    model, x, plain, small = _resnet()
+    small.graph.lint()
+    for xi in (_x(2, 3, 64, 64, seed=2), _x(3, 3, 96, 80, seed=3)):
+        check_equivalence(model, small, (xi,), rtol=1e-7, atol=1e-9)
+    assert assert_aligned(model, small, 8) > 10
+    with pytest.raises(AssertionError):  # the workload has odd widths: alignment has work to do
+        assert_aligned(model, plain, 8)
+    assert_keeps_more(plain, small)
+    rep = small.sqr_report
+    assert plain.sqr_report.floats_after < rep.floats_after < rep.floats_before
+    assert rep.align == 8 and rep.align_floats > 0
+    assert any(r.out_align for r in rep.rows) and any(r.in_align for r in rep.rows)
+    assert "aligned to multiples of 8" in str(rep) and "out align" in str(rep)
+    assert plain.sqr_report.align == 1 and "align" not in str(plain.sqr_report)
+    assert_fixpoint(small, (x,), 8)
+
+
+# ---- align=None is today's pass ---------------------------------------------------------------------
+def _planted_transformer(attention: str = "sdpa") -> Transformer:
+    """Two pre-LN blocks, C=24, MLP 40 (13 units dead: 7 constant, 6 unread), 2 heads of 16 dims: query/
+    key dims 10 and 11 constant (zero key rows); value dims unread (zero output columns): 13 and 10 in
+    block 0, 3 and 3 in block 1."""
+    m = Transformer(4, 24, 40, 2, attention=attention, heads=2, dh=16)
+    init_random(m, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i, b in enumerate(m.blocks):
+            b.mlp.fc1.weight[:7] = 0
+            b.mlp.fc2.weight[:, 7:13] = 0
+            if attention == "sdpa":
+                b.attn.k.weight[0:10] = 0
+                b.attn.k.weight[16:27] = 0
+                b.attn.o.weight[:, 0:(13 if i == 0 else 3)] = 0
+                b.attn.o.weight[:, 16:(26 if i == 0 else 19)] = 0
+    return m
+
+
+@pytest.mark.parametrize("align", [None, 1])
+def test_no_alignment_is_the_unaligned_pass_bit_for_bit(align):
+    m = _planted_transformer("matmul")
+    x = randn(2, 5, 4)
+    ref, got = minimize(m, (x,)), minimize(m, (x,), align=align)
+    assert ref.code == got.code
+    a, b = ref.state_dict(), got.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) and a[k].stride() == b[k].stride() for k in a)
+    assert str(ref.sqr_report).split("traced with")[0] == str(got.sqr_report).split("traced with")[0]
+
+
+@pytest.mark.parametrize("align", [0, -8, 2.5, True, "8"])
+def test_align_must_be_a_positive_integer(align):
+    with pytest.raises(SqrFxError, match="align"):
+        minimize(nn.Linear(2, 2).eval(), (torch.randn(1, 2),), align=align)
+
+
+# ---- transformer blocks: MLP units, per-head dims, heads rectangular --------------------------------
+def test_sdpa_transformer_aligns_per_head_dims_and_stays_rectangular():
+    m = _planted_transformer("sdpa")
+    x = randn(2, 5, 4)
+    plain, small = minimize(m, (x,)), minimize(m, (x,), align=8)
+    for xi in (x, randn(3, 7, 4, seed=3)):
+        assert_same(m, small, (xi,), rtol=1e-9)
+    assert_aligned(m, small, 8)
+    assert_keeps_more(plain, small)
+    p, s = _shapes(plain), _shapes(small)
+    # unaligned: rectangular heads of 6 query/key dims (the longer head) and 6 (block 0) or 13 (block 1)
+    # value dims; aligned: 8 and 8, then 8 and 16 made equal (16: the fused attention kernel needs one
+    # head dim for q, k and v)
+    for i, (vdims, width) in enumerate(((6, 8), (13, 16))):
+        blk = f"blocks.{i}"
+        assert (p[f"{blk}.attn.q.weight"][0], p[f"{blk}.attn.v.weight"][0]) == (12, 2 * vdims)
+        for w in ("q", "k", "v"):
+            assert s[f"{blk}.attn.{w}.weight"][0] == 2 * width
+        assert s[f"{blk}.attn.o.weight"][1] == 2 * width
+        assert (p[f"{blk}.mlp.fc1.weight"][0], s[f"{blk}.mlp.fc1.weight"][0]) == (27, 32)
+    # the per-head width the attention sees: every head keeps the same, aligned, number of dims
+    from torch.fx.passes.shape_prop import ShapeProp
+    ShapeProp(small).propagate(x)
+    sdpa = [n for n in small.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
+    assert len(sdpa) == 2
+    for n, width in zip(sdpa, (8, 16)):
+        q, k, v = (a.meta["tensor_meta"].shape for a in n.args[:3])
+        assert q[1] == k[1] == v[1] == 2 and q[-1] == k[-1] == v[-1] == width
+    assert_fixpoint(small, (x,), 8)
+
+
+def test_torchvision_vit_self_attention_aligns_per_head_widths():
+    m, _ = _tv_vit(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128,
+                   num_classes=10)
+    with torch.no_grad():
+        for i, layer in enumerate(m.encoder.layers):
+            w = layer.self_attention.in_proj_weight  # q rows 0..63, k 64..127, v 128..191; head h: 16 h + d
+            for h in range(4):
+                w[64 + 16 * h: 64 + 16 * h + 10 + h % 2] = 0  # key dims: 6 or 5 live per head
+                # value dims: 6 (layer 0) or 13 (layer 1) live per head
+                layer.self_attention.out_proj.weight[:, 16 * h: 16 * h + (10 if i == 0 else 3)] = 0
+            layer.mlp[0].weight[:37] = 0  # 37 constant MLP units (more than plant_mlp's)
+    x = randn(2, 3, 32, 32)
+    plain, small = minimize(m, (x,)), minimize(m, (x,), align=8)
+    assert_same(m, small, (randn(3, 3, 32, 32, seed=3),), rtol=1e-9)
+    p, s = _shapes(plain), _shapes(small)
+    # in_proj = 4 heads x (q, k, v). Unaligned: 6 + 6 + 6 (layer 0) or 13 (layer 1) per head. Aligned: 8 each,
+    # then 8 + 8 + 16 made equal (16, the whole head: one head dim for the fused attention kernel)
+    for i, (vdims, width) in enumerate(((6, 8), (13, 16))):
+        blk = f"encoder.layers.encoder_layer_{i}"
+        assert p[f"{blk}.self_attention.in_proj_weight"][0] == 4 * (6 + 6 + vdims)
+        assert s[f"{blk}.self_attention.in_proj_weight"][0] == 4 * 3 * width
+        assert s[f"{blk}.self_attention.out_proj.weight"][1] == 4 * width
+        units = p[f"{blk}.mlp.0.weight"][0]
+        assert units % 8 and s[f"{blk}.mlp.0.weight"][0] == -(-units // 8) * 8
+    assert small.sqr_report.align_floats > 0
+    assert_fixpoint(small, (x,), 8)
+
+
+def test_convnext_block_align8_is_exact_and_aligned():
+    m = ConvNeXtish(3, 24, 40, 2)
+    init_random(m, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for b in m.blocks:
+            b.mlp.fc1.weight[:7] = 0
+            b.mlp.fc2.weight[:, 7:13] = 0
+    x = randn(2, 3, 8, 8)
+    plain, small = minimize(m, (x,)), minimize(m, (x,), align=8)
+    for xi in (x, randn(3, 3, 11, 9, seed=3)):
+        assert_same(m, small, (xi,), rtol=1e-9)
+    assert assert_aligned(m, small, 8) == 4  # fc1 rows and fc2 columns of both blocks: 27 -> 32
+    assert_keeps_more(plain, small)
+    assert_fixpoint(small, (x,), 8)
+
+
+# ---- properties over random masks ----------------------------------------------------------------------
+aligns = st.sampled_from([2, 3, 4, 8])
+seeds = st.integers(0, 2**16)
+
+
+@settings(max_examples=12)
+@given(spec=mlp_specs(), seed=seeds, align=aligns)
+def test_mlp_alignment_never_changes_outputs_nor_removes_a_kept_unit(spec, seed, align):
+    model, _ = build(spec, seed)
+    x = _x(4, spec.in_features, seed=seed)
+    plain, small = minimize(model, (x,)), minimize(model, (x,), align=align)
+    for i, b in enumerate((4, 7, 1)):
+        check_equivalence(model, small, (_x(b, spec.in_features, seed=seed + i + 1),), rtol=RTOL, atol=ATOL)
+    assert_aligned(model, small, align)
+    assert_keeps_more(plain, small)
+    assert plain.sqr_report.floats_after <= small.sqr_report.floats_after <= small.sqr_report.floats_before
+    assert_fixpoint(small, (x,), align)
+
+
+@settings(max_examples=12)
+@given(spec=cnn_specs(), seed=seeds, align=aligns)
+def test_cnn_alignment_never_changes_outputs_nor_removes_a_kept_channel(spec, seed, align):
+    model, _ = build(spec, seed)
+    c, h, w = spec.in_channels, spec.height, spec.width
+    x = _x(2, c, h, w, seed=seed)
+    plain, small = minimize(model, (x,)), minimize(model, (x,), align=align)
+    xs = [_x(3, c, h, w, seed=seed + 2)] + ([_x(1, c, h + 3, w + 5, seed=seed + 4)] if spec.resizable else [])
+    for xi in xs:
+        check_equivalence(model, small, (xi,), rtol=RTOL, atol=ATOL)
+    assert_aligned(model, small, align)
+    assert_keeps_more(plain, small)
+    assert_fixpoint(small, (x,), align)
+
+
+# ---- plumbing: CLI, pass manager, torch.compile, ExportedProgram -------------------------------------
+def _net() -> nn.Module:
+    """Linear(6, 24) -> ReLU -> Linear(24, 3) with 13 dead units: 11 kept, 16 aligned to 8."""
+    net = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 3)).eval()
+    with torch.no_grad():
+        net[0].weight[:13], net[0].bias[:13] = 0, -1.0
+    return net
+
+
+def test_align_reaches_the_cli_the_pass_manager_compile_and_programs(tmp_path):
+    import sqr_fx
+    from sqr_fx.cli import main as cli
+    from torch.fx.passes.infra.pass_manager import PassManager
+
+    net, x = _net(), torch.randn(4, 6)
+    torch.save(net, tmp_path / "net.pt")
+    args = ["minimize", str(tmp_path / "net.pt"), "-o", str(tmp_path / "net.pt2"), "--module", "--input-shape", "4,6",
+            "--quiet"]
+    for extra, width in (([], 11), (["--align", "8"], 16)):
+        assert cli(args + extra) == 0
+        assert torch.export.load(tmp_path / "net.pt2").module().get_parameter("0.weight").shape == (width, 6)
+    with pytest.raises(SystemExit):
+        cli(args + ["--align", "0"])
+
+    p = sqr_fx.MinimizePass((x,), align=8)
+    result = PassManager([p])(torch.fx.symbolic_trace(net))
+    assert result.graph_module.get_parameter("0.weight").shape == (16, 6) and p.report.align == 8
+
+    reports = []
+    torch._dynamo.reset()
+    fast = torch.compile(net, backend=sqr_fx.make_backend(next_backend="eager", callback=reports.append),
+                         options={"align": 8})
+    check_equivalence(net, fast, (torch.randn(5, 6),), rtol=1e-5, atol=1e-6)
+    assert reports[-1].align == 8 and reports[-1].params_after == 16 * 7 + 3 * 16 + 3
+    torch._dynamo.reset()
+
+    ep = minimize(torch.export.export(net, (x,)), align=8)
+    assert ep.module().get_parameter("0.weight").shape == (16, 6) and ep.sqr_report.align == 8
+
+
+# ---- Swin: window attention rounds its per-head widths up ---------------------------------------------
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_swin_window_attention_aligns_per_head_widths(v2):
+    """The planted Swin of test_window_attention (8 dims per head; per head 6 or 7 query/key and 6 value
+    dims live, the last head dead): with align=4 every kept head is 8 wide in q, k and v (6 -> 8, 7 -> 8:
+    rounded up, at most the current width), heads still go; exact at padded map sizes; a fixpoint."""
+    from test_window_attention import _attns, _calls, _same, _swin, _widths, plant_constant_stream_reads, plant_heads
+    import torchvision.models.swin_transformer as tvs
+
+    m = _swin(v2)
+    g = torch.Generator().manual_seed(0)
+    for attn in _attns(m):
+        plant_heads(attn, g, cosine=v2)
+    for block in (b for b in m.modules() if isinstance(b, tvs.SwinTransformerBlock)):
+        plant_constant_stream_reads(block, g)
+    x = randn(2, 3, 32, 32)
+    plain, small = minimize(m, (x,), portable=False), minimize(m, (x,), portable=False, align=4)
+    for node, p_node, attn in zip(_calls(small), _calls(plain), _attns(m)):
+        H, d = attn.num_heads, attn.qkv.in_features // attn.num_heads
+        assert _widths(plain, p_node) == (H - 1, d - (1 if v2 else 2), d - 2)
+        assert _widths(small, node) == (H - 1, d, d)
+    assert count_stored_floats(plain) < count_stored_floats(small) < count_stored_floats(m)
+    _same(m, small, [(2, 3, 32, 32), (3, 3, 36, 28), (1, 3, 52, 36)])
+    assert_fixpoint(small, (x,), 4)
+
+
+def test_hf_bert_heads_align_and_stay_equal():
+    """Hugging Face BERT (torch.export front end, head-split views into sdpa): 4 heads of 16 dims, per head
+    11 live query/key and 10 live value dims, head 1 unread, 13 constant MLP units. align=4: 3 heads of 12
+    (11 -> 12, 10 -> 12) in q, k and v alike; MLP 83 -> 84."""
+    from test_transformers import _hf, _ids, params
+
+    tf = _hf()
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=96, max_position_embeddings=64, use_cache=False)
+    m = tf.BertModel(cfg)
+    with torch.no_grad():
+        for layer in m.encoder.layer:
+            for h in range(4):
+                layer.attention.self.key.weight[16 * h:16 * h + 5] = 0
+                layer.attention.output.dense.weight[:, 16 * h:16 * h + 6] = 0
+            layer.attention.output.dense.weight[:, 16:32] = 0
+            layer.intermediate.dense.weight[:13] = 0
+    m = m.eval().double()
+    x = _ids(2, 12)
+    plain, small = minimize(m, (x,)), minimize(m, (x,), align=4)
+    p, s = params(plain), params(small)
+    for i in range(2):
+        pre = f"encoder.layer.{i}."
+        assert [p[pre + f"attention.self.{w}.weight"].shape[0] for w in ("query", "key", "value")] == [33, 33, 30]
+        for w in ("query", "key", "value"):
+            assert s[pre + f"attention.self.{w}.weight"].shape == (3 * 12, 64)
+        assert s[pre + "attention.output.dense.weight"].shape == (64, 36)
+        assert (p[pre + "intermediate.dense.weight"].shape[0], s[pre + "intermediate.dense.weight"].shape[0]) == (83, 84)
+    for b, t in [(2, 12), (3, 7), (1, 20)]:
+        assert_same(m, small, (_ids(b, t, seed=t),), rtol=1e-9)
+    assert_fixpoint(small, (x,), 4)
