@@ -872,3 +872,27 @@ def test_reshape_whose_channel_layout_depends_on_the_input_size(form):
         assert s.sqr_report.params_after == s.sqr_report.params_before
     else:  # view(B, -1) feeding a 6-wide linear accepts the traced spatial size only: removal is exact
         shrinks(minimize_exact(m, [inputs[0], inputs[2]]))
+
+
+class ClipInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+        dead(self.a, 2, -1.0)  # clips to the constant -0.6: folded into b
+        with torch.no_grad():
+            self.b.weight[:, 5] = 0  # unit 5 unread
+
+    def forward(self, x):
+        h = self.a(x)
+        h.clip_(-0.6, 0.4)
+        return self.b(h)
+
+
+def test_an_in_place_aten_op_without_its_own_entry_reads_as_its_functional_op():
+    """``aten.clip_`` in an exported graph: after the front end re-points its readers it is ``aten.clip`` on a
+    fresh tensor, and the pointwise rule follows it (fuzz case 515152547035 froze everything upstream)."""
+    m = ClipInPlace().double().eval()
+    ep = torch.export.export(m, (torch.randn(2, 6, dtype=torch.float64),)).module()
+    assert any("clip_" in str(n.target) for n in ep.graph.nodes)
+    s = minimize_exact(ep, batches((2, 6)))
+    assert s.sqr_report.params_after == s.sqr_report.params_before - 2 * (6 + 1) - 2 * 3

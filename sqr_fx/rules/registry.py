@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import torch
 from torch import fx, nn
 
 __all__ = ["OpRule", "Args", "RULES", "rule", "method", "lookup", "op_name", "has_hooks", "UNNORMALIZED", "OPAQUE"]
@@ -122,6 +123,22 @@ def lookup(node: fx.Node, root: nn.Module) -> Optional[tuple[OpRule, Args]]:
     else:
         key = node.op  # placeholder / get_attr / output
     r = RULES.get(key)
+    if r is None and isinstance(key, torch._ops.OpOverload):
+        key = _functional_overload(key)  # aten.clip_ -> aten.clip: the front end made in-place ops data flow
+        r = RULES.get(key) if key is not None else None
     if r is None:
         return None
     return r, Args(node, r.names[key])
+
+
+def _functional_overload(op: "torch._ops.OpOverload") -> Optional["torch._ops.OpOverload"]:
+    """``aten.foo_.overload`` -> ``aten.foo.overload`` (same argument names). ``resolve_inplace`` has
+    re-pointed every later reader to the in-place op's output, so it is the functional op on a fresh tensor."""
+    name = op._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.startswith("_") or not op._schema.is_mutable:
+        return None
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    func = getattr(packet, op._overloadname, None) if packet is not None else None
+    if func is None or [a.name for a in func._schema.arguments] != [a.name for a in op._schema.arguments]:
+        return None
+    return func
