@@ -220,9 +220,10 @@ def test_resnet18_is_torch_only_with_its_modules():
     assert type(s.fc) is nn.Linear and type(s.conv1) is nn.Conv2d and type(s.bn1) is nn.BatchNorm2d
     assert type(s.get_submodule("layer4.1.bn2")) is nn.BatchNorm2d
     assert s.bn1.momentum == m.bn1.momentum and s.bn1.num_features == s.bn1.weight.shape[0] < 64
-    # the ones-map fold stays functional next to its module; a fold into a conv without bias is a buffer
+    # the ones-map fold stays functional next to its module; a fold into a conv without bias is that conv's
+    # bias, a buffer (fused into the conv's kernel)
     assert any(n.target is torch.ones for n in s.graph.nodes)
-    folded = [n for n, _ in s.named_buffers() if n.endswith("_folded_bias")]
+    folded = [n for n, mod in s.named_modules() if isinstance(mod, nn.Conv2d) and "bias" in mod._buffers]
     assert folded and not any(n.endswith("weight_bias") for n, _ in s.named_parameters())
     assert _trainable(s) == _trainable(m) == 62
     x = _x(3, 3, 72, 64, seed=2)
@@ -341,11 +342,17 @@ def test_fold_into_a_layer_without_bias_is_a_buffer():
 
     m = Net().double().eval()
     s = minimize(m, (_x(5, 4),))
-    assert type(s.b) is nn.Linear and s.b.bias is None and s.b.weight.shape == (3, 4)
+    # the folded constant is b's bias, a buffer: fused into the layer's kernel, and not trainable
+    assert type(s.b) is nn.Linear and s.b.weight.shape == (3, 4)
+    assert "bias" in s.b._buffers and "bias" not in dict(s.b.named_parameters())
     assert _trainable(s) == _trainable(m) == 3
-    (name,) = [n for n, _ in s.named_buffers() if n.endswith("_folded_bias")]
-    assert name == "sqr_fx_b_folded_bias"
+    assert not any(n.target is torch.add for n in s.graph.nodes)
     check_equivalence(m, s, (_x(7, 4, seed=1),), rtol=1e-12, atol=1e-12)
+    sc = torch.jit.script(s)
+    torch.testing.assert_close(sc(_x(3, 4, seed=2)), m(_x(3, 4, seed=2)), rtol=1e-12, atol=1e-12)
+    again = minimize(s, (_x(5, 4),))  # a buffer bias is read back as the layer's bias
+    assert type(again.b) is nn.Linear and "bias" in again.b._buffers
+    check_equivalence(m, again, (_x(7, 4, seed=1),), rtol=1e-12, atol=1e-12)
 
 
 def test_a_result_of_the_export_front_end_trains_too():

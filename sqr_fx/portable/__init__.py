@@ -12,8 +12,9 @@ unpickling re-traces the generated code, and a ``torch.fx.wrap``-ped helper then
 :func:`finish` repairs all four, on the result of the last round, in place:
 
 1. **Fold biases are buffers.** A bias created by a fold (``<layer>.weight_bias``: the layer had no
-   bias) is a buffer, not a parameter; where the layer becomes a module again (2.) it is added after
-   the module (``sqr_fx_<layer>_folded_bias``, shaped to broadcast over the channel axis).
+   bias) is a buffer, not a parameter; where a Linear/Conv becomes a module again (2.) it is that
+   module's ``bias``, registered as a buffer (one fused kernel, still not trainable); after another
+   module it is added (``sqr_fx_<layer>_folded_bias``, shaped to broadcast over the channel axis).
 2. **Modules come back.** A functional ``linear`` / ``conv{1,2,3}d`` / ``batch_norm`` / ``layer_norm`` /
    ``group_norm`` / ``embedding`` call whose tensors are ``<path>.weight`` etc. of ONE plain container is
    a module again at that path (``nn.Linear``, ``nn.Conv2d``, ``nn.BatchNorm2d`` ...; the same
