@@ -896,3 +896,27 @@ def test_an_in_place_aten_op_without_its_own_entry_reads_as_its_functional_op():
     assert any("clip_" in str(n.target) for n in ep.graph.nodes)
     s = minimize_exact(ep, batches((2, 6)))
     assert s.sqr_report.params_after == s.sqr_report.params_before - 2 * (6 + 1) - 2 * 3
+
+
+class ParamExpandAs(nn.Module):
+    """A position table broadcast with ``expand_as`` to a layer output whose channels shrink (fuzz run 3:
+    the rewrite wrote expand sizes into expand_as and the op was set aside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.pos = nn.Parameter(torch.randn(1, 6))
+        dead(self.a, 3, -1.0)
+        with torch.no_grad():
+            self.b.weight[:, 1] = 0
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h + self.pos.expand_as(h))
+
+
+def test_a_parameter_expanded_as_a_shrinking_tensor():
+    m = ParamExpandAs().double().eval()
+    s = minimize_exact(m, batches((3, 4), (5, 4)))
+    shrinks(s)
+    assert not s.sqr_report.set_aside and not [f for f in s.sqr_report.frozen_ops if "failed" in f]

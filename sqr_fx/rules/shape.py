@@ -546,8 +546,8 @@ def _expand_sizes(node) -> list:
 def _expand_rewrite(node, R, a):
     """Literal sizes on the channel axes become the kept widths."""
     out = R.info(node)
-    if out is None or R.keep(out).all():
-        return R.copy(node)
+    if out is None or R.keep(out).all() or node.target == "expand_as":
+        return R.copy(node)  # (expand_as takes its sizes from the other tensor, whose channels are coupled)
     sizes = _expand_sizes(node)
     widths = zip((out.head, out.dim), head_widths(R.keep(out), out)) if out.split else [(out.dim, int(R.keep(out).sum()))]
     for axis, n in widths:
