@@ -21,6 +21,7 @@ from sqr_fx.rules import RULES
 from sqr_fx.rules.registry import Method
 from sqr_fx.rules.weighted import ones_map
 from sqr_fx.testing import Case, build, check_case, generate_case, run_case
+from sqr_fx.testing.core import Op
 from sqr_fx.testing.coverage import STATES, all_variants, export_keys, is_aten, produced_keys
 from sqr_fx.testing.fuzz import FAILURES, SLOW_EXPORT, fuzz, regression_file, summary
 
@@ -142,3 +143,24 @@ def test_generators_build_on_the_states_they_claim(produced):
     _, _, untraceable = produced
     assert len(untraceable) <= 0.1 * len(all_variants()), untraceable[:5]
     assert {s.layout for s in STATES} >= {"vec", "seq", "hw", "sig", "img", "vol", "tok"}
+
+
+# minimal recipes of what the long fuzz runs found (benchmarks/results/fuzz_long.txt), rebuilt from their
+# printed Case (a seed alone regenerates another graph once generators are added)
+LONG_RUN_FINDS = {
+    "expand_as rewritten with expand's literal sizes":
+        "Case(seed=515152548436, layout='seq', C=3, sp=(3,), batched=True, B=3, alt_B=1, grow=3, frontend='fx', outputs=1, ops=[ Op('attention', 510689387, {'heads': 1, 'core': 'manual_dropout', 'proj': 'fused_split', 'split': 'view', 'merge': 'flatten', 'softmax': 'method', 'matmul': 'torch', 'plant': 'o_rows'}), Op('expand', 1008692145, {'form': 'expand_as'}), Op('cat', 516697791, {'what': 'branches', 'form': 'cat_kw', 'dim': -1, 'a': 6, 'branch1': 'F_kw', 'plant1': 'none', 'b': 6, 'branch2': 'nn', 'plant2': 'none', 'mask': None}), ])",
+    'MultiheadAttention over an input tracked on its sequence axis (rewrite used a frozen info)':
+        "Case(seed=515152545569, layout='hw', C=4, sp=(5, 5), batched=True, B=2, alt_B=5, grow=3, frontend='fx', outputs=1, ops=[ Op('slice', 1792799003, {'what': 'sp_drop', 'axis': 1, 'index': 0, 'form': 'method'}), Op('mha', 322066572, {'heads': 2, 'form': 'kw', 'plant': 'o_rows'}), Op('attention', 877601316, {'heads': 1, 'core': 'sdpa_mask', 'proj': 'fused_split', 'split': 'view', 'merge': 'reshape', 'plant': 'none'}), ])",
+    'aten.group_norm restored as nn.GroupNorm, which refuses one value per group':
+        "Case(seed=424243273244, layout='sig', C=3, sp=(6,), batched=True, B=3, alt_B=1, grow=3, frontend='export', outputs=1, ops=[ Op('stochastic_depth', 1935230331, {'form': 'nn', 'branch': 'nn3', 'plant': 'none'}), Op('reduce', 792607168, {'what': 'keepdim', 'op': 'mean', 'form': 'method', 'dims': 2, 'as_int': True}), Op('group_norm', 1572284788, {'form': 'nn', 'groups': 3, 'gamma0': False}), ])",
+}
+
+
+@pytest.mark.parametrize("why", sorted(LONG_RUN_FINDS))
+def test_long_run_finds_stay_fixed(why):
+    """Exact, and no rule crash contained, on each case a long fuzz run found."""
+    case = eval(LONG_RUN_FINDS[why], {"Case": Case, "Op": Op})  # noqa: S307 - the fuzzer's own printed recipe
+    r = run_case(case)
+    assert r.status == "ok", f"{why}: {r.status} {r.detail}"
+    assert not r.rule_crashes, f"{why}: {r.rule_crashes}"

@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from ..attention import self_attention
-from ..values import ChanInfo
+from ..values import ChanInfo, shape_of
 from .registry import rule
 
 _NAMES = ("input", "q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "out_weight", "out_bias",
@@ -120,6 +120,9 @@ def _rewrite(node: fx.Node, R, a) -> fx.Node:
     out_info, src = R.info(node), R.info(a["input"])
     if out_info is None:
         return R.copy(node)
+    s = shape_of(a["input"])
+    if src is not None and (s is None or src.dim != len(s) - 1):
+        src = None  # the analysis' decision: an input tracked on another axis than the embedding was frozen
     T = {n: R.tensor(a[n]).double() for n in _NAMES[1:8]}
     dtype = R.tensor(a["q_weight"]).dtype
     E_in = T["q_weight"].shape[1]
