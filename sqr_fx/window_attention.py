@@ -80,12 +80,7 @@ def window_attention(input: Tensor, q_weight: Tensor, q_bias: Tensor, k_weight: 
     n, t = x.size(0), x.size(1)
     q, k, v = (project_heads(x, w, bb, num_heads, n, t)
                for w, bb in ((q_weight, q_bias), (k_weight, k_bias), (v_weight, v_bias)))
-    if logit_scale is not None:
-        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
-    else:
-        attn = (q * scale).matmul(k.transpose(-2, -1))
-    attn = attn + relative_position_bias
+    attn = window_scores(q, k, scale, logit_scale, relative_position_bias)
     if sum(shift) > 0:
         attn = attn.view(n // num_windows, num_windows, num_heads, t, t)
         attn = attn + _mask(x, pad_h, pad_w, window_size, shift).unsqueeze(1).unsqueeze(0)
@@ -99,3 +94,14 @@ def window_attention(input: Tensor, q_weight: Tensor, q_bias: Tensor, k_weight: 
     if sum(shift) > 0:
         x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
     return x[:, :H, :W, :].contiguous()
+
+
+def window_scores(q, k, scale: Optional[float], logit_scale, relative_position_bias):
+    """Per-window attention logits: Swin v2's cosine form with its clamped logit scale, or v1's scaled dot
+    product; plus the relative position bias (shared by the helper and its torch-ops form)."""
+    if logit_scale is not None:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * scale).matmul(k.transpose(-2, -1))
+    return attn + relative_position_bias

@@ -1,13 +1,13 @@
 """The sqr_fx helpers written in torch ops (step 3 of :func:`sqr_fx.portable.finish`)."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..attention import attend, project_heads
+from ..window_attention import window_scores
 
 # ---- 3. sqr_fx helpers in torch ops ---------------------------------------------------------------------------
 # Each ``*_ops`` function computes what its sqr_fx helper computes, in the same op order (bit for bit),
@@ -122,12 +122,7 @@ def window_attention_ops(input, q_weight, q_bias, k_weight, k_bias, v_weight, v_
     n, t = x.shape[0], ws0 * ws1
     q, k, v = (project_heads(x, w, bb, num_heads, n, t)
                for w, bb in ((q_weight, q_bias), (k_weight, k_bias), (v_weight, v_bias)))
-    if logit_scale is not None:
-        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
-    else:
-        attn = (q * scale).matmul(k.transpose(-2, -1))
-    attn = attn + relative_position_bias
+    attn = window_scores(q, k, scale, logit_scale, relative_position_bias)
     if shifted:
         # torchvision's region labels (0/1/2 per axis: before the last window, in it before the shift,
         # after it), one id per (row region, column region); -100 between tokens of different regions
