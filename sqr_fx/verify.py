@@ -108,7 +108,8 @@ def _resized(inputs: tuple, ref: torch.Tensor, dim: int, size: int, g: torch.Gen
 
 def derived_inputs(example_inputs: tuple, seed: int = 0) -> list[tuple[str, tuple]]:
     """(label, inputs): the example, one more batch row, and another size of each non-batch,
-    non-feature axis (spatial axes of 4-D/5-D tensors grow by 32; sequence axes shrink by a quarter)."""
+    non-feature axis (spatial axes of 4-D/5-D tensors grow by 32; sequence axes shrink and grow by a
+    quarter: a result tied to the traced length, or exact only up to it, is caught either way)."""
     g = torch.Generator().manual_seed(seed)
     out = [("the example inputs", example_inputs)]
     tensors = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() >= 1]
@@ -127,9 +128,9 @@ def derived_inputs(example_inputs: tuple, seed: int = 0) -> list[tuple[str, tupl
         dims = list(range(1, ref.dim()))
         for d in dims:
             n = ref.shape[d]
-            if n > 1:
-                m = n - max(1, n // 4)
-                out.append((f"size {m} on axis {d}", _resized(example_inputs, ref, d, m, g)))
+            for m in ((n - max(1, n // 4)) if n > 1 else None, n + max(1, n // 4)):  # shorter and longer
+                if m is not None:
+                    out.append((f"size {m} on axis {d}", _resized(example_inputs, ref, d, m, g)))
     return out
 
 
