@@ -118,19 +118,26 @@ def correction_seconds(gm: fx.GraphModule, x: torch.Tensor, repeats: int) -> tup
         for shape, fn, kern, rest, out in items:
             torch.add(out, fn(torch.ones(shape), kern, None, *rest))
 
+    return _median_cpu(run, repeats), len(items)
+
+
+def _median_cpu(run, repeats: int) -> float:
+    """Median CPU seconds of ``run()`` over ``repeats`` calls, after one warm-up call."""
     run()
     times = []
     for _ in range(repeats):
         t0 = time.process_time()
         run()
         times.append(time.process_time() - t0)
-    return statistics.median(times), len(items)
+    return statistics.median(times)
 
 
 def folded_bias_seconds(gm: fx.GraphModule, x: torch.Tensor, repeats: int) -> tuple[float, int]:
     """CPU seconds of ``gm``'s folded-bias adds alone on ``x``: a constant folded into a layer that had no
-    bias is a buffer ``sqr_fx_<layer>_folded_bias`` added after the module (``sqr_fx.portable``), one more
-    pass over the layer's output; median of ``repeats`` after one warm-up; and their count."""
+    bias and is not a restored Linear/Conv (those take it as their ``bias`` buffer now) is a buffer
+    ``sqr_fx_<layer>_folded_bias`` added after the module (``sqr_fx.portable``), one more pass over the
+    layer's output; median of ``repeats`` after one warm-up; and their count (0 on the CNNs measured since
+    the folds became conv biases)."""
     from torch.fx.passes.shape_prop import ShapeProp
 
     gm = copy.deepcopy(gm)
@@ -145,13 +152,7 @@ def folded_bias_seconds(gm: fx.GraphModule, x: torch.Tensor, repeats: int) -> tu
         for out, bias in items:
             torch.add(out, bias)
 
-    run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        run()
-        times.append(time.process_time() - t0)
-    return statistics.median(times), len(items)
+    return _median_cpu(run, repeats), len(items)
 
 
 def measure(name: str, mask: str, aligns: list[int], batch: int, repeats: int, warmup: int) -> dict:
