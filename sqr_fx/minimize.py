@@ -24,7 +24,7 @@ from .rules import lookup
 from .rules.registry import OPAQUE
 from .rules.shape import is_input_gather
 from .size import count_parameters, count_stored_floats
-from .trace import ShapeFailure, fetch_attr, keyword_adapter, privatize, propagate_shapes, to_graph
+from .trace import ShapeFailure, fetch_attr, keyword_adapter, privatize, propagate_shapes_meta, to_graph
 from .values import META_KEY
 from .verify import self_check
 
@@ -176,8 +176,8 @@ def minimize(
     shaped = gm  # the graph whose node shapes are current: to_graph's run on the example inputs
     for _ in range(max_rounds):
         try:
-            if gm is not shaped:
-                propagate_shapes(gm, example_inputs)
+            if gm is not shaped:  # a rewritten graph: shapes from meta tensors, no real forward
+                propagate_shapes_meta(gm, example_inputs)
                 shaped = gm
         except ShapeFailure as e:
             if previous is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import operator
 import warnings
 from itertools import chain
 from typing import Any, Callable
@@ -382,6 +383,12 @@ class _NamingShapeProp(fx.Interpreter):
             result = super().run_node(n)
         except Exception as e:
             raise RuntimeError(f"ShapeProp error for: node={n.format_node()}") from e
+        self.record(n, result)
+        return result
+
+    @staticmethod
+    def record(n: fx.Node, result: Any) -> None:
+        """``n.meta['tensor_meta']`` (shape, dtype, strides of each tensor in ``result``) and ``['type']``."""
         found = False
 
         def meta(x: Any) -> Any:
@@ -395,7 +402,6 @@ class _NamingShapeProp(fx.Interpreter):
         if found:
             n.meta["tensor_meta"] = tensor_meta
         n.meta["type"] = type(result)
-        return result
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> Any:
@@ -456,6 +462,110 @@ def _same_shape_module(mod: nn.Module) -> bool:
         mod, (nn.MultiheadAttention, nn.GLU))
 
 
+_aten = torch.ops.aten
+#: pointwise binary ops whose output is the broadcast of their operands, typed by ``torch.result_type``
+#: (division only where that type is floating: integer true division gives a float)
+_BROADCAST = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, _aten.add.Tensor,
+              _aten.sub.Tensor, _aten.mul.Tensor}
+_DIVISION = {operator.truediv, torch.div, _aten.div.Tensor}
+
+
+class _Recording(fx.Interpreter):
+    """Runs a graph and hands each node's output to ``record(node, output)``."""
+
+    def __init__(self, gm: fx.GraphModule, record: Callable[[fx.Node, Any], None]):
+        super().__init__(gm)
+        self.record = record
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.record(n, out)
+        return out
+
+
+class _OnMeta(_Recording):
+    """:class:`_Recording` on meta tensors: shapes and dtypes without data or FLOPs. Ops whose meta kernel
+    is a slow Python decomposition but whose output shape is plain get it directly: norms and activations
+    (their input's), pointwise binary ops (the broadcast), attention (the query's rows, the value's or
+    output projection's width)."""
+
+    def get_attr(self, target, args, kwargs):
+        t = super().get_attr(target, args, kwargs)
+        return t.to("meta") if isinstance(t, torch.Tensor) else t
+
+    def call_function(self, target, args, kwargs):
+        if target in _SAME_SHAPE and args and isinstance(args[0], torch.Tensor):
+            return torch.empty_like(args[0])  # (meta batch_norm runs a Python decomposition: slow)
+        out = _meta_shape(target, args, kwargs)
+        return out if out is not None else super().call_function(target, args, kwargs)
+
+    def call_module(self, target, args, kwargs):
+        mod = self.fetch_attr(target)
+        if _same_shape_module(mod) and args and isinstance(args[0], torch.Tensor):
+            return torch.empty_like(args[0])
+        state = {k: v.to("meta") for k, v in chain(mod.named_parameters(), mod.named_buffers())}
+        return torch.func.functional_call(mod, state, args, kwargs) if state else mod(*args, **kwargs)
+
+
+def _meta_shape(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The empty meta output of a broadcasting binary op or an attention call, None for any other op (or
+    operands outside the plain form: then the op's own meta kernel runs)."""
+    from .attention import self_attention
+
+    if target in _BROADCAST or target in _DIVISION:
+        ops = args[:2]
+        if len(args) != 2 or set(kwargs) - {"alpha"} or not any(isinstance(v, torch.Tensor) for v in ops) \
+                or not all(isinstance(v, (torch.Tensor, int, float, bool)) for v in ops):
+            return None
+        dtype = torch.result_type(*ops)
+        if target in _DIVISION and not dtype.is_floating_point:
+            return None
+        shape = torch.broadcast_shapes(*(tuple(v.shape) for v in ops if isinstance(v, torch.Tensor)))
+        return torch.empty(shape, dtype=dtype, device="meta")
+    if target is self_attention and isinstance(args[0], torch.Tensor) and isinstance(args[7], torch.Tensor):
+        x, w = args[0], args[7]
+        return torch.empty(tuple(x.shape[:-1]) + (w.shape[0],), dtype=x.dtype, device="meta")
+    if target in (F.scaled_dot_product_attention, _aten.scaled_dot_product_attention.default):
+        q = args[0] if args else kwargs.get("query")
+        v = args[2] if len(args) > 2 else kwargs.get("value")
+        if isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor) and q.dim() >= 2 and v.dim() >= 2:
+            return torch.empty(tuple(q.shape[:-1]) + (v.shape[-1],), dtype=q.dtype, device="meta")
+    return None
+
+
+def _run_for_shapes(gm: fx.GraphModule, inputs: tuple, record: Callable[[fx.Node, Any], None]) -> bool:
+    """Run ``gm`` on tensors shaped like ``inputs`` for the shapes alone, calling ``record(node, output)``:
+    on meta tensors (no data, no FLOPs); where meta tensors cannot run (a tensor made in forward on the
+    CPU, a data-dependent size), on fake tensors, then for real. False when all three fail."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        for way in ("meta", "fake", "real"):
+            try:
+                if way == "meta":
+                    _OnMeta(gm, record).run(*(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs))
+                elif way == "fake":  # (fake tensors log a refused size at ERROR level: kept quiet)
+                    with _quiet("torch._subclasses.fake_tensor"), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                        _Recording(gm, record).run(*(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
+                                                     for x in inputs))
+                else:
+                    with contextlib.redirect_stderr(io.StringIO()):
+                        _Recording(gm, record).run(*_clone(inputs))
+                return True
+            except Exception:  # noqa: BLE001 - next way; a size the graph refuses fails them all
+                continue
+    return False
+
+
+def propagate_shapes_meta(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """:func:`propagate_shapes` without a real forward where it can (:func:`_run_for_shapes`), for a graph
+    whose outputs the caller does not need. A graph that fails every way gets :func:`propagate_shapes`,
+    whose :class:`ShapeFailure` names the node."""
+    if not _run_for_shapes(gm, example_inputs, _NamingShapeProp.record):
+        propagate_shapes(gm, example_inputs)
+
+
 def record_other_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Write :data:`OTHER_SHAPES` on every node: the shapes the graph's values take at the derived input
     sizes it accepts. A rule whose channel mapping is read off the traced sizes (``reshape(-1, 6)``,
@@ -463,57 +573,14 @@ def record_other_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     size is refused. Shapes come from meta tensors (no FLOPs, no data); a graph meta tensors cannot run
     (a tensor made in forward, data-dependent sizes) goes through fake tensors, then a real run; an input
     size the graph refuses is skipped."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from .verify import derived_inputs
 
     for node in gm.graph.nodes:
         node.meta[OTHER_SHAPES] = []
-
-    class Record(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            out = super().run_node(n)
-            self.seen[n] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
-            return out
-
-    class OnMeta(Record):
-        def get_attr(self, target, args, kwargs):
-            t = super().get_attr(target, args, kwargs)
-            return t.to("meta") if isinstance(t, torch.Tensor) else t
-
-        def call_function(self, target, args, kwargs):
-            if target in _SAME_SHAPE and args and isinstance(args[0], torch.Tensor):
-                return torch.empty_like(args[0])  # (meta batch_norm runs a Python decomposition: slow)
-            return super().call_function(target, args, kwargs)
-
-        def call_module(self, target, args, kwargs):
-            mod = self.fetch_attr(target)
-            if _same_shape_module(mod) and args and isinstance(args[0], torch.Tensor):
-                return torch.empty_like(args[0])
-            state = {k: v.to("meta") for k, v in chain(mod.named_parameters(), mod.named_buffers())}
-            return torch.func.functional_call(mod, state, args, kwargs) if state else mod(*args, **kwargs)
-
     for _, inputs in derived_inputs(example_inputs)[1:]:
-        seen = None
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            for kind in (OnMeta, Record, None):
-                rec = (kind or Record)(gm)
-                rec.seen = {}
-                try:
-                    if kind is OnMeta:
-                        rec.run(*(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs))
-                    elif kind is Record:  # (fake tensors log a refused size at ERROR level: kept quiet)
-                        with _quiet("torch._subclasses.fake_tensor"), FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                            rec.run(*(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs))
-                    else:
-                        with contextlib.redirect_stderr(io.StringIO()):
-                            rec.run(*_clone(inputs))
-                    seen = rec.seen
-                    break
-                except Exception:  # noqa: BLE001 - next way; a size the graph refuses fails them all
-                    continue
-        if seen is not None:
+        seen: dict[fx.Node, Any] = {}
+        if _run_for_shapes(gm, inputs, lambda n, out: seen.__setitem__(
+                n, tuple(out.shape) if isinstance(out, torch.Tensor) else None)):
             for node in gm.graph.nodes:
                 node.meta[OTHER_SHAPES].append(seen.get(node))
 

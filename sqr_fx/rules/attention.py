@@ -22,6 +22,7 @@ from torch import fx
 from ..attention import self_attention
 from ..values import ChanInfo, shape_of
 from .registry import rule
+from .weighted import NONZERO, finite
 
 _NAMES = ("input", "q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "out_weight", "out_bias",
           "num_heads", "scale", "batch_first")
@@ -32,6 +33,19 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().cpu().numpy()
 
 
+def _nonzero(t: torch.Tensor) -> np.ndarray:
+    return (t != 0).cpu().numpy()
+
+
+def _matvec(W: torch.Tensor, c: np.ndarray) -> np.ndarray:
+    """``W @ c`` in float64, over the non-zero entries of ``c`` only (the others add exact zeros: the
+    weights are finite), so a mostly-zero ``c`` costs a few columns instead of the whole matrix."""
+    cols = np.flatnonzero(c)
+    if not len(cols):
+        return np.zeros(W.shape[0])
+    return _np(W[:, torch.as_tensor(cols)]) @ c[cols]
+
+
 def _analyze(node: fx.Node, A, a) -> ChanInfo | None:
     x = a["input"]
     src, s, out_s = A.info(x), A.shape(x), A.shape(node)
@@ -40,45 +54,57 @@ def _analyze(node: fx.Node, A, a) -> ChanInfo | None:
     if any(t is None for t in T.values()) or s is None or out_s is None or (a.get("out_bias") is not None and bo is None):
         A.freeze(list(node.args))
         return None
+    if not all(t is None or finite(t) for t in (*T.values(), bo)):  # 0 * inf is NaN: a zero value or dim is still read by an inf weight
+        A.decline(node, "non-finite projection weight or bias")
+        return None
     if src is not None and src.dim != len(s) - 1:
         A.freeze(src)
         src = None
-    Wq, Wk, Wv, Wo = (_np(T[f"{p}_weight"]) for p in ("q", "k", "v", "out"))
+    nzq, nzk, nzv, nzo = (_nonzero(T[f"{p}_weight"]) for p in ("q", "k", "v", "out"))
+    node.meta[NONZERO] = (nzq, nzk, nzv, nzo)  # the rewrite slices these instead of reading the weights again
     bv = _np(T["v_bias"])
-    out_ids = A.fresh(Wo.shape[0])
+    out_ids = A.fresh(nzo.shape[0])
     if src is not None:  # every output may depend on every input a projection reads
-        read = (Wq != 0).any(0) | (Wk != 0).any(0) | (Wv != 0).any(0)
-        A.read(src, out_ids, np.broadcast_to(read, (Wo.shape[0], len(read))))
+        read = nzq.any(0) | nzk.any(0) | nzv.any(0)
+        A.read(src, out_ids, np.broadcast_to(read, (nzo.shape[0], len(read))))
         dyn_in, c = ~src.const, np.where(src.const, src.value, 0.0)
     else:
-        dyn_in, c = np.ones(Wv.shape[1], bool), np.zeros(Wv.shape[1])
-    v_const = ~((Wv != 0) & dyn_in[None, :]).any(1)
-    v_val = bv + Wv @ c
-    row_const = ~((Wo != 0) & ~v_const[None, :]).any(1)
+        dyn_in, c = np.ones(nzv.shape[1], bool), np.zeros(nzv.shape[1])
+    v_const = ~(nzv & dyn_in[None, :]).any(1)
+    v_val = bv + _matvec(T["v_weight"], c)
+    row_const = ~(nzo & ~v_const[None, :]).any(1)
     H = int(a["num_heads"])
-    if shrinks(_layout(Wq, _np(T["q_bias"]), Wk, Wv, Wo, H, A.align), H, Wq.shape[0] // H, Wv.shape[0] // H):
+    if shrinks(_layout(nzq, _nonzero(T["q_bias"]), nzk, nzv, nzo, H, A.align), H, nzq.shape[0] // H,
+               nzv.shape[0] // H):
         A.local_change(node)  # heads or per-head dims to drop, whatever the channel plan says
-    out_val = (_np(bo) if bo is not None else 0.0) + Wo @ np.where(v_const, v_val, 0.0)
+    out_val = (_np(bo) if bo is not None else 0.0) + _matvec(T["out_weight"], np.where(v_const, v_val, 0.0))
     return ChanInfo(len(out_s) - 1, out_ids, row_const, np.where(row_const, out_val, 0.0))
+
+
+def _packed(dims: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(destination, source) positions: kept head i's live dims go to ``i * width`` onwards."""
+    dest = [i * width + j for i, d in enumerate(dims) for j in range(len(d))]
+    return torch.as_tensor(dest, dtype=torch.long), torch.as_tensor([x for d in dims for x in d], dtype=torch.long)
 
 
 def pack_rows(W: torch.Tensor, b: torch.Tensor, heads: list[list[int]],
               width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of each kept head's live dims, zero-padded to ``width`` per head."""
+    dest, src = _packed(heads, width)
     W2 = W.new_zeros((len(heads) * width, W.shape[1]))
     b2 = b.new_zeros(len(heads) * width)
-    for i, dims in enumerate(heads):
-        W2[i * width:i * width + len(dims)] = W[dims]
-        b2[i * width:i * width + len(dims)] = b[dims]
+    W2[dest] = W[src]
+    b2[dest] = b[src]
     return W2, b2
 
 
 def pack_cols(Wo: torch.Tensor, vdims: list[list[int]], width: int) -> torch.Tensor:
     """Columns of the output projection for each kept head's value dims, zero-padded to ``width``."""
-    Wo2 = Wo.new_zeros((Wo.shape[0], len(vdims) * width))
-    for i, dims in enumerate(vdims):
-        Wo2[:, i * width:i * width + len(dims)] = Wo[:, dims]
-    return Wo2
+    dest, src = _packed(vdims, width)
+    cols = Wo.index_select(1, src)
+    if len(dest) == len(vdims) * width:  # no padding: the gather is the result
+        return cols
+    return Wo.new_zeros((Wo.shape[0], len(vdims) * width)).index_copy_(1, dest, cols)
 
 
 def head_layout(qk_live: np.ndarray, v_live: np.ndarray, H: int, align: int = 1):
@@ -108,11 +134,12 @@ def shrinks(layout, H: int, dq: int, dv: int) -> bool:
     return len(heads) < H or wq_ < dq or wv_ < dv
 
 
-def _layout(Wq, bq, Wk, Wv, Wo, H: int, align: int = 1):
-    """Softmax attention: a value dim lives when it is read and reads; a query/key dim when k reads
-    something (else a per-query shift) and q is not identically 0."""
-    v_live = (Wv != 0).any(1) & (Wo != 0).any(0)
-    qk_live = (Wk != 0).any(1) & ((Wq != 0).any(1) | (bq != 0))
+def _layout(nzq: np.ndarray, bq_nz: np.ndarray, nzk: np.ndarray, nzv: np.ndarray, nzo: np.ndarray, H: int,
+            align: int = 1):
+    """Softmax attention (from the projections' non-zero patterns): a value dim lives when it is read and
+    reads; a query/key dim when k reads something (else a per-query shift) and q is not identically 0."""
+    v_live = nzv.any(1) & nzo.any(0)
+    qk_live = nzk.any(1) & (nzq.any(1) | bq_nz)
     return head_layout(qk_live, v_live, H, align)
 
 
@@ -123,32 +150,37 @@ def _rewrite(node: fx.Node, R, a) -> fx.Node:
     s = shape_of(a["input"])
     if src is not None and (s is None or src.dim != len(s) - 1):
         src = None  # the analysis' decision: an input tracked on another axis than the embedding was frozen
-    T = {n: R.tensor(a[n]).double() for n in _NAMES[1:8]}
-    dtype = R.tensor(a["q_weight"]).dtype
-    E_in = T["q_weight"].shape[1]
-    keep_in = R.keep(src, E_in)
+    T = {n: R.tensor(a[n]) for n in _NAMES[1:8]}
+    dtype = T["q_weight"].dtype
+    keep_in = R.keep(src, T["q_weight"].shape[1])
+    bias64 = {p: _np(T[f"{p}_bias"]) for p in _PROJ}  # folds are summed in float64, then cast once
+    nzq, nzk, nzv, nzo = node.meta[NONZERO]
     if src is not None:
-        c = torch.as_tensor(np.where(~keep_in & src.const, src.value, 0.0))
+        nzq, nzk, nzv = (nz[:, keep_in] for nz in (nzq, nzk, nzv))
+        c = np.where(~keep_in & src.const, src.value, 0.0)
+        cols = torch.as_tensor(np.flatnonzero(keep_in))
         for p in _PROJ:  # constant inputs fold into each projection's bias (Linear identity)
-            T[f"{p}_bias"] = T[f"{p}_bias"] + T[f"{p}_weight"] @ c
-            T[f"{p}_weight"] = T[f"{p}_weight"][:, torch.as_tensor(keep_in)]
-    ko = torch.as_tensor(R.keep(out_info))
+            bias64[p] = bias64[p] + _matvec(T[f"{p}_weight"], c)
+            T[f"{p}_weight"] = T[f"{p}_weight"].index_select(1, cols)
+    ko = torch.as_tensor(np.flatnonzero(R.keep(out_info)))
     bo_t = R.tensor(a.get("out_bias"))
-    Wo = T["out_weight"][ko]
-    bo = (bo_t.double()[ko] if bo_t is not None else torch.zeros(int(ko.sum()), dtype=torch.float64))
-    Wq, bq, Wk, bk, Wv, bv = (T[f"{p}_{w}"] for p in _PROJ for w in ("weight", "bias"))
-    v_reads = (Wv != 0).any(1)
-    bo = bo + Wo[:, ~v_reads] @ bv[~v_reads]  # softmax rows sum to 1: a constant value dim is its bias
-    heads, qdims, vdims, wq_, wv_ = _layout(Wq, bq, Wk, Wv, Wo, int(a["num_heads"]), R.plan.align)
-    Wq2, bq2 = pack_rows(Wq, bq, qdims, wq_)
-    Wk2, bk2 = pack_rows(Wk, bk, qdims, wq_)
-    Wv2, bv2 = pack_rows(Wv, bv, vdims, wv_)
+    Wo = T["out_weight"].index_select(0, ko)
+    bo = _np(bo_t)[ko.numpy()] if bo_t is not None else np.zeros(len(ko))
+    nzo = nzo[ko.numpy()]
+    v_reads = nzv.any(1)
+    # softmax rows sum to 1: a value dim that reads nothing is its bias, folded into the output bias
+    bo = bo + _matvec(Wo, np.where(v_reads, 0.0, bias64["v"]))
+    heads, qdims, vdims, wq_, wv_ = _layout(nzq, bias64["q"] != 0, nzk, nzv, nzo, int(a["num_heads"]), R.plan.align)
+    b = {p: torch.as_tensor(bias64[p]).to(dtype) for p in _PROJ}
+    Wq2, bq2 = pack_rows(T["q_weight"], b["q"], qdims, wq_)
+    Wk2, bk2 = pack_rows(T["k_weight"], b["k"], qdims, wq_)
+    Wv2, bv2 = pack_rows(T["v_weight"], b["v"], vdims, wv_)
     Wo2 = pack_cols(Wo, vdims, wv_)
     new = {"q_weight": Wq2, "q_bias": bq2, "k_weight": Wk2, "k_bias": bk2, "v_weight": Wv2, "v_bias": bv2,
            "out_weight": Wo2}
-    args = [R.arg(a["input"])] + [R.attr(a[n].target, new[n].to(dtype)) for n in _NAMES[1:8]]
+    args = [R.arg(a["input"])] + [R.attr(a[n].target, new[n]) for n in _NAMES[1:8]]
     bias_name = a["out_bias"].target if a.get("out_bias") is not None else f"{a['out_weight'].target}_bias"
-    args += [R.attr(bias_name, bo.to(dtype)), len(heads), a["scale"], a.get("batch_first", True)]
+    args += [R.attr(bias_name, torch.as_tensor(bo).to(dtype)), len(heads), a["scale"], a.get("batch_first", True)]
     return R.graph.call_function(self_attention, tuple(args))
 
 

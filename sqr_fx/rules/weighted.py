@@ -31,7 +31,7 @@ READS = "sqr_fx.reads"
 #: weight is finite), so the next round does not read every weight again
 NONZERO = "sqr_fx.nonzero"
 
-__all__ = ["ones_map"]
+__all__ = ["ones_map", "finite"]
 
 
 def ones_map(x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().double().numpy()
 
 
-def _finite(t: torch.Tensor) -> bool:
+def finite(t: torch.Tensor) -> bool:
     """Every entry finite. A sum is finite only when every term is (inf or NaN propagates), so a finite
     sum settles it in one reduction; the exact check runs only when the sum is not finite (a NaN/inf
     entry, or finite entries whose sum overflows)."""
@@ -88,8 +88,8 @@ def _weighted_analyze(node: fx.Node, A, a, *, conv: bool, transposed: bool = Fal
            else "unbatched input (its rank is not the weight's)" if conv and x_shape is not None
            and len(x_shape) != W.dim()
            # 0 * inf is NaN: even a zero input channel is read by a non-finite weight
-           else "non-finite weight or bias" if (known is None and not _finite(W))
-           or (b is not None and not _finite(b)) else None)
+           else "non-finite weight or bias" if (known is None and not finite(W))
+           or (b is not None and not finite(b)) else None)
     if why is not None:
         A.decline(node, why)
         return None
