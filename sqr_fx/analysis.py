@@ -27,7 +27,7 @@ from .coupling import Groups
 from .errors import SqrFxError, UnsupportedOpError
 from .rules import lookup
 from .rules.registry import UNNORMALIZED, has_hooks
-from .trace import OTHER_SHAPES, fetch_attr, record_other_shapes, shared_ties, tied_targets
+from .trace import OTHER_SHAPES, OtherSizes, fetch_attr, record_other_shapes, shared_ties, tied_targets
 from .values import GROUP_AWARE, META_KEY, ChanInfo, shape_of
 
 __all__ = ["Analysis", "Plan"]
@@ -79,7 +79,7 @@ class Analysis:
     """State shared by the rules during the forward sweep (see module docstring)."""
 
     def __init__(self, gm: fx.GraphModule, strict: bool = False, drop_inputs: bool = True,
-                 example_inputs: Optional[tuple] = None, align: int = 1):
+                 example_inputs: Optional[tuple | OtherSizes] = None, align: int = 1):
         self.gm, self.strict, self.drop_inputs = gm, strict, drop_inputs
         self.example_inputs = example_inputs
         self.align = max(int(align or 1), 1)

@@ -24,7 +24,7 @@ from .rules import lookup
 from .rules.registry import OPAQUE
 from .rules.shape import is_input_gather
 from .size import count_parameters, count_stored_floats
-from .trace import ShapeFailure, fetch_attr, keyword_adapter, privatize, propagate_shapes_meta, to_graph
+from .trace import OtherSizes, ShapeFailure, fetch_attr, keyword_adapter, privatize, propagate_shapes_meta, to_graph
 from .values import META_KEY
 from .verify import self_check
 
@@ -173,6 +173,7 @@ def minimize(
     traced = gm
     set_aside: set[str] = set()  # nodes whose rule failed: frozen in every later analysis
     previous: fx.GraphModule | None = None
+    other_sizes = OtherSizes(example_inputs)  # the reshape rules' other input sizes, drawn once
     shaped = gm  # the graph whose node shapes are current: to_graph's run on the example inputs
     for _ in range(max_rounds):
         try:
@@ -197,7 +198,7 @@ def minimize(
         for node in gm.graph.nodes:
             if node.name in set_aside:
                 node.meta[OPAQUE] = True
-        analysis = Analysis(gm, strict=strict, drop_inputs=drop_inputs, example_inputs=example_inputs,
+        analysis = Analysis(gm, strict=strict, drop_inputs=drop_inputs, example_inputs=other_sizes,
                             align=align).run()
         plan = analysis.plan()
         frozen = plan.frozen_nodes

@@ -566,18 +566,34 @@ def propagate_shapes_meta(gm: fx.GraphModule, example_inputs: tuple) -> None:
         propagate_shapes(gm, example_inputs)
 
 
-def record_other_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
-    """Write :data:`OTHER_SHAPES` on every node: the shapes the graph's values take at the derived input
-    sizes it accepts. A rule whose channel mapping is read off the traced sizes (``reshape(-1, 6)``,
-    ``flatten`` over axes of size 1) compares it with these, so a mapping that holds only at the traced
-    size is refused. Shapes come from meta tensors (no FLOPs, no data); a graph meta tensors cannot run
-    (a tensor made in forward, data-dependent sizes) goes through fake tensors, then a real run; an input
-    size the graph refuses is skipped."""
-    from .verify import derived_inputs
+class OtherSizes:
+    """The derived inputs of :func:`sqr_fx.verify.derived_inputs` other than the example itself (another
+    batch, spatial or sequence size), drawn on first use and shared by every round of one ``minimize``."""
 
+    def __init__(self, example_inputs: tuple):
+        self.example_inputs = example_inputs
+        self._inputs: list[tuple] | None = None
+
+    @property
+    def inputs(self) -> list[tuple]:
+        if self._inputs is None:
+            from .verify import derived_inputs
+
+            self._inputs = [x for _, x in derived_inputs(self.example_inputs)[1:]]
+        return self._inputs
+
+
+def record_other_shapes(gm: fx.GraphModule, sizes: OtherSizes | tuple) -> None:
+    """Write :data:`OTHER_SHAPES` on every node: the shapes the graph's values take at the derived input
+    sizes it accepts (``sizes``: an :class:`OtherSizes`, or the example inputs to derive them from). A rule
+    whose channel mapping is read off the traced sizes (``reshape(-1, 6)``, ``flatten`` over axes of
+    size 1) compares it with these, so a mapping that holds only at the traced size is refused. Shapes
+    come from meta tensors (:func:`_run_for_shapes`); an input size the graph refuses is skipped."""
+    if not isinstance(sizes, OtherSizes):
+        sizes = OtherSizes(sizes)
     for node in gm.graph.nodes:
         node.meta[OTHER_SHAPES] = []
-    for _, inputs in derived_inputs(example_inputs)[1:]:
+    for inputs in sizes.inputs:
         seen: dict[fx.Node, Any] = {}
         if _run_for_shapes(gm, inputs, lambda n, out: seen.__setitem__(
                 n, tuple(out.shape) if isinstance(out, torch.Tensor) else None)):
