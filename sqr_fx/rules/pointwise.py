@@ -61,11 +61,15 @@ def _probe(info: ChanInfo, ndim: int = 2) -> torch.Tensor:
     return torch.as_tensor(info.probe(np.where(info.const, info.value, 0.0), max(ndim, 2)), dtype=torch.float64)
 
 
-def _mapped_values(node: fx.Node, A, x: fx.Node, src: ChanInfo) -> ChanInfo:
-    """Output info of a channel-wise unary op: same ids, constants mapped through the op."""
+def _mapped_values(node: fx.Node, A, x: fx.Node, src: ChanInfo, refs: tuple = ()) -> ChanInfo:
+    """Output info of a channel-wise unary op: same ids, constants mapped through the op. ``refs``: tensor
+    arguments read for their dtype only (``x.type_as(y)``, ``x.to(y)``): an empty tensor of that dtype
+    stands in for them, so a cast back to the model's dtype (after Gemma's float32 norm) keeps constants."""
     out = replace(src, const=src.const.copy(), value=src.value.copy())
     if src.const.any():
-        y = A.evaluate(node, {x: _probe(src, len(A.shape(x) or ()))})
+        probes = {r: torch.empty(0, dtype=r.meta["tensor_meta"].dtype) for r in refs
+                  if "tensor_meta" in r.meta and hasattr(r.meta["tensor_meta"], "dtype")}
+        y = A.evaluate(node, {**probes, x: _probe(src, len(A.shape(x) or ()))})
         if y is None or y.numel() != len(src):
             out.const[:] = False
         else:
@@ -82,7 +86,9 @@ def pointwise(node: fx.Node, A, a) -> ChanInfo | None:
     x = _first_tensor_arg(node)
     src = A.info(x)
     others = [v for v in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(v, fx.Node)]
+    refs: list = []
     if op_name(node) in ("type_as", "to"):  # x.type_as(y), x.to(y): y's dtype/device only, none of its values
+        refs = [v for v in others if A.shape(v) is not None]
         others = [v for v in others if A.shape(v) is None]
     if any(A.info(v) is not None or A.tensor(v) is None or A.tensor(v).numel() != 1
            for v in others if A.shape(v) is not None):
@@ -93,7 +99,7 @@ def pointwise(node: fx.Node, A, a) -> ChanInfo | None:
     if src is None or A.shape(node) != A.shape(x):
         A.freeze(src)
         return None
-    return _mapped_values(node, A, x, src)
+    return _mapped_values(node, A, x, src, tuple(refs))
 
 
 @rule("batch_norm", F.batch_norm, aten.batch_norm.default,
