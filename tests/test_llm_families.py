@@ -53,6 +53,8 @@ class Family:
     embeds: list[str] = ("model.embed_tokens",)
     final_norm: str = "model.norm"
     gemma: bool = False                     # RMSNorm scales by (1 + w)
+    q_rows: bool = False                    # a dead head's q rows are zero too (q_norm spans every head)
+    rtol: float = 1e-9                      # float32 norms inside a float64 model: float32 rounding
 
 
 def _plain(kv):
@@ -117,7 +119,8 @@ FAMILIES: dict[str, Family] = {
     "olmo2": Family(lambda tf, kv: tf.Olmo2ForCausalLM(_cfg(tf, "Olmo2Config", kv)), "model.layers.{}", **_plain(2),
                     **_GATED, stream_norms=[], writers=["self_attn.o_proj", "mlp.down_proj"],
                     post_norms=["post_attention_layernorm", "post_feedforward_layernorm"],
-                    direct=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"]),
+                    direct=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"],
+                    q_rows=True),
     "stablelm": Family(lambda tf, kv: tf.StableLmForCausalLM(_cfg(tf, "StableLmConfig", kv)), "model.layers.{}",
                        **_plain(2), **_GATED, **_PRE),
 }
@@ -142,6 +145,10 @@ def plant(m, fam: Family) -> None:
         o = _get(layer, fam.o)
         for h in heads:
             o.weight[:, h * D:(h + 1) * D] = 0
+        if fam.q_rows:
+            for h in heads:
+                for name, rows in fam.q(h):
+                    _get(layer, name).weight[list(rows)] = 0
         if fam.kv < H:
             for kvh in sorted({h // r for h in heads}):
                 for name, rows in fam.k(kvh) + fam.v(kvh):
