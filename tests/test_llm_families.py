@@ -319,3 +319,24 @@ def test_guard_zero_query_dim_under_per_head_norm_is_kept(qk_norm):
         m.q.weight[[3, 11]] = 0
         m.q.bias[[3, 11]] = 0
     assert _qkv_widths(m) == ((14, 14, 16) if qk_norm is None else (16, 16, 16))
+
+
+@pytest.mark.parametrize("name", ["gemma2", "falcon", "qwen3"])
+def test_mha_variant_single_dead_heads(name):
+    """The GQA families built with as many kv heads as q heads: single dead heads (o columns zero: head 1,
+    heads 0 and 3) go with their k and v heads (Falcon: one q head per (q, k, v) slot group; Qwen3: through
+    the per-head q/k norms; Gemma 2: through soft-capped eager attention)."""
+    from dataclasses import replace
+
+    torch.set_num_threads(1)
+    fam = replace(FAMILIES[name], kv=H, q_rows=False)
+    torch.manual_seed(0)
+    m = fam.build(_hf(), H)
+    plant(m, fam)
+    m = m.eval().double()
+    s = minimize(m, (_ids(*SHAPES[0]),))
+    for i, heads in enumerate(dead_heads(fam)):
+        assert widths(s, fam, i) == dict(heads=H - len(heads), kv=H - len(heads), units=64 - len(UNITS),
+                                         stream=C - len(J)), i
+    for b, t in SHAPES[1:]:
+        assert_same(m, s, (_ids(b, t, seed=t),), rtol=fam.rtol)
