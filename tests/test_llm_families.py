@@ -39,13 +39,28 @@ def test_planted_structure_goes_exactly(name):
     assert count_stored_floats(s) < count_stored_floats(m)
 
 
-def test_guard_olmo2_dead_head_with_live_queries_is_kept():
-    """GUARD. OLMo2's q_norm normalizes q over ALL heads at once (RMS over H * D): a dead head's query
-    values (o_proj columns zero, q rows live) still scale every other head's queries, so the head stays
-    (only zero q rows, constants the compensated RMS accounts for, let it go: the family test)."""
+@pytest.mark.parametrize("name", ["qwen3", "gemma2"])
+def test_rmsnorm_families_without_stream_channels_are_bit_exact(name):
+    """The float32 rounding of the RMSNorm families comes from the compensated float32 statistic alone:
+    with no stream channel planted (heads, kv groups, MLP units only) the result is exact in float64."""
     _hf()
     torch.set_num_threads(1)
-    m, fam = build("olmo2", q_rows=False)
+    m, fam = build(name, stream=False)
+    s = minimize(m, (_ids(*SHAPES[0]),))
+    for i, heads in enumerate(dead_heads(fam)):
+        assert widths(s, fam, i) == dict(heads=H - len(heads), kv=1, units=64 - len(UNITS), stream=C)
+    for b, t in SHAPES[1:]:
+        assert_same(m, s, (_ids(b, t, seed=t),), rtol=1e-12)
+
+
+def test_guard_olmo2_dead_head_with_live_queries_is_kept():
+    """GUARD. OLMo2's q_norm / k_norm normalize q and k over ALL heads at once (RMS over H * D): a dead
+    head's query values (o_proj columns zero, q rows live) still scale every other head's queries, so the
+    head stays (only zero q and k rows, constants the compensated RMS accounts for, let it go: the family
+    test)."""
+    _hf()
+    torch.set_num_threads(1)
+    m, fam = build("olmo2", qk_rows=False)
     s = minimize(m, (_ids(*SHAPES[0]),))
     for i in range(2):
         assert widths(s, fam, i) == dict(heads=H, kv=fam.kv, units=64 - len(UNITS), stream=C - len(J))
@@ -150,7 +165,7 @@ def test_mha_variant_single_dead_heads(name):
     the per-head q/k norms; Gemma 2: through soft-capped eager attention)."""
     _hf()
     torch.set_num_threads(1)
-    m, fam = build(name, kv=H, q_rows=False)
+    m, fam = build(name, kv=H, qk_rows=False)
     s = minimize(m, (_ids(*SHAPES[0]),))
     for i, heads in enumerate(dead_heads(fam)):
         assert widths(s, fam, i) == dict(heads=H - len(heads), kv=H - len(heads), units=64 - len(UNITS),

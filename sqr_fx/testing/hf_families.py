@@ -50,8 +50,9 @@ class Family:
     embeds: list[str] = ("model.embed_tokens",)
     final_norm: str = "model.norm"
     gemma: bool = False                     # RMSNorm scales by (1 + w)
-    q_rows: bool = False                    # a dead head's q rows are zero too (q_norm spans every head)
+    qk_rows: bool = False                   # a dead head's q and k rows are zero too (q/k norms span all heads)
     rtol: float = 1e-9                      # float32 norms inside a float64 model: float32 rounding
+    stream: bool = True                     # plant the dead stream channels J
 
 
 def _plain(kv):
@@ -117,7 +118,7 @@ FAMILIES: dict[str, Family] = {
                     **_GATED, stream_norms=[], writers=["self_attn.o_proj", "mlp.down_proj"],
                     post_norms=["post_attention_layernorm", "post_feedforward_layernorm"],
                     direct=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"],
-                    q_rows=True, rtol=F32),
+                    qk_rows=True, rtol=F32),
     "stablelm": Family(lambda tf, kv: tf.StableLmForCausalLM(_cfg(tf, "StableLmConfig", kv)), "model.layers.{}",
                        **_plain(2), **_GATED, **_PRE),
 }
@@ -137,14 +138,15 @@ def plant(m, fam: Family) -> None:
     g = torch.Generator().manual_seed(1)
     off = -1.0 if fam.gemma else 0.0
     r = H // fam.kv
+    J_ = J if fam.stream else []
     for i, heads in enumerate(dead_heads(fam)):
         layer = _get(m, fam.layers.format(i))
         o = _get(layer, fam.o)
         for h in heads:
             o.weight[:, h * D:(h + 1) * D] = 0
-        if fam.q_rows:
+        if fam.qk_rows:  # (GQA: the dead kv group's k rows are zeroed below anyway)
             for h in heads:
-                for name, rows in fam.q(h):
+                for name, rows in fam.q(h) + fam.k(h // r):
                     _get(layer, name).weight[list(rows)] = 0
         if fam.kv < H:
             for kvh in sorted({h // r for h in heads}):
@@ -155,14 +157,14 @@ def plant(m, fam: Family) -> None:
                         lin.bias[list(rows)] = 0
         _get(layer, fam.down).weight[:, UNITS] = 0
         for name in fam.writers:
-            _get(layer, name).weight[J] = 0
+            _get(layer, name).weight[J_] = 0
         for name in fam.stream_norms + list(fam.post_norms):
-            _get(layer, name).weight[J] = off
+            _get(layer, name).weight[J_] = off
         for name in fam.direct:
-            _get(layer, name).weight[:, J] = 0
+            _get(layer, name).weight[:, J_] = 0
     for name in fam.embeds:
-        _get(m, name).weight[:, J] = torch.randn(len(J), generator=g)
-    _get(m, fam.final_norm).weight[J] = off
+        _get(m, name).weight[:, J_] = torch.randn(len(J_), generator=g)
+    _get(m, fam.final_norm).weight[J_] = off
 
 
 def widths(s, fam: Family, i: int) -> dict[str, int]:
