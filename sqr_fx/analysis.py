@@ -177,6 +177,16 @@ class Analysis:
         value there is a known constant, which the rewrite compensates. An unread output reads nothing."""
         self.edges.append((src, out_ids, None))
 
+    def keep_whole_heads(self, src: ChanInfo) -> None:
+        """An op mixes the dims of each head of ``src`` (a norm over the per-head axis, a per-dim weight
+        shared by all heads): while any output position of head h is live, every position of head h is
+        read and kept, constant or not (nothing compensates inside the head); a head with no live output
+        reads nothing and may go whole. One dense read per head (``need_const`` on a dynamic view)."""
+        D = len(src) // src.heads
+        for h in range(src.heads):
+            ids = src.ids[h * D:(h + 1) * D]
+            self.need_const(ChanInfo.dynamic(src.dim, ids), ids)
+
     def align_heads(self, *infos: ChanInfo) -> None:
         """Head-split infos whose heads pair up (attention's q, k, v): the same heads must stay."""
         self.head_links.append(list(infos))

@@ -8,6 +8,11 @@ ordinary weight. Folded: call nodes (no modules) whose inputs are all ``get_attr
 folded nodes, that write into nothing and draw no random numbers. A region is folded only when it does
 not make the model grow: the folded tensors may not hold more floats than the parameters the region
 alone reads (a RoPE table built from a small ``inv_freq`` stays computed).
+
+torch.export checks the dtype of a stored tensor before a cast (``_assert_tensor_metadata(weight,
+dtype=float64)`` before Gemma's ``weight.float()``). Such a check of a ``get_attr`` tensor reads no value
+and holds by construction for the tensor the module stores: it is dropped first, so it does not count as
+a reader outside the region (which would keep the parameter stored next to its folded form).
 """
 from __future__ import annotations
 
@@ -35,6 +40,10 @@ def _deterministic(node: fx.Node, root: nn.Module) -> bool:
 def fold_constants(gm: fx.GraphModule) -> int:
     """Fold parameter-only expressions into new ``get_attr`` tensors (see module docstring); returns
     how many nodes were replaced."""
+    for node in list(gm.graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default and node.args \
+                and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
     values: dict[fx.Node, Any] = {}
     param: dict[fx.Node, bool] = {}  # the value derives from a Parameter: stored as one (trainable)
     stored: dict[fx.Node, int] = {}  # get_attr -> identity of the stored tensor (one tensor, several names)

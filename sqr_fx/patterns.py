@@ -34,7 +34,7 @@ from torch import fx
 from .rules.registry import op_name
 from .values import shape_of
 
-__all__ = ["rms_norm_from_pattern", "rotary_from_pattern"]
+__all__ = ["fused_slots_from_pattern", "rms_norm_from_pattern", "rotary_from_pattern"]
 
 aten = torch.ops.aten
 
@@ -304,6 +304,117 @@ def rotary_from_pattern(gm: fx.GraphModule) -> int:
             if not n.users:
                 gm.graph.erase_node(n)
         count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+# ---- slots of a fused projection viewed as (groups, slots, dims) ------------------------------------------
+def _slot_split(v: Any) -> Optional[tuple[fx.Node, list, int, int, int]]:
+    """(X, leading sizes, G, S, D) when ``v`` views X's last axis as (G, S, D), the leading axes unchanged."""
+    if not isinstance(v, fx.Node) or v.op != "call_function" or op_name(v) not in ("view", "reshape") \
+            or len(v.args) != 2 or not isinstance(v.args[0], fx.Node) or not isinstance(v.args[1], (list, tuple)):
+        return None
+    x, sizes = v.args[0], list(v.args[1])
+    sx, sv = shape_of(x), shape_of(v)
+    if sx is None or sv is None or len(sv) != len(sx) + 2 or len(sizes) != len(sv) or sv[:len(sx) - 1] != sx[:-1] \
+            or sv[-3] * sv[-2] * sv[-1] != sx[-1]:
+        return None
+    return x, sizes[:len(sx) - 1], sv[-3], sv[-2], sv[-1]
+
+
+def _slot_selection(u: fx.Node, gm: fx.GraphModule, nd: int, S: int) -> Optional[tuple[list[int], list[fx.Node]]]:
+    """(slots, nodes) when ``u`` (after full slices of any axis, each read only by the next) takes literal
+    slots along axis ``nd - 2``: ``x[..., a:b, :]`` or ``aten.index(x, [None, ..., stored ids])``."""
+    chain = []
+    while True:
+        found = _slice_of(u)
+        if found is None or found[1] == nd - 2 or found[2] != range(shape_of(found[0])[found[1]]):
+            break
+        if not _only_user(u):
+            return None
+        chain.append(u)
+        (u,) = u.users
+    found = _slice_of(u)
+    if found is not None and found[1] == nd - 2:
+        return list(found[2]), chain + [u]
+    if u.target is aten.index.Tensor and len(u.args) == 2 and isinstance(u.args[1], (list, tuple)) \
+            and len(u.args[1]) == nd - 1 and all(i is None for i in u.args[1][:-1]) \
+            and isinstance(u.args[1][-1], fx.Node) and u.args[1][-1].op == "get_attr":
+        from .trace import fetch_attr
+
+        t = fetch_attr(gm, u.args[1][-1].target)
+        if isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point() and t.dtype != torch.bool \
+                and bool(((t >= -S) & (t < S)).all()):
+            return [int(i) % S for i in t.tolist()], chain + [u]
+    return None
+
+
+def _merge_of(n: Any, nd: int) -> bool:
+    """``n`` flattens axes (nd - 3, nd - 2): groups and slots into one head axis."""
+    if not isinstance(n, fx.Node) or n.target is not aten.flatten.using_ints or len(n.args) != 3:
+        return False
+    return [d % nd if type(d) is int else None for d in n.args[1:]] == [nd - 3, nd - 2]
+
+
+def fused_slots_from_pattern(gm: fx.GraphModule) -> int:
+    """Falcon's grouped qkv (``new_decoder_architecture``)::
+
+        qkv = fused.view(B, T, G, S, D)                 # G kv groups of S = r q heads + k + v
+        q = qkv[:, :, :, :-2].flatten(2, 3)                                   # [B, T, G * r, D]
+        k = torch.broadcast_to(qkv[:, :, :, [-2]], q_shape).flatten(2, 3)     # each kv head r times
+
+    The (G, S, D) view would be a three-factor split whose slots no rule selects. Each selection of slots
+    P followed by the merge of (G, P) into heads is the gather of its channels from the unsplit axis,
+    ``fused.index_select(-1, idx).view(B, T, G * |P|, D)`` with idx = (g, p, d) in row-major order; a
+    single slot broadcast to r copies is ``view(B, T, G, D)[..., None, :].expand(.., r, ..).reshape(B, T,
+    G * r, D)``, Hugging Face's ``repeat_kv``. Pure data movement: the same values, bit for bit. The
+    rules then see an ordinary head split (q heads) and repeated kv heads. Returns how many selections
+    were rewritten; needs ``tensor_meta`` (the caller propagates shapes again afterwards)."""
+    count = 0
+    for v in list(gm.graph.nodes):
+        found = _slot_split(v)
+        if found is None:
+            continue
+        x, lead, G, S, D = found
+        nd = len(lead) + 3
+        for u in list(v.users):
+            sel = _slot_selection(u, gm, nd, S)
+            if sel is None or not _only_user(sel[1][-1]):
+                continue
+            slots, chain = sel
+            (nxt,) = chain[-1].users
+            r = None
+            if not _merge_of(nxt, nd):  # a single slot broadcast over r heads, then merged
+                sb = shape_of(nxt)
+                if len(slots) != 1 or op_name(nxt) not in ("broadcast_to", "expand") or not _only_user(nxt) \
+                        or sb is None or len(sb) != nd or sb[-3] != G or sb[-1] != D \
+                        or not _merge_of(next(iter(nxt.users)), nd):
+                    continue
+                r, chain = sb[-2], chain + [nxt]
+                (nxt,) = nxt.users
+            idx = torch.tensor([(g * S + p) * D + d for g in range(G) for p in slots for d in range(D)])
+            name = f"sqr_fx_slots_{count}_{v.name}"
+            while hasattr(gm, name):
+                name += "_"
+            gm.register_buffer(name, idx)
+            with gm.graph.inserting_before(nxt):
+                gather = gm.graph.call_function(aten.index_select.default,
+                                                (x, nd - 3, gm.graph.get_attr(name)))
+                if r is None:
+                    new = gm.graph.call_function(aten.view.default, (gather, [*lead, G * len(slots), D]))
+                else:
+                    heads = gm.graph.call_function(aten.view.default, (gather, [*lead, G, D]))
+                    one = gm.graph.call_function(aten.unsqueeze.default, (heads, nd - 2))
+                    rep = gm.graph.call_function(aten.expand.default, (one, [-1] * (nd - 2) + [r, -1]))
+                    new = gm.graph.call_function(aten.reshape.default, (rep, [*lead, G * r, D]))
+            nxt.replace_all_uses_with(new)
+            for n in [nxt] + chain[::-1]:
+                if not n.users:
+                    gm.graph.erase_node(n)
+            count += 1
+        if count and not v.users:
+            gm.graph.erase_node(v)
     if count:
         gm.recompile()
     return count

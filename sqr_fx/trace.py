@@ -245,10 +245,14 @@ def shared_ties(gm: fx.GraphModule) -> dict[str, list[str]]:
 
 
 def recognize_patterns(gm: fx.GraphModule, example_inputs: tuple) -> int:
-    """Written-out RMSNorms and rotary embeddings become the one call they compute (patterns.py)."""
-    from .patterns import rms_norm_from_pattern, rotary_from_pattern  # patterns reads the rules' op names
+    """Written-out RMSNorms and rotary embeddings become the one call they compute, and slots of a fused
+    projection become gathers (patterns.py)."""
+    from .patterns import fused_slots_from_pattern, rms_norm_from_pattern, rotary_from_pattern  # (rules' op names)
 
-    return rms_norm_from_pattern(gm, example_inputs) + rotary_from_pattern(gm)
+    slots = fused_slots_from_pattern(gm)
+    if slots:  # new nodes: their shapes (the rotary match reads them)
+        propagate_shapes(gm, example_inputs)
+    return slots + rms_norm_from_pattern(gm, example_inputs) + rotary_from_pattern(gm)
 
 
 def fold_constants(gm: fx.GraphModule) -> int:

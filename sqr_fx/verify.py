@@ -17,12 +17,12 @@ import time
 from typing import Any, Callable, Optional
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .equivalence import _flatten
 from .errors import EquivalenceError
 
-__all__ = ["run_cloned", "outputs_match", "derived_inputs", "self_check", "tolerance"]
+__all__ = ["run_cloned", "outputs_match", "derived_inputs", "self_check", "tolerance", "compute_tolerance"]
 
 
 def _clone(x: Any) -> Any:
@@ -49,9 +49,21 @@ def tolerance(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-7, torch.float32: 1e-4}.get(dtype, 5e-2)
 
 
-def outputs_match(ref: Any, cand: Any, rel: Optional[float] = None) -> Optional[str]:
+def compute_tolerance(gm: nn.Module) -> float:
+    """The tolerance of the least precise floating dtype a traced graph computes in (0.0 for a graph
+    without shapes). A float64 model that normalizes in float32 (Hugging Face's RMSNorms: ``x.float()``,
+    Gemma's norm, RoPE tables) is exact only to float32 rounding: a compensated statistic summed in
+    another order differs from the original's by float32 ulps, however exact the rewrite."""
+    dtypes = {getattr(n.meta.get("tensor_meta"), "dtype", None) for n in getattr(gm, "graph", fx.Graph()).nodes
+              if n.op in ("call_function", "call_method", "call_module")}
+    floats = [d for d in dtypes if isinstance(d, torch.dtype) and d.is_floating_point]
+    return max((tolerance(d) for d in floats), default=0.0)
+
+
+def outputs_match(ref: Any, cand: Any, rel: Optional[float] = None, floor: float = 0.0) -> Optional[str]:
     """None when ``cand`` equals ``ref`` output by output (shapes, dtypes, NaN/inf positions, values
-    within ``rel`` of each output's scale); else a description of the first difference."""
+    within ``rel`` of each output's scale, default: its dtype's tolerance, never below ``floor``); else a
+    description of the first difference."""
     r, c = _flatten(ref), _flatten(cand)
     if len(r) != len(c):
         return f"{len(r)} outputs expected, {len(c)} returned"
@@ -75,7 +87,7 @@ def outputs_match(ref: Any, cand: Any, rel: Optional[float] = None) -> Optional[
             continue
         scale = a64[finite].abs().max().item()
         err = (a64[finite] - b64[finite]).abs().max().item()
-        tol = (rel if rel is not None else tolerance(a.dtype)) * max(scale, 1e-30)
+        tol = max(rel if rel is not None else tolerance(a.dtype), floor) * max(scale, 1e-30)
         if err > tol:
             return f"{path}: max abs error {err:.3g} at output scale {scale:.3g} (tolerance {tol:.3g})"
     return None
@@ -137,7 +149,9 @@ def derived_inputs(example_inputs: tuple, seed: int = 0) -> list[tuple[str, tupl
 def self_check(original: nn.Module, traced: nn.Module, result: nn.Module, example_inputs: tuple,
                rel: Optional[float] = None) -> tuple[list[str], list[str], float]:
     """Compare ``result`` with ``original`` on :func:`derived_inputs`; raise :class:`EquivalenceError`
-    on the first mismatch. Returns (labels checked, labels the traced program itself refuses, seconds)."""
+    on the first mismatch. Returns (labels checked, labels the traced program itself refuses, seconds).
+    The tolerance is no tighter than the least precise dtype ``traced`` computes in (:func:`compute_tolerance`)."""
+    floor = compute_tolerance(traced)
     t0 = time.process_time()
     checked, fixed = [], []
     for label, inputs in derived_inputs(example_inputs):
@@ -158,7 +172,7 @@ def self_check(original: nn.Module, traced: nn.Module, result: nn.Module, exampl
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). This is a bug in sqr_fx: "
                 "please report it with the model; minimize(..., verify=False) returns the result unchecked."
             ) from e
-        problem = outputs_match(expected, got, rel)
+        problem = outputs_match(expected, got, rel, floor)
         if problem is not None:
             raise EquivalenceError(
                 f"self-check failed on {label}: {problem}. The minimized model would compute another "

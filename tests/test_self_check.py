@@ -13,7 +13,7 @@ from torch import nn
 import sqr_fx
 from sqr_fx import EquivalenceError, SqrFxError, check_equivalence, minimize
 from sqr_fx.rules import RULES
-from sqr_fx.verify import derived_inputs, outputs_match
+from sqr_fx.verify import compute_tolerance, derived_inputs, outputs_match
 
 
 def _mlp() -> nn.Module:
@@ -98,6 +98,31 @@ def test_outputs_match_names_the_first_difference():
     assert "output[1]['x']" in outputs_match(a, (torch.ones(3), {"x": torch.ones(2)}))
     assert "non-finite" in outputs_match((torch.tensor([float("nan")]),), (torch.tensor([0.0]),))
     assert "shape" in outputs_match((torch.ones(3),), (torch.ones(2),))
+
+
+class _Float32Inside(nn.Module):
+    """A float64 model that computes one step in float32 (Hugging Face's RMSNorm does ``x.float()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4, dtype=torch.float64), nn.Linear(4, 2, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x).float()).double())
+
+
+def test_self_check_tolerance_follows_the_least_precise_compute_dtype():
+    """Exact means exact up to the rounding of the dtype the model computes in: float32 inside a float64
+    model is compared at float32 tolerance, and a wrong result is still refused."""
+    inputs = (_x(3, 4),)
+    plain = sqr_fx.trace.to_graph(_mlp(), inputs)[0]
+    mixed = sqr_fx.trace.to_graph(_Float32Inside().eval(), inputs)[0]
+    assert compute_tolerance(plain) == 1e-7
+    assert compute_tolerance(mixed) == 1e-4
+    a = (torch.ones(3, dtype=torch.float64),)
+    assert outputs_match(a, (a[0] + 1e-6,), floor=compute_tolerance(mixed)) is None
+    assert outputs_match(a, (a[0] + 1e-6,)) is not None
+    assert outputs_match(a, (a[0] + 1e-3,), floor=compute_tolerance(mixed)) is not None
 
 
 def test_a_rewrite_that_raises_is_set_aside(patched):

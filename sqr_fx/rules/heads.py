@@ -160,6 +160,9 @@ _AFTER_SOFTMAX = ("dropout", "to", "_to_copy", "type_as", "contiguous", "clone",
 
 
 _SCALE_OPS = ("mul", "truediv", "div", "imul", "itruediv")
+# one-input elementwise maps of the scores (Gemma 2's logit soft-capping ``tanh(s / cap) * cap``): a map
+# of each score on its own keeps heads apart and an exactly-zero q.k term exact, but NOT a per-row shift
+_SCORE_MAPS = ("tanh", "sigmoid", "hardtanh", "clamp", "clip", "softsign", "erf", "neg")
 
 
 def _key(node: fx.Node):
@@ -221,10 +224,18 @@ def _softmax_dim(node: fx.Node) -> Any:
     return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
 
 
-def _follow_scores(s: fx.Node, A) -> tuple[fx.Node, bool] | None:
-    """From ``q @ k^T`` through shift-preserving steps (each the only reader of the one before) to a
-    softmax over the last axis, then (dropout aside) to ``p @ v``: returns (that matmul, masked)."""
-    masked = False
+def _score_map(node: fx.Node, s: fx.Node, A) -> bool:
+    """``node`` maps each score on its own (``_SCORE_MAPS``, scalar extra arguments only), same shape."""
+    extra = [o for o in list(node.args[1:]) + list(node.kwargs.values())]
+    return (op_name(node) in _SCORE_MAPS and node.args[:1] == (s,) and A.shape(node) == A.shape(s)
+            and not any(isinstance(o, fx.Node) for o in extra))
+
+
+def _follow_scores(s: fx.Node, A) -> tuple[fx.Node, bool, bool] | None:
+    """From ``q @ k^T`` through shift-preserving steps or per-score maps (each the only reader of the one
+    before) to a softmax over the last axis, then (dropout aside) to ``p @ v``: returns (that matmul,
+    masked, shifts: every step keeps a per-row shift a per-row shift)."""
+    masked, shifts = False, True
     while True:
         if len(s.users) != 1:
             return None
@@ -235,9 +246,12 @@ def _follow_scores(s: fx.Node, A) -> tuple[fx.Node, bool] | None:
                 return None
             p = u
             break
-        if not _shift_step(u, s, A):
+        if _score_map(u, s, A):
+            shifts = False
+        elif not _shift_step(u, s, A):
             return None
-        masked |= op_name(u) not in _SCALE_OPS
+        else:
+            masked |= op_name(u) not in _SCALE_OPS
         s = u
     while len(_value_readers(p)) == 1 and _keeps_values(_value_readers(p)[0], A):
         p = _value_readers(p)[0]  # eval dropout, dtype casts: p's values unchanged (eval models only)
@@ -245,7 +259,7 @@ def _follow_scores(s: fx.Node, A) -> tuple[fx.Node, bool] | None:
     if len(_value_readers(p)) != 1:
         return None
     (pv,) = _value_readers(p)
-    return (pv, masked) if _is(pv, _MATMUL) and pv.args[0] is p and pv.args[1] is not p else None
+    return (pv, masked, shifts) if _is(pv, _MATMUL) and pv.args[0] is p and pv.args[1] is not p else None
 
 
 @rule("matmul", *_MATMUL, names=("input", "other"), heads=True)
@@ -266,6 +280,8 @@ def matmul(node: fx.Node, A, a) -> ChanInfo | None:
             and sx[:-2] == sy[:-2] and A.shape(node) is not None:
         found = _follow_scores(node, A)
         if found is not None:
+            if not found[2]:  # a per-score map (soft-capping) is no per-row shift: only a ZERO key dim adds
+                ik = replace(ik, const=ik.zero, value=np.zeros(len(ik)))  # nothing to the scores
             A.pending[found[0]] = (iq, ik, found[1])
             return None
     A.freeze([x, y])

@@ -15,6 +15,8 @@ then keep different numbers of channels).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,29 @@ def _norm_analyze(node: fx.Node, A, a, *, has_bias: bool) -> ChanInfo | None:
     if isinstance(ns, fx.Node) or (isinstance(ns, (list, tuple)) and any(isinstance(v, fx.Node) for v in ns)):
         A.decline(node, "normalized_shape computed at run time", src)
         return None
+    if src is not None and src.split:
+        return _per_head_norm(node, A, a, src, s, ns)
+    return _flat_norm(node, A, a, src, s, ns, has_bias)
+
+
+def _per_head_norm(node: fx.Node, A, a, src: ChanInfo, s, ns) -> ChanInfo | None:
+    """A norm over the per-head axis of a head-split tensor (Qwen3 / Gemma 3's q_norm and k_norm on
+    ``[B, T, H, D]``): y[h] = norm(x[h]) * w, one head at a time, so a head goes whole (its statistic
+    and output are its own) while every dim of a kept head stays (the statistic mixes them; nothing is
+    compensated per head). The weight and bias are per dim, shared by the heads: kept whole.
+    Precondition: the last axis is the per-head axis, normalized alone (``normalized_shape == (D,)``),
+    and the affine tensors are stored ones."""
+    D = len(src) // src.heads
+    params = [a.get("weight"), a.get("bias")]
+    if s is None or src.dim != len(s) - 1 or ns is None or list(ns) != [D] \
+            or any(p is not None and A.tensor(p) is None for p in params):
+        A.decline(node, "a head-split input normalized over more than its last (per-head) axis", src)
+        return None
+    A.keep_whole_heads(src)
+    return replace(src, const=np.zeros(len(src), bool), value=np.zeros(len(src)))
+
+
+def _flat_norm(node: fx.Node, A, a, src, s, ns, has_bias: bool) -> ChanInfo | None:
     if src is None or s is None or src.dim != len(s) - 1 or (ns is not None and len(ns) != 1):
         A.freeze(src)
         return None
@@ -71,9 +96,9 @@ def _merged_stats(old_r: int, old_mean: torch.Tensor, old_m2: torch.Tensor, valu
 
 def _norm_rewrite(node: fx.Node, R, a, *, rms: bool) -> fx.Node:
     src = R.info(a["input"])
+    if src is None or src.split or R.keep(src).all():
+        return R.copy(node)  # (per-head norm: only whole heads went, its (D,) shape and weights stand)
     keep = R.keep(src)
-    if src is None or keep.all():
-        return R.copy(node)
     compensated = node.target in (compensated_layer_norm, compensated_rms_norm)
     n = int(a["n"]) if compensated else len(src)
     old_r = n - len(src)
@@ -96,7 +121,7 @@ def _norm_rewrite(node: fx.Node, R, a, *, rms: bool) -> fx.Node:
 @rule("layer_norm", F.layer_norm, aten.layer_norm.default, compensated_layer_norm,
       names=("input", "normalized_shape", "weight", "bias", "eps"),
       per_target={compensated_layer_norm: ("input", "weight", "bias", "n", "removed_mean", "removed_m2", "eps")},
-      rewrite=lambda n, R, a: _norm_rewrite(n, R, a, rms=False))
+      rewrite=lambda n, R, a: _norm_rewrite(n, R, a, rms=False), heads=True)
 def layer_norm(node, A, a):
     """LayerNorm over the channel axis: channel j couples input and output; input j must be const."""
     return _norm_analyze(node, A, a, has_bias=True)
@@ -105,7 +130,7 @@ def layer_norm(node, A, a):
 @rule("rms_norm", getattr(F, "rms_norm", None), getattr(aten, "rms_norm", None) and aten.rms_norm.default,
       compensated_rms_norm, names=("input", "normalized_shape", "weight", "eps"),
       per_target={compensated_rms_norm: ("input", "weight", "n", "removed_sumsq", "eps")},
-      rewrite=lambda n, R, a: _norm_rewrite(n, R, a, rms=True))
+      rewrite=lambda n, R, a: _norm_rewrite(n, R, a, rms=True), heads=True)
 def rms_norm(node, A, a):
     """RMSNorm: rms^2 = (sum_K x^2 + sum_R c^2) / N; same coupling as LayerNorm."""
     return _norm_analyze(node, A, a, has_bias=False)

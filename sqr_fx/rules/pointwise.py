@@ -61,11 +61,15 @@ def _probe(info: ChanInfo, ndim: int = 2) -> torch.Tensor:
     return torch.as_tensor(info.probe(np.where(info.const, info.value, 0.0), max(ndim, 2)), dtype=torch.float64)
 
 
-def _mapped_values(node: fx.Node, A, x: fx.Node, src: ChanInfo) -> ChanInfo:
-    """Output info of a channel-wise unary op: same ids, constants mapped through the op."""
+def _mapped_values(node: fx.Node, A, x: fx.Node, src: ChanInfo, refs: tuple = ()) -> ChanInfo:
+    """Output info of a channel-wise unary op: same ids, constants mapped through the op. ``refs``: tensor
+    arguments read for their dtype only (``x.type_as(y)``, ``x.to(y)``): an empty tensor of that dtype
+    stands in for them, so a cast back to the model's dtype (after Gemma's float32 norm) keeps constants."""
     out = replace(src, const=src.const.copy(), value=src.value.copy())
     if src.const.any():
-        y = A.evaluate(node, {x: _probe(src, len(A.shape(x) or ()))})
+        probes = {r: torch.empty(0, dtype=r.meta["tensor_meta"].dtype) for r in refs
+                  if "tensor_meta" in r.meta and hasattr(r.meta["tensor_meta"], "dtype")}
+        y = A.evaluate(node, {**probes, x: _probe(src, len(A.shape(x) or ()))})
         if y is None or y.numel() != len(src):
             out.const[:] = False
         else:
@@ -82,7 +86,9 @@ def pointwise(node: fx.Node, A, a) -> ChanInfo | None:
     x = _first_tensor_arg(node)
     src = A.info(x)
     others = [v for v in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(v, fx.Node)]
+    refs: list = []
     if op_name(node) in ("type_as", "to"):  # x.type_as(y), x.to(y): y's dtype/device only, none of its values
+        refs = [v for v in others if A.shape(v) is not None]
         others = [v for v in others if A.shape(v) is None]
     if any(A.info(v) is not None or A.tensor(v) is None or A.tensor(v).numel() != 1
            for v in others if A.shape(v) is not None):
@@ -93,7 +99,7 @@ def pointwise(node: fx.Node, A, a) -> ChanInfo | None:
     if src is None or A.shape(node) != A.shape(x):
         A.freeze(src)
         return None
-    return _mapped_values(node, A, x, src)
+    return _mapped_values(node, A, x, src, tuple(refs))
 
 
 @rule("batch_norm", F.batch_norm, aten.batch_norm.default,
@@ -134,7 +140,8 @@ def _operands(node: fx.Node) -> list[Any]:
 def binary(node: fx.Node, A, a) -> ChanInfo | None:
     """z_j = f(x_j, y_j) with broadcasting: full-width operands are coupled channel by channel;
     a broadcast operand (size 1 on the channel axis, or a scalar) is one value for every channel.
-    A head-split operand is followed only against Python numbers (``q * scale``)."""
+    A head-split operand is followed against Python numbers (``q * scale``) and against a stored
+    per-dim tensor shared by every head (``_per_dim_of_heads``)."""
     ops = _operands(node)
     split = [o for o in ops if isinstance(o, fx.Node) and A.info(o) is not None and A.info(o).split]
     if split:
@@ -142,6 +149,11 @@ def binary(node: fx.Node, A, a) -> ChanInfo | None:
         if len(tensors) == 1 and all(isinstance(o, (int, float)) for o in ops if o is not tensors[0]) \
                 and A.shape(node) == A.shape(tensors[0]):
             return _mapped_values(node, A, tensors[0], A.info(tensors[0]))
+        if len(tensors) == 2 and len(split) == 1 and _per_dim_of_heads(node, A, split[0], *[t for t in tensors
+                                                                                             if t is not split[0]]):
+            src = A.info(split[0])
+            A.keep_whole_heads(src)  # the tensor is not sliced: a kept head keeps every dim
+            return replace(src, const=np.zeros(len(src), bool), value=np.zeros(len(src)))
         A.freeze(tensors)
         return None
     out_shape = A.shape(node)
@@ -202,6 +214,19 @@ def binary(node: fx.Node, A, a) -> ChanInfo | None:
         const |= zero_any  # 0 * (finite) = 0: a zero operand makes the product channel zero
         value = np.where(zero_any, 0.0, value)
     return ChanInfo(axis, ids, const, value)
+
+
+def _per_dim_of_heads(node: fx.Node, A, x: fx.Node, w: fx.Node) -> bool:
+    """``w`` is a stored tensor (no channel info of its own) that varies at most along ``x``'s per-head
+    axis and broadcasts to ``x``'s shape: ``z[h, d] = f(x[h, d], w[d])`` in every head h (Qwen3's q_norm
+    weight on ``[B, T, H, D]``). Heads stay independent; the dims keep their layout because ``w`` is kept
+    whole (see ``keep_whole_heads``)."""
+    src, sx, sw = A.info(x), A.shape(x), A.shape(w)
+    if A.info(w) is not None or A.tensor(w) is None or sx is None or sw is None or A.shape(node) != sx \
+            or len(sw) > len(sx) or not torch.is_floating_point(A.tensor(w)):
+        return False
+    lead = len(sx) - len(sw)
+    return all(n == 1 or (lead + k == src.dim and n == sx[src.dim]) for k, n in enumerate(sw))
 
 
 def _param_info(o: fx.Node, A, dim: int) -> ChanInfo | None:

@@ -1093,10 +1093,11 @@ def shape_guard(node, A, a):
 
 
 @rule("assert_metadata", aten._assert_tensor_metadata.default,
-      names=("input", "size", "stride", "dtype", "device", "layout"))
+      names=("input", "size", "stride", "dtype", "device", "layout"), heads=True)
 def assert_metadata(node, A, a):
-    """torch.export's check of a tensor's dtype/device/layout (after GPT-2's embeddings): the
-    channel count is not read, so nothing is frozen; an asserted size or stride freezes."""
+    """torch.export's check of a tensor's dtype/device/layout (after GPT-2's embeddings, before Qwen3's
+    float32 q_norm on head-split q): the channel count is not read, so nothing is frozen, head-split or
+    not; an asserted size or stride freezes."""
     if a.get("size") is not None or a.get("stride") is not None:
         A.freeze(a["input"])
     return None
