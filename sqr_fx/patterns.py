@@ -34,7 +34,7 @@ from torch import fx
 from .rules.registry import op_name
 from .values import shape_of
 
-__all__ = ["rms_norm_from_pattern", "rotary_from_pattern"]
+__all__ = ["rms_norm_from_pattern", "rotary_from_pattern", "expert_linear_from_pattern"]
 
 aten = torch.ops.aten
 
@@ -303,6 +303,67 @@ def rotary_from_pattern(gm: fx.GraphModule) -> int:
         for n in dead:  # in data-flow order from the sum back to X's slices
             if not n.users:
                 gm.graph.erase_node(n)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+# ---- mixture-of-experts batched linear ------------------------------------------------------------------------
+def _index_rows(n: Any) -> Optional[tuple[fx.Node, fx.Node]]:
+    """(W, ids) when ``n`` is ``W[ids]``: one index tensor on the first axis of a ``get_attr`` tensor."""
+    if not isinstance(n, fx.Node) or n.op != "call_function" or n.kwargs:
+        return None
+    if n.target is aten.index.Tensor and len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) \
+            and len(n.args[1]) == 1:
+        w, ids = n.args[0], n.args[1][0]
+    elif n.target is operator.getitem and len(n.args) == 2:
+        w, ids = n.args
+    else:
+        return None
+    if not (isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(ids, fx.Node)):
+        return None
+    s, si = shape_of(w), shape_of(ids)
+    return (w, ids) if s is not None and len(s) == 3 and si is not None and len(si) == 1 else None
+
+
+def _unsqueezed(n: Any, dim: int) -> Optional[fx.Node]:
+    """X when ``n`` is ``X.unsqueeze(dim)`` (dim as written, or its non-negative form for a 2-D X)."""
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method") or op_name(n) != "unsqueeze" \
+            or n.kwargs or len(n.args) != 2 or type(n.args[1]) is not int:
+        return None
+    x, s = n.args[0], shape_of(n.args[0])
+    return x if isinstance(x, fx.Node) and s is not None and len(s) == 2 and n.args[1] % 3 == dim % 3 else None
+
+
+def expert_linear_from_pattern(gm: fx.GraphModule) -> int:
+    """Rewrite every ``bmm(W[ids], x.unsqueeze(-1)).squeeze(-1)`` (transformers' ``batched_mm`` experts,
+    ``W [E, out, in]`` a ``get_attr`` tensor, ``x [S, in]``, ``ids [S]``) to one
+    :func:`sqr_fx.moe.expert_linear` call (the same ops in the same order); returns how many. Matched only
+    when the gathered weights, the unsqueeze and the bmm have no other reader. Needs ``tensor_meta``."""
+    from .moe import expert_linear
+
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method") or op_name(node) != "squeeze" or node.kwargs \
+                or len(node.args) != 2 or type(node.args[1]) is not int or node.args[1] % 3 != 2:
+            continue
+        bmm = node.args[0]
+        if not _only_user(bmm) or op_name(bmm) != "bmm" or bmm.kwargs or len(bmm.args) != 2:
+            continue
+        g, u = bmm.args
+        found, x = _index_rows(g) if _only_user(g) else None, _unsqueezed(u, -1) if _only_user(u) else None
+        if found is None or x is None:
+            continue
+        w, ids = found
+        if shape_of(w)[2] != shape_of(x)[1] or shape_of(ids)[0] != shape_of(x)[0]:
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(expert_linear, (x, w, ids))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        for dead in (node, bmm, g, u):
+            gm.graph.erase_node(dead)
         count += 1
     if count:
         gm.recompile()

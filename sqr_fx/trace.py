@@ -245,9 +245,9 @@ def shared_ties(gm: fx.GraphModule) -> dict[str, list[str]]:
 
 def recognize_patterns(gm: fx.GraphModule, example_inputs: tuple) -> int:
     """Written-out RMSNorms and rotary embeddings become the one call they compute (patterns.py)."""
-    from .patterns import rms_norm_from_pattern, rotary_from_pattern  # patterns reads the rules' op names
+    from .patterns import expert_linear_from_pattern, rms_norm_from_pattern, rotary_from_pattern  # (rules' op names)
 
-    return rms_norm_from_pattern(gm, example_inputs) + rotary_from_pattern(gm)
+    return rms_norm_from_pattern(gm, example_inputs) + rotary_from_pattern(gm) + expert_linear_from_pattern(gm)
 
 
 def fold_constants(gm: fx.GraphModule) -> int:
