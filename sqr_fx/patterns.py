@@ -5,6 +5,10 @@ Hugging Face writes RMSNorm out (Llama, Mistral, Qwen, Gemma, T5, OLMo ...)::
     variance = x.pow(2).mean(-1, keepdim=True)          # or (x * x).mean, x.square().mean
     x = x * torch.rsqrt(variance + eps)                  # operands in either order
 
+T5 takes the mean square of a cast, ``x.to(torch.float32).pow(2).mean(-1, keepdim=True)``, and multiplies
+``x`` itself: that form becomes :func:`sqr_fx.layers.upcast_rms_norm` (the same ops; its rewrite rebuilds
+removed constant channels at full width, so the float32 statistic stays the original one bit for bit).
+
 The ``mean`` over the channel axis would freeze the residual stream. The subgraph computes exactly
 ``F.rms_norm(x, (C,), None, eps)`` (the same formula; only float rounding may differ), so it is
 rewritten to that call, whose rule removes stream channels with a compensated RMS (the weight
@@ -70,6 +74,24 @@ def _mean_last(n: Any) -> Optional[fx.Node]:
     return x if dims[0] % len(s) == len(s) - 1 else None
 
 
+def _cast_of(n: Any) -> Optional[tuple[fx.Node, torch.dtype]]:
+    """(X, dtype) when ``n`` only converts X to a floating dtype (``X.to(d)``, ``aten._to_copy(X, dtype=d)``,
+    ``X.float()``, ``X.double()``), nothing else (no device, layout or memory format)."""
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method") or not n.args \
+            or not isinstance(n.args[0], fx.Node):
+        return None
+    name, rest, kw = op_name(n), n.args[1:], dict(n.kwargs)
+    if name in ("float", "double") and not rest and not kw:
+        return n.args[0], torch.float32 if name == "float" else torch.float64
+    if name == "to" and len(rest) == 1 and not kw and isinstance(rest[0], torch.dtype):
+        d = rest[0]
+    elif name == "_to_copy" and not rest and set(kw) == {"dtype"}:
+        d = kw["dtype"]
+    else:
+        return None
+    return (n.args[0], d) if isinstance(d, torch.dtype) and d.is_floating_point else None
+
+
 def _rsqrt_of(n: Any) -> Optional[tuple[fx.Node, float]]:
     """(X, eps) when ``n`` is rsqrt(mean(X ** 2, -1, keepdim=True) + eps), intermediates unshared."""
     if not isinstance(n, fx.Node) or op_name(n) != "rsqrt" or not _only_user(n.args[0]):
@@ -131,26 +153,36 @@ def rms_norm_from_pattern(gm: fx.GraphModule, example_inputs: tuple = ()) -> int
         for x, r in ((a, b), (b, a)):
             found = _rsqrt_of(r) if _only_user(r) else None
             s = shape_of(x) if found is not None else None
-            if found is not None and found[0] is x and s is not None and shape_of(node) == s:
-                matches.append((node, x, r, found[1]))
+            if found is None or s is None or shape_of(node) != s:
+                continue
+            cast = _cast_of(found[0]) if found[0] is not x and _only_user(found[0]) else None
+            if found[0] is x or (cast is not None and cast[0] is x):
+                matches.append((node, x, r, found[1], cast[1] if cast is not None else None))
                 break
     if not matches:
         return 0
-    widths = _last_dims(gm, {x for _, x, _, _ in matches}, example_inputs)
+    from .layers import upcast_rms_norm
+
+    widths = _last_dims(gm, {m[1] for m in matches}, example_inputs)
     count = 0
     replaced: dict[fx.Node, fx.Node] = {}  # an earlier match's product -> its rms_norm (chained norms)
-    for node, x0, r, eps in matches:
+    for node, x0, r, eps, stat in matches:
         x, s = replaced.get(x0, x0), shape_of(x0)
         if widths[x0] - {s[-1]}:
             continue  # the last axis changes with the input's shape: not a fixed normalized width
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(F.rms_norm, (x, (s[-1],), None, eps))
+            if stat is None:
+                new = gm.graph.call_function(F.rms_norm, (x, (s[-1],), None, eps))
+            else:  # T5: the mean square of a cast, the product with x itself (the same ops, in order)
+                new = gm.graph.call_function(upcast_rms_norm, (x, eps, stat))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         replaced[node] = new
         add = r.args[0]
         mean = next(v for v in add.args if isinstance(v, fx.Node))
-        for dead in (node, r, add, mean, mean.args[0]):
+        sq = mean.args[0]
+        base = _squared(sq)
+        for dead in (node, r, add, mean, sq) + ((base,) if base is not x0 else ()):
             if not dead.users:
                 gm.graph.erase_node(dead)
         count += 1
