@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sqr_fx import check_equivalence, minimize
+from sqr_fx.portable import sqr_fx_references
 from sqr_fx.trace import to_graph
 
 F64 = torch.float64
@@ -90,6 +91,7 @@ def test_mixtral_batched_mm_experts_heads_and_stream():
     m = _mixtral("batched_mm", layers=1).double()  # (2 layers: the same, in 13 s)
     s = minimize(m, (_ids(2, 10),))
     _check_mixtral(s, 1)
+    assert sqr_fx_references(s) == []  # expert_linear and the full-width RMSNorm written out in torch ops
     for b, t in [(2, 10), (1, 5), (3, 13)]:
         _same(m, s, _ids(b, t, seed=t))
 
@@ -198,6 +200,7 @@ def test_t5_encoder_heads_units_and_stream():
         assert _p(s, f"{pre}.1.DenseReluDense.wi.weight") == (_H - 2, c)
         assert _p(s, f"{pre}.1.DenseReluDense.wo.weight") == (c, _H - 2)
     assert _p(s, "transformer.encoder.embed_tokens.weight") == (100, c) and _p(s, "classifier.weight") == (3, c)
+    assert sqr_fx_references(s) == []  # the full-width upcast RMSNorm written out in torch ops
     for b, t in [(2, 10), (1, 5), (3, 13)]:
         _same(m, s, _ids(b, t, seed=t))
 
@@ -351,3 +354,24 @@ def test_guard_not_a_layer_norm_is_left_written_out(form, front):
     assert _p(s, "fc.weight") == (C, 4) and _layer_norms(src, x) == 0
     for shape in [(2, 6, 4), (3, 6, 4), (2, 11, 4)]:
         check_equivalence(m, s, (torch.randn(*shape, dtype=F64),), rtol=1e-9, atol=1e-12)
+
+
+# ---- the new helpers and their torch-ops forms ---------------------------------------------------------------
+def test_new_helpers_and_their_ops_forms_agree_bit_for_bit():
+    from sqr_fx.layers import full_width_rms_norm, upcast_rms_norm
+    from sqr_fx.moe import expert_linear
+    from sqr_fx.portable.ops import expert_linear_ops, full_width_rms_norm_ops, upcast_rms_norm_ops
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=F64, generator=g)
+    full = torch.cat([x[..., :2], torch.zeros(2, 5, 1, dtype=F64), x[..., 2:4], torch.full((2, 5, 1), 0.5, dtype=F64),
+                      x[..., 4:]], -1)
+    kept, fill = torch.tensor([0, 1, 3, 4, 6, 7]), torch.tensor([0, 0, 0, 0, 0, 0.5, 0, 0], dtype=F64)
+    for stat in (None, torch.float32):
+        ref = (F.rms_norm(full, (8,), None, 1e-6) if stat is None else upcast_rms_norm(full, 1e-6, stat))[..., kept]
+        assert torch.equal(full_width_rms_norm(x, kept, fill, 1e-6, stat), ref)
+        assert torch.equal(full_width_rms_norm_ops(x, kept, fill, 1e-6, stat, 8), ref)
+    assert torch.equal(upcast_rms_norm_ops(x, 1e-6, torch.float32), upcast_rms_norm(x, 1e-6, torch.float32))
+    W, ids = torch.randn(3, 4, 6, dtype=F64, generator=g), torch.tensor([2, 0, 1, 2, 2])
+    assert torch.equal(expert_linear_ops(x[0], W, ids), expert_linear(x[0], W, ids))
+    torch.testing.assert_close(expert_linear(x[0], W, ids), torch.stack([W[e] @ r for e, r in zip(ids, x[0])]))
