@@ -1,4 +1,16 @@
-"""Written-out normalizations and rotary embeddings recognized as the op they compute (needs traced shapes).
+"""Written-out normalizations, rotary embeddings and MoE batched linears recognized as the op they compute
+(needs traced shapes).
+
+Written-out LayerNorm (ConvNeXt's channels-first LayerNorm, hand-written transformer blocks)::
+
+    u = x.mean(a, keepdim=True); v = ((x - u) ** 2).mean(a, keepdim=True)   # or x.var(a, unbiased=False),
+    y = (x - u) / torch.sqrt(v + eps)                                         # var_mean(x, a, correction=0);
+                                                                              # or (x - u) * rsqrt(v + eps)
+
+becomes ``F.layer_norm(x, (C,), None, None, eps)`` (between two permutes when ``a`` is not the last axis);
+every precondition of that identity is checked (:func:`_layer_norm_match`), anything else stays written out.
+Transformers' ``batched_mm`` experts ``bmm(W[ids], x.unsqueeze(-1)).squeeze(-1)`` become one
+:func:`sqr_fx.moe.expert_linear` call.
 
 Hugging Face writes RMSNorm out (Llama, Mistral, Qwen, Gemma, T5, OLMo ...)::
 
