@@ -27,6 +27,7 @@ from torch import Tensor, nn
 __all__ = [
     "CompensatedLayerNorm", "CompensatedRMSNorm", "CompensatedGroupNorm",
     "compensated_layer_norm", "compensated_rms_norm", "compensated_group_norm", "removed_stats",
+    "upcast_rms_norm", "full_width_rms_norm",
 ]
 
 
@@ -94,6 +95,42 @@ def compensated_rms_norm(x: Tensor, weight: Optional[Tensor], n: int, removed_su
     if weight is not None:
         y = y * weight.to(ct)
     return y.to(x.dtype)
+
+
+@torch.fx.wrap
+def upcast_rms_norm(x: Tensor, eps: float, stat_dtype: torch.dtype) -> Tensor:
+    """T5's RMSNorm without its weight: the mean square in ``stat_dtype``, the product in ``x``'s dtype
+    (promoted), exactly as Hugging Face writes it (``patterns.py`` recognizes it as this call).
+
+    >>> x = torch.tensor([[3.0, 4.0]], dtype=torch.float64)
+    >>> upcast_rms_norm(x, 0.0, torch.float32).tolist()
+    [[0.8485281765460968, 1.1313709020614624]]
+    """
+    return x * torch.rsqrt(x.to(stat_dtype).pow(2).mean(-1, keepdim=True) + eps)
+
+
+@torch.fx.wrap
+def full_width_rms_norm(x: Tensor, kept: Tensor, fill: Tensor, eps: Optional[float],
+                        stat_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An RMSNorm (no weight) whose input lost channels that were constant, computed on the FULL-width
+    input rebuilt from ``x`` (the kept channels, at positions ``kept``) and the constants (``fill``, the
+    full width; entries at ``kept`` unused), then read at ``kept``: the original op on the original
+    values, so the same result bit for bit. Used where the statistics run in a lower precision than the
+    data (Llama's float32 upcast in a float64 model, T5's ``upcast_rms_norm``), in which a compensated
+    statistic would differ from the original by that precision's rounding. ``stat_dtype`` None:
+    ``F.rms_norm(full, (n,), None, eps)``; otherwise :func:`upcast_rms_norm`.
+
+    >>> x = torch.tensor([[1.0, -2.0, 3.0]])  # channel 1 == -2 always
+    >>> y = full_width_rms_norm(x[:, [0, 2]], torch.tensor([0, 2]), torch.tensor([0.0, -2.0, 0.0]), 1e-6)
+    >>> torch.equal(y, torch.nn.functional.rms_norm(x, (3,), None, 1e-6)[:, [0, 2]])
+    True
+    """
+    full = fill.to(x.dtype).expand(x.shape[:-1] + fill.shape).index_copy(-1, kept, x)
+    if stat_dtype is None:
+        y = torch.nn.functional.rms_norm(full, fill.shape, None, eps)
+    else:
+        y = upcast_rms_norm(full, eps, stat_dtype)
+    return y.index_select(-1, kept)
 
 
 @torch.fx.wrap

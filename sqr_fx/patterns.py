@@ -1,9 +1,18 @@
-"""Written-out normalizations and rotary embeddings recognized as the op they compute (needs traced shapes).
+"""Written-out normalizations, rotary embeddings and MoE batched linears recognized as the op they compute
+(needs traced shapes).
+
+Written-out LayerNorms: ``layer_norm_pattern.py``.
+Transformers' ``batched_mm`` experts ``bmm(W[ids], x.unsqueeze(-1)).squeeze(-1)`` become one
+:func:`sqr_fx.moe.expert_linear` call.
 
 Hugging Face writes RMSNorm out (Llama, Mistral, Qwen, Gemma, T5, OLMo ...)::
 
     variance = x.pow(2).mean(-1, keepdim=True)          # or (x * x).mean, x.square().mean
     x = x * torch.rsqrt(variance + eps)                  # operands in either order
+
+T5 takes the mean square of a cast, ``x.to(torch.float32).pow(2).mean(-1, keepdim=True)``, and multiplies
+``x`` itself: that form becomes :func:`sqr_fx.layers.upcast_rms_norm` (the same ops; its rewrite rebuilds
+removed constant channels at full width, so the float32 statistic stays the original one bit for bit).
 
 The ``mean`` over the channel axis would freeze the residual stream. The subgraph computes exactly
 ``F.rms_norm(x, (C,), None, eps)`` (the same formula; only float rounding may differ), so it is
@@ -34,7 +43,7 @@ from torch import fx
 from .rules.registry import op_name
 from .values import shape_of
 
-__all__ = ["fused_slots_from_pattern", "rms_norm_from_pattern", "rotary_from_pattern"]
+__all__ = ["fused_slots_from_pattern", "rms_norm_from_pattern", "rotary_from_pattern", "expert_linear_from_pattern"]
 
 aten = torch.ops.aten
 
@@ -70,6 +79,24 @@ def _mean_last(n: Any) -> Optional[fx.Node]:
     return x if dims[0] % len(s) == len(s) - 1 else None
 
 
+def _cast_of(n: Any) -> Optional[tuple[fx.Node, torch.dtype]]:
+    """(X, dtype) when ``n`` only converts X to a floating dtype (``X.to(d)``, ``aten._to_copy(X, dtype=d)``,
+    ``X.float()``, ``X.double()``), nothing else (no device, layout or memory format)."""
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method") or not n.args \
+            or not isinstance(n.args[0], fx.Node):
+        return None
+    name, rest, kw = op_name(n), n.args[1:], dict(n.kwargs)
+    if name in ("float", "double") and not rest and not kw:
+        return n.args[0], torch.float32 if name == "float" else torch.float64
+    if name == "to" and len(rest) == 1 and not kw and isinstance(rest[0], torch.dtype):
+        d = rest[0]
+    elif name == "_to_copy" and not rest and set(kw) == {"dtype"}:
+        d = kw["dtype"]
+    else:
+        return None
+    return (n.args[0], d) if isinstance(d, torch.dtype) and d.is_floating_point else None
+
+
 def _rsqrt_of(n: Any) -> Optional[tuple[fx.Node, float]]:
     """(X, eps) when ``n`` is rsqrt(mean(X ** 2, -1, keepdim=True) + eps), intermediates unshared."""
     if not isinstance(n, fx.Node) or op_name(n) != "rsqrt" or not _only_user(n.args[0]):
@@ -89,15 +116,20 @@ def _rsqrt_of(n: Any) -> Optional[tuple[fx.Node, float]]:
 
 def _last_dims(gm: fx.GraphModule, nodes: set[fx.Node], example_inputs: tuple) -> dict[fx.Node, set[int]]:
     """The last-axis sizes ``nodes`` take on the derived input shapes the graph accepts."""
+    return {n: {sh[-1] for sh in v} for n, v in _shapes_seen(gm, nodes, example_inputs).items()}
+
+
+def _shapes_seen(gm: fx.GraphModule, nodes: set[fx.Node], example_inputs: tuple) -> dict[fx.Node, set[tuple]]:
+    """The shapes ``nodes`` take on the derived input shapes the graph accepts."""
     from .verify import _clone, _new_values, derived_inputs
 
-    seen: dict[fx.Node, set[int]] = {n: set() for n in nodes}
+    seen: dict[fx.Node, set[tuple]] = {n: set() for n in nodes}
 
     class Record(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             out = super().run_node(n)
             if n in seen and isinstance(out, torch.Tensor) and out.dim():
-                seen[n].add(int(out.shape[-1]))
+                seen[n].add(tuple(int(v) for v in out.shape))
             return out
 
     g = torch.Generator().manual_seed(1)
@@ -131,26 +163,36 @@ def rms_norm_from_pattern(gm: fx.GraphModule, example_inputs: tuple = ()) -> int
         for x, r in ((a, b), (b, a)):
             found = _rsqrt_of(r) if _only_user(r) else None
             s = shape_of(x) if found is not None else None
-            if found is not None and found[0] is x and s is not None and shape_of(node) == s:
-                matches.append((node, x, r, found[1]))
+            if found is None or s is None or shape_of(node) != s:
+                continue
+            cast = _cast_of(found[0]) if found[0] is not x and _only_user(found[0]) else None
+            if found[0] is x or (cast is not None and cast[0] is x):
+                matches.append((node, x, r, found[1], cast[1] if cast is not None else None))
                 break
     if not matches:
         return 0
-    widths = _last_dims(gm, {x for _, x, _, _ in matches}, example_inputs)
+    from .layers import upcast_rms_norm
+
+    widths = _last_dims(gm, {m[1] for m in matches}, example_inputs)
     count = 0
     replaced: dict[fx.Node, fx.Node] = {}  # an earlier match's product -> its rms_norm (chained norms)
-    for node, x0, r, eps in matches:
+    for node, x0, r, eps, stat in matches:
         x, s = replaced.get(x0, x0), shape_of(x0)
         if widths[x0] - {s[-1]}:
             continue  # the last axis changes with the input's shape: not a fixed normalized width
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(F.rms_norm, (x, (s[-1],), None, eps))
+            if stat is None:
+                new = gm.graph.call_function(F.rms_norm, (x, (s[-1],), None, eps))
+            else:  # T5: the mean square of a cast, the product with x itself (the same ops, in order)
+                new = gm.graph.call_function(upcast_rms_norm, (x, eps, stat))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         replaced[node] = new
         add = r.args[0]
         mean = next(v for v in add.args if isinstance(v, fx.Node))
-        for dead in (node, r, add, mean, mean.args[0]):
+        sq = mean.args[0]
+        base = _squared(sq)
+        for dead in (node, r, add, mean, sq) + ((base,) if base is not x0 else ()):
             if not dead.users:
                 gm.graph.erase_node(dead)
         count += 1
@@ -415,6 +457,67 @@ def fused_slots_from_pattern(gm: fx.GraphModule) -> int:
             count += 1
         if count and not v.users:
             gm.graph.erase_node(v)
+    if count:
+        gm.recompile()
+    return count
+
+
+# ---- mixture-of-experts batched linear ------------------------------------------------------------------------
+def _index_rows(n: Any) -> Optional[tuple[fx.Node, fx.Node]]:
+    """(W, ids) when ``n`` is ``W[ids]``: one index tensor on the first axis of a ``get_attr`` tensor."""
+    if not isinstance(n, fx.Node) or n.op != "call_function" or n.kwargs:
+        return None
+    if n.target is aten.index.Tensor and len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) \
+            and len(n.args[1]) == 1:
+        w, ids = n.args[0], n.args[1][0]
+    elif n.target is operator.getitem and len(n.args) == 2:
+        w, ids = n.args
+    else:
+        return None
+    if not (isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(ids, fx.Node)):
+        return None
+    s, si = shape_of(w), shape_of(ids)
+    return (w, ids) if s is not None and len(s) == 3 and si is not None and len(si) == 1 else None
+
+
+def _unsqueezed(n: Any, dim: int) -> Optional[fx.Node]:
+    """X when ``n`` is ``X.unsqueeze(dim)`` (dim as written, or its non-negative form for a 2-D X)."""
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method") or op_name(n) != "unsqueeze" \
+            or n.kwargs or len(n.args) != 2 or type(n.args[1]) is not int:
+        return None
+    x, s = n.args[0], shape_of(n.args[0])
+    return x if isinstance(x, fx.Node) and s is not None and len(s) == 2 and n.args[1] % 3 == dim % 3 else None
+
+
+def expert_linear_from_pattern(gm: fx.GraphModule) -> int:
+    """Rewrite every ``bmm(W[ids], x.unsqueeze(-1)).squeeze(-1)`` (transformers' ``batched_mm`` experts,
+    ``W [E, out, in]`` a ``get_attr`` tensor, ``x [S, in]``, ``ids [S]``) to one
+    :func:`sqr_fx.moe.expert_linear` call (the same ops in the same order); returns how many. Matched only
+    when the gathered weights, the unsqueeze and the bmm have no other reader. Needs ``tensor_meta``."""
+    from .moe import expert_linear
+
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method") or op_name(node) != "squeeze" or node.kwargs \
+                or len(node.args) != 2 or type(node.args[1]) is not int or node.args[1] % 3 != 2:
+            continue
+        bmm = node.args[0]
+        if not _only_user(bmm) or op_name(bmm) != "bmm" or bmm.kwargs or len(bmm.args) != 2:
+            continue
+        g, u = bmm.args
+        found, x = _index_rows(g) if _only_user(g) else None, _unsqueezed(u, -1) if _only_user(u) else None
+        if found is None or x is None:
+            continue
+        w, ids = found
+        if shape_of(w)[2] != shape_of(x)[1] or shape_of(ids)[0] != shape_of(x)[0]:
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(expert_linear, (x, w, ids))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        for dead in (node, bmm, g, u):
+            gm.graph.erase_node(dead)
+        count += 1
     if count:
         gm.recompile()
     return count

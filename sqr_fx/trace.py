@@ -245,14 +245,17 @@ def shared_ties(gm: fx.GraphModule) -> dict[str, list[str]]:
 
 
 def recognize_patterns(gm: fx.GraphModule, example_inputs: tuple) -> int:
-    """Written-out RMSNorms and rotary embeddings become the one call they compute, and slots of a fused
-    projection become gathers (patterns.py)."""
-    from .patterns import fused_slots_from_pattern, rms_norm_from_pattern, rotary_from_pattern  # (rules' op names)
+    """Written-out LayerNorms, RMSNorms, rotary embeddings and MoE batched linears become the one call they
+    compute, and slots of a fused projection become gathers (patterns.py, layer_norm_pattern.py)."""
+    from .layer_norm_pattern import layer_norm_from_pattern  # (the patterns read the rules' op names)
+    from .patterns import expert_linear_from_pattern, fused_slots_from_pattern, rms_norm_from_pattern, rotary_from_pattern
 
     slots = fused_slots_from_pattern(gm)
     if slots:  # new nodes: their shapes (the rotary match reads them)
         propagate_shapes(gm, example_inputs)
-    return slots + rms_norm_from_pattern(gm, example_inputs) + rotary_from_pattern(gm)
+    # LayerNorm first: its centred ``d * rsqrt(mean(d ** 2) + eps)`` would also read as an RMSNorm of d
+    return (slots + layer_norm_from_pattern(gm, example_inputs) + rms_norm_from_pattern(gm, example_inputs)
+            + rotary_from_pattern(gm) + expert_linear_from_pattern(gm))
 
 
 def fold_constants(gm: fx.GraphModule) -> int:

@@ -9,8 +9,9 @@ from torch import fx, nn
 
 from .common import _container, _get_attrs, _original_params, _split, fetch, sqr_fx_references
 from .modules import _CONV_DIMS, _rank
-from .ops import (group_norm_ops, layer_norm_ops, ones_map_ops, rms_norm_ops, rotary_interleaved_ops, rotary_ops,
-                  self_attention_ops, window_attention_ops)
+from .ops import (expert_linear_ops, full_width_rms_norm_ops, group_norm_ops, layer_norm_ops, ones_map_ops,
+                  rms_norm_ops, rotary_interleaved_ops, rotary_ops, self_attention_ops, upcast_rms_norm_ops,
+                  window_attention_ops)
 
 
 def _trace_into(gm: fx.GraphModule, node: fx.Node, fn: Callable[..., Any], args: tuple) -> bool:
@@ -113,7 +114,9 @@ def inline_helpers(gm: fx.GraphModule, model: Optional[nn.Module] = None) -> lis
     """Replace every sqr_fx helper call by torch ops (module docstring, 3.); returns what still needs sqr_fx
     (nothing when every call matched its pattern)."""
     from ..attention import rotary, rotary_interleaved, self_attention
-    from ..layers import compensated_group_norm, compensated_layer_norm, compensated_rms_norm
+    from ..layers import (compensated_group_norm, compensated_layer_norm, compensated_rms_norm, full_width_rms_norm,
+                          upcast_rms_norm)
+    from ..moe import expert_linear
     from ..rules.weighted import ones_map
     from ..window_attention import window_attention
 
@@ -138,6 +141,13 @@ def inline_helpers(gm: fx.GraphModule, model: Optional[nn.Module] = None) -> lis
             _trace_into(gm, node, layer_norm_ops, a + (1e-5,) * (7 - len(a)))
         elif t is compensated_rms_norm and len(a) in (4, 5):
             _trace_into(gm, node, rms_norm_ops, a + (None,) * (5 - len(a)))
+        elif t is upcast_rms_norm and len(a) == 3:
+            _trace_into(gm, node, upcast_rms_norm_ops, a)
+        elif t is full_width_rms_norm and len(a) in (4, 5) and isinstance(a[2], fx.Node) and a[2].op == "get_attr":
+            a = a + (None,) * (5 - len(a))
+            _trace_into(gm, node, full_width_rms_norm_ops, a + (int(fetch(gm, a[2].target).shape[0]),))
+        elif t is expert_linear and len(a) == 3:
+            _trace_into(gm, node, expert_linear_ops, a)
         elif t is compensated_group_norm and len(a) in (8, 9):
             a = a + (1e-5,) * (9 - len(a))
             count = a[5]

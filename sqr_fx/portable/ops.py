@@ -54,6 +54,26 @@ def rms_norm_ops(x, weight, n: int, removed_sumsq, eps: Optional[float]):
     return y.to(x.dtype)
 
 
+def upcast_rms_norm_ops(x, eps: float, stat_dtype: torch.dtype):
+    """``sqr_fx.layers.upcast_rms_norm`` (T5's RMSNorm without its weight)."""
+    return x * torch.rsqrt(x.to(stat_dtype).pow(2).mean(-1, keepdim=True) + eps)
+
+
+def full_width_rms_norm_ops(x, kept, fill, eps: Optional[float], stat_dtype: Optional[torch.dtype], n: int):
+    """``sqr_fx.layers.full_width_rms_norm`` (``n``: the full width, ``fill.shape[0]``)."""
+    full = fill.to(x.dtype).expand(x.shape[:-1] + (n,)).index_copy(-1, kept, x)
+    if stat_dtype is None:
+        y = F.rms_norm(full, [n], None, eps)
+    else:
+        y = upcast_rms_norm_ops(full, eps, stat_dtype)
+    return y.index_select(-1, kept)
+
+
+def expert_linear_ops(x, weight, expert_ids):
+    """``sqr_fx.moe.expert_linear``."""
+    return torch.bmm(weight[expert_ids], x.unsqueeze(-1)).squeeze(-1)
+
+
 def group_norm_ops(x, weight, bias, group_index, group_size: int, groups: int, removed_count, removed_mean,
                    removed_m2, eps: float):
     """``sqr_fx.layers.compensated_group_norm`` (``groups``: ``removed_count.shape[0]``)."""

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..layers import compensated_group_norm, compensated_layer_norm, compensated_rms_norm, removed_stats
+from ..layers import (compensated_group_norm, compensated_layer_norm, compensated_rms_norm, full_width_rms_norm,
+                      removed_stats, upcast_rms_norm)
 from ..values import ChanInfo
-from .registry import rule
+from .registry import op_name, rule
 
 aten = torch.ops.aten
 
@@ -105,6 +106,8 @@ def _norm_rewrite(node: fx.Node, R, a, *, rms: bool) -> fx.Node:
     removed = src.value[~keep]
     x, w = R.arg(a["input"]), R.arg(a.get("weight"))
     eps = a.get("eps")
+    if rms and w is None and not compensated and _downcast_from_float64(a["input"]):
+        return _full_width(node, R, x, np.arange(n), np.zeros(n), keep, src.value, eps, None)
     if rms:
         old = R.tensor(a["removed_sumsq"]).double() if compensated else torch.zeros((), dtype=torch.float64)
         sumsq = R.buffer(f"{node.name}_removed_sumsq", old + float((removed**2).sum()))
@@ -127,13 +130,83 @@ def layer_norm(node, A, a):
     return _norm_analyze(node, A, a, has_bias=True)
 
 
+def _downcast_from_float64(x) -> bool:
+    """``x`` is a float64 tensor cast to a narrower float (Hugging Face's ``hidden.to(torch.float32)`` before
+    an RMSNorm in a float64 model): the compensated norm's statistic, summed over fewer channels in the
+    narrow dtype, would differ from the original's by that dtype's rounding, far above float64's; the
+    full-width norm (the original call on the rebuilt width) stays bit for bit. Elsewhere, a float32 model
+    included, the compensated norm is exact to the model's own rounding and needs no full-width buffer."""
+    if not isinstance(x, fx.Node) or _dtype(x) in (None, torch.float64) or not x.args:
+        return False
+    return op_name(x) in ("to", "_to_copy", "float", "type", "type_as", "half", "bfloat16") \
+        and _dtype(x.args[0]) is torch.float64
+
+
+def _dtype(a) -> torch.dtype | None:
+    tm = a.meta.get("tensor_meta") if isinstance(a, fx.Node) else None
+    return getattr(tm, "dtype", None)
+
+
+def _full_width(node, R, x, kept: np.ndarray, fill: np.ndarray, keep: np.ndarray, value: np.ndarray, eps,
+                stat_dtype) -> fx.Node:
+    """A :func:`full_width_rms_norm` call: positions ``kept[~keep]`` leave, their constants join ``fill``."""
+    fill = fill.copy()
+    fill[kept[~keep]] = value[~keep]
+    return R.graph.call_function(full_width_rms_norm, (
+        x, R.buffer(f"{node.name}_kept", torch.as_tensor(kept[keep], dtype=torch.long)),
+        R.buffer(f"{node.name}_fill", torch.as_tensor(fill, dtype=torch.float64)), eps, stat_dtype))
+
+
+def _rms_zero_stays_zero(A, a, out: ChanInfo | None, weight=None) -> ChanInfo | None:
+    """``y_j = x_j * rsqrt(ms + eps) [* w_j]``: a zero input stays zero when eps > 0 (a finite rsqrt) and w_j
+    is finite; a dead stream channel then stays dead past the norm and its readers fold nothing. Not for a
+    per-head norm (a head-split input): every dim of a kept head stays there, zero or not (the statistic
+    divides by the head's full width and is not compensated per head)."""
+    eps = a.get("eps")
+    wt = A.tensor(weight) if weight is not None else None
+    if out is None or out.split or (eps is not None and not (isinstance(eps, (int, float)) and eps > 0)) \
+            or (weight is not None and (wt is None or not bool(torch.isfinite(wt).all()))):
+        return out
+    zero = A.info(a["input"]).zero
+    return ChanInfo(out.dim, out.ids, out.const | zero, np.where(zero, 0.0, out.value))
+
+
+def _full_width_rewrite(node: fx.Node, R, a) -> fx.Node:
+    src = R.info(a["input"])
+    keep = R.keep(src)
+    if src is None or keep.all():
+        return R.copy(node)
+    if node.target is full_width_rms_norm:
+        kept, fill, stat = R.tensor(a["kept"]).cpu().numpy(), R.tensor(a["fill"]).double().cpu().numpy(), \
+            a.get("stat_dtype")
+    else:
+        kept, fill, stat = np.arange(len(src)), np.zeros(len(src)), a["stat_dtype"]
+    return _full_width(node, R, R.arg(a["input"]), kept, fill, keep, src.value, a.get("eps"), stat)
+
+
+@rule("rms_norm_full_width", upcast_rms_norm, full_width_rms_norm, names=("input", "eps", "stat_dtype"),
+      per_target={full_width_rms_norm: ("input", "kept", "fill", "eps", "stat_dtype")}, rewrite=_full_width_rewrite)
+def rms_norm_full_width(node, A, a):
+    """T5's upcast RMSNorm and the full-width form: RMSNorm's coupling; removed channels are rebuilt from
+    their constants at full width, so the statistic is the original one bit for bit."""
+    src, s = A.info(a["input"]), A.shape(a["input"])
+    if src is None or s is None or src.dim != len(s) - 1:
+        A.freeze(src)
+        return None
+    A.need_const(src, src.ids)
+    return _rms_zero_stays_zero(A, a, ChanInfo.dynamic(src.dim, src.ids))
+
+
 @rule("rms_norm", getattr(F, "rms_norm", None), getattr(aten, "rms_norm", None) and aten.rms_norm.default,
       compensated_rms_norm, names=("input", "normalized_shape", "weight", "eps"),
       per_target={compensated_rms_norm: ("input", "weight", "n", "removed_sumsq", "eps")},
       rewrite=lambda n, R, a: _norm_rewrite(n, R, a, rms=True), heads=True)
 def rms_norm(node, A, a):
-    """RMSNorm: rms^2 = (sum_K x^2 + sum_R c^2) / N; same coupling as LayerNorm."""
-    return _norm_analyze(node, A, a, has_bias=False)
+    """RMSNorm: rms^2 = (sum_K x^2 + sum_R c^2) / N; same coupling as LayerNorm. Unlike LayerNorm it
+    only scales each channel, ``y_j = x_j * rsqrt(rms^2 + eps) * w_j``: a zero input stays zero (eps > 0
+    keeps the rsqrt finite, a finite w_j keeps the product zero), so a dead stream channel stays dead
+    past the norm and its readers fold nothing."""
+    return _rms_zero_stays_zero(A, a, _norm_analyze(node, A, a, has_bias=False), a.get("weight"))
 
 
 def _group_layout(A, a, compensated: bool, n: int):

@@ -29,7 +29,7 @@ _UNARY = [
     "exp", "abs", "neg", "clamp", "clip", "square", "erf", "contiguous", "clone", "detach", "float", "double",
     "half", "bfloat16", "to", "type_as", "relu_", "sigmoid_", "tanh_", "hardtanh_", "leaky_relu_", "elu_",
     "silu_", "hardswish_", "hardsigmoid_", "clamp_", "clamp_min", "clamp_max", "native_dropout", "pow",
-    "rsqrt", "sqrt", "log", "sin", "cos", "reciprocal", "sign",
+    "rsqrt", "sqrt", "log", "sin", "cos", "reciprocal", "sign", "_to_copy",
 ]
 _UNARY_MODULES = [
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,

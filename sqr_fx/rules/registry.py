@@ -124,7 +124,10 @@ def lookup(node: fx.Node, root: nn.Module) -> Optional[tuple[OpRule, Args]]:
         key = node.op  # placeholder / get_attr / output
     r = RULES.get(key)
     if r is None and isinstance(key, torch._ops.OpOverload):
-        key = _functional_overload(key)  # aten.clip_ -> aten.clip: the front end made in-place ops data flow
+        # a library's custom op (transformers::grouped_mm_fallback) exists only once that library is
+        # imported: its rule is keyed by the qualified name "ns::op.overload"
+        named = f"{key.name()}.{key._overloadname}"
+        key = named if named in RULES else _functional_overload(key)  # aten.clip_ -> aten.clip: in-place ops are data flow
         r = RULES.get(key) if key is not None else None
     if r is None:
         return None

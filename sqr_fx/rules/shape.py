@@ -1020,7 +1020,8 @@ def pool(node, A, a):
 @rule("reduce", torch.mean, method("mean"), aten.mean.dim, torch.amax, method("amax"), aten.amax.default,
       torch.sum, method("sum"), aten.sum.dim_IntList)
 def reduce(node, A, a):
-    """mean/amax over axes other than the channel axis keep channel j; sum makes it size-dependent."""
+    """mean/amax over axes other than the channel axis keep channel j; sum makes a constant size-dependent,
+    except zero: a sum of zeros is zero at every size (a MoE layer summing its experts' outputs per token)."""
     x = node.args[0]
     src, s_in = A.info(x), A.shape(x)
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -1034,7 +1035,7 @@ def reduce(node, A, a):
         return None
     new_dim = src.dim if keep else src.dim - sum(d < src.dim for d in dims)
     is_sum = "sum" in str(getattr(node.target, "__name__", node.target))
-    const = np.zeros(len(src), bool) if is_sum else src.const
+    const = src.zero if is_sum else src.const
     return ChanInfo(new_dim, src.ids, const, np.where(const, src.value, 0.0))
 
 

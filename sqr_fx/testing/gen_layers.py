@@ -249,3 +249,36 @@ def tie(c: Ctx, st: State) -> State:
         return replace(st, C=n_out)
     c.step_h(lambda m, h: F.linear(h, W(m).t()))
     return replace(st, C=n_in)
+
+
+# ---- mixture-of-experts linears ------------------------------------------------------------------------------
+@gen("experts", ("vec",), weight=1, families=("expert_linear", "repeat_interleave"))
+def experts(c: Ctx, st: State) -> State:
+    """Rows through their own expert's matrix, as transformers' ``batched_mm`` experts: every row repeated
+    ``k`` times (one per chosen expert), an expert id per row, ``bmm(W[ids], x.unsqueeze(-1)).squeeze(-1)``
+    or ``sqr_fx.moe.expert_linear``, then the ``k`` copies summed back. Planted: units dead in every expert
+    (zero rows in all of them, removable) and in one expert only (kept)."""
+    from .. import moe  # called as moe.expert_linear: torch.fx.wrap patches the name in sqr_fx.moe
+
+    if not st.batched:
+        raise Skip("unbatched")
+    E, k, out = c.pick("experts", [2, 3]), c.pick("k", [1, 2]), c.pick("out", range(2, 9))
+    W = c.randn(E, out, st.C, scale=fan_in_scale(st.C))
+    with torch.no_grad():
+        W[:, c.subset(out)] = 0.0  # dead in every expert
+        W[0, c.subset(out)] = 0.0  # dead in expert 0 only
+        if c.pick("cols", [False, True]):
+            W[:, :, c.subset(st.C)] = 0.0  # inputs no expert reads
+    wn = c.param(W)
+    form = c.pick("form", ["bmm", "call"])
+    rep = c.pick("rep", ["method", "torch"])
+
+    def step(m, h):
+        x = h.repeat_interleave(k, dim=0) if rep == "method" else torch.repeat_interleave(h, k, 0)
+        ids = torch.arange(x.shape[0], device=x.device) % E
+        w = P(m, wn)
+        y = torch.bmm(w[ids], x.unsqueeze(-1)).squeeze(-1) if form == "bmm" else moe.expert_linear(x, w, ids)
+        return y.view(h.shape[0], k, out).sum(1)
+
+    c.step_h(step)
+    return replace(st, C=out)

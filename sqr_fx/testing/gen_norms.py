@@ -68,9 +68,20 @@ def _compensation(c: Ctx, r: int):
     return c.randn(r, scale=0.7)
 
 
+def _written_layer_norm(h, form: str, eps: float):
+    if form == "written_mean":
+        d = h - h.mean(-1, keepdim=True)
+        return d * torch.rsqrt(d.pow(2).mean(-1, keepdim=True) + eps)
+    if form == "written_var":
+        return (h - h.mean(-1, keepdim=True)) / torch.sqrt(torch.var(h, -1, unbiased=False, keepdim=True) + eps)
+    v, u = torch.var_mean(h, dim=-1, correction=0, keepdim=True)
+    return (h - u) * torch.rsqrt(eps + v)
+
+
 @gen("layer_norm", CL, weight=2, families=("layer_norm",))
 def layer_norm(c: Ctx, st: State) -> State:
-    form = c.pick("form", ["nn", "nn", "nn_noaffine", "nn_nobias", "F", "F_kw", "F_plain", "F_shape", "compensated"])
+    form = c.pick("form", ["nn", "nn", "nn_noaffine", "nn_nobias", "F", "F_kw", "F_plain", "F_shape", "compensated",
+                           "written_mean", "written_var", "written_var_mean"])
     C, eps = st.C, c.pick("eps", [1e-5, 1e-6])
     w, b = _gamma(c, C, c.pick("gamma0", [False, True])), c.randn(C, scale=0.5)
     if form.startswith("nn"):
@@ -92,6 +103,8 @@ def layer_norm(c: Ctx, st: State) -> State:
         c.step_h(lambda m, h: F.layer_norm(h, (C,)))
     elif form == "F_shape":
         c.step_h(lambda m, h: F.layer_norm(h, h.shape[-1:], P(m, wn), P(m, bn)))
+    elif form.startswith("written"):  # patterns.layer_norm_from_pattern reads these as F.layer_norm
+        c.step_h(lambda m, h: P(m, wn) * _written_layer_norm(h, form, eps) + P(m, bn))
     else:
         r = c.pick("removed", [1, 2, 3])
         mean, m2 = removed_stats(_compensation(c, r))
@@ -122,9 +135,9 @@ def layer_norm_channels_first(c: Ctx, st: State) -> State:
     return st
 
 
-@gen("rms_norm", CL, weight=1, families=("rms_norm",))
+@gen("rms_norm", CL, weight=1, families=("rms_norm", "rms_norm_full_width"))
 def rms_norm(c: Ctx, st: State) -> State:
-    form = c.pick("form", ["F", "F_kw", "F_plain", "nn", "compensated"])
+    form = c.pick("form", ["F", "F_kw", "F_plain", "nn", "compensated", "upcast", "full_width"])
     C, eps = st.C, c.pick("eps", [1e-6, None])
     w = _gamma(c, C, c.pick("gamma0", [False, True]))
     if form == "nn":
@@ -141,6 +154,17 @@ def rms_norm(c: Ctx, st: State) -> State:
         c.step_h(lambda m, h: F.rms_norm(input=h, normalized_shape=(C,), weight=P(m, wn), eps=eps))
     elif form == "F_plain":
         c.step_h(lambda m, h: F.rms_norm(h, [C]))
+    elif form == "upcast":  # T5's form (statistic dtype float64 here: the fuzzer compares at float64)
+        c.step_h(lambda m, h: P(m, wn) * L.upcast_rms_norm(h, 1e-6 if eps is None else eps, torch.float64))
+    elif form == "full_width":  # what minimize emits for it: C kept of C + r, the r constants rebuilt
+        r = c.pick("removed", [1, 2])
+        fill = torch.cat([torch.zeros(C, dtype=torch.float64), _compensation(c, r)])
+        perm = torch.randperm(C + r, generator=torch.Generator().manual_seed(C + r))
+        kept = c.buffer(torch.sort(perm[:C]).values, "kept")
+        fill_b = c.buffer(fill[torch.argsort(torch.cat([torch.sort(perm[:C]).values, torch.sort(perm[C:]).values]))],
+                          "fill")
+        stat = c.pick("stat", [None, torch.float64])
+        c.step_h(lambda m, h: P(m, wn) * L.full_width_rms_norm(h, P(m, kept), P(m, fill_b), eps, stat))
     else:
         r = c.pick("removed", [1, 2])
         ss = c.buffer(_compensation(c, r).square().sum(), "rss")
