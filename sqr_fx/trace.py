@@ -533,10 +533,15 @@ def _meta_shape(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
         x, w = args[0], args[7]
         return torch.empty(tuple(x.shape[:-1]) + (w.shape[0],), dtype=x.dtype, device="meta")
     if target in (F.scaled_dot_product_attention, _aten.scaled_dot_product_attention.default):
-        q = args[0] if args else kwargs.get("query")
-        v = args[2] if len(args) > 2 else kwargs.get("value")
-        if isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor) and q.dim() >= 2 and v.dim() >= 2:
-            return torch.empty(tuple(q.shape[:-1]) + (v.shape[-1],), dtype=q.dtype, device="meta")
+        q, k, v = (args[i] if len(args) > i else kwargs.get(name) for i, name in enumerate(("query", "key", "value")))
+        if len(args) > 7 or kwargs.get("enable_gqa") or not all(isinstance(t, torch.Tensor) and t.dim() >= 2
+                                                                for t in (q, k, v)):
+            return None  # (grouped heads: the op's own meta kernel)
+        try:  # [..., L, E] x [..., S, E] x [..., S, Ev] -> [broadcast of the leading axes, L, Ev]
+            lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        except RuntimeError:
+            return None
+        return torch.empty(tuple(lead) + (q.shape[-2], v.shape[-1]), dtype=q.dtype, device="meta")
     return None
 
 
