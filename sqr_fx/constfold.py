@@ -32,6 +32,23 @@ def _deterministic(node: fx.Node, root: nn.Module) -> bool:
     return not any(r in name for r in _RANDOM)
 
 
+def _source(root: fx.Node, values: dict) -> str:
+    """A readable name for a folded tensor: the largest stored tensor it is computed from
+    (``stages.0.conv1.weight`` -> ``stages_0_conv1_weight``; the report's layer names follow it)."""
+    seen, todo, best = set(), [root], None
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            if best is None or values[n].numel() > values[best].numel():
+                best = n
+        else:
+            todo.extend(a for a in n.all_input_nodes if a in values)
+    return best.target.replace(".", "_") if best is not None else root.name
+
+
 def fold_constants(gm: fx.GraphModule) -> int:
     """Fold parameter-only expressions into new ``get_attr`` tensors (see module docstring); returns
     how many nodes were replaced."""
@@ -76,7 +93,7 @@ def fold_constants(gm: fx.GraphModule) -> int:
     if new_floats > old_floats:
         return 0
     for i, n in enumerate(roots):
-        name = f"sqr_fx_folded_{i}_{n.name}"
+        name = f"sqr_fx_folded_{i}_{_source(n, values)}"
         while hasattr(gm, name):
             name += "_"
         value = values[n].clone().contiguous()
