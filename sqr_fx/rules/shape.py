@@ -1092,6 +1092,24 @@ def shape_guard(node, A, a):
     return None
 
 
+try:  # the guard symbolic_trace writes for an argument fixed to None (``concrete_args``)
+    from torch.fx._symbolic_trace import _assert_is_none
+except ImportError:  # pragma: no cover - older torch
+    _assert_is_none = None
+
+
+@rule("python_check", torch._assert, _assert_is_none, operator.eq, operator.ne, operator.lt, operator.le,
+      operator.gt, operator.ge, operator.not_, names=("input", "other"))
+def python_check(node, A, a):
+    """Python-level checks on numbers (``torch._assert(x.ndim == 4)``, FX's guards of arguments fixed to
+    their defaults): they read no tensor value, so no channel is affected. A comparison of tensors is
+    not followed (its operands keep their channels)."""
+    tensors = [x for x in node.all_input_nodes if A.shape(x) is not None]
+    if tensors:
+        A.decline(node, "compares tensors", tensors)
+    return None
+
+
 @rule("assert_metadata", aten._assert_tensor_metadata.default,
       names=("input", "size", "stride", "dtype", "device", "layout"))
 def assert_metadata(node, A, a):
