@@ -1099,14 +1099,14 @@ except ImportError:  # pragma: no cover - older torch
 
 
 @rule("python_check", torch._assert, _assert_is_none, operator.eq, operator.ne, operator.lt, operator.le,
-      operator.gt, operator.ge, operator.not_, names=("input", "other"))
+      operator.gt, operator.ge, operator.not_, operator.mod, operator.floordiv, names=("input", "other"))
 def python_check(node, A, a):
-    """Python-level checks on numbers (``torch._assert(x.ndim == 4)``, FX's guards of arguments fixed to
-    their defaults): they read no tensor value, so no channel is affected. A comparison of tensors is
-    not followed (its operands keep their channels)."""
+    """Python-level checks and size arithmetic on numbers (``torch._assert(x.ndim == 4)``, FX's guards of
+    arguments fixed to their defaults, timm's ``(ws - W % ws) % ws``): they read no tensor value, so no
+    channel is affected. The same ops on tensors are not followed (their operands keep their channels)."""
     tensors = [x for x in node.all_input_nodes if A.shape(x) is not None]
     if tensors:
-        A.decline(node, "compares tensors", tensors)
+        A.decline(node, "a comparison or integer arithmetic of tensors", tensors)
     return None
 
 
