@@ -35,6 +35,8 @@ MODELS = {
     "vit_tiny_patch16_224": (dict(img_size=32, depth=2), 32, 32, ()),
     # dynamic_img_size: torch.export (resampled position embedding), exact at another resolution
     "vit_tiny_patch16_224-dyn": (dict(img_size=32, depth=2, dynamic_img_size=True), 32, 48, ()),
+    # heads kept: the qkv bias is computed in forward (cat with a zero k bias; folding it would store more
+    # floats than the model has) and the interleaved rotary is written with stack: both open
     "eva02_tiny_patch14_224": (dict(img_size=28, depth=2, dynamic_img_size=True), 28, 42, (r"\.attn\.proj$",)),
     "tiny_vit_5m_224": (dict(depths=(1, 1, 1, 1)), 64, 96, ()),
     "twins_svt_small": (dict(img_size=64, depths=(1, 1, 1, 1)), 64, 96, ()),
@@ -119,7 +121,7 @@ def test_planted_structure_goes_and_result_is_exact(name):
     assert plan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        small = minimize(model, (_x(2, s1, 1),))
+        small = minimize(model, (_x(2, s1, 1),), verify=False)  # checked below, at two sizes
     rows = {r.name: r for r in small.sqr_report.rows}
     short = {}
     for layer, (axis, width) in plan.items():
