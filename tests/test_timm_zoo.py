@@ -35,8 +35,8 @@ MODELS = {
     "vit_tiny_patch16_224": (dict(img_size=32, depth=2), 32, 32, ()),
     # dynamic_img_size: torch.export (resampled position embedding), exact at another resolution
     "vit_tiny_patch16_224-dyn": (dict(img_size=32, depth=2, dynamic_img_size=True), 32, 48, ()),
-    # heads kept: the qkv bias is computed in forward (cat with a zero k bias; folding it would store more
-    # floats than the model has) and the interleaved rotary is written with stack: both open
+    # heads kept: EVA's interleaved rotary ``stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)`` has no
+    # rule (stack), so q and k keep every channel (open, with the rotary work of issue 11)
     "eva02_tiny_patch14_224": (dict(img_size=28, depth=2, dynamic_img_size=True), 28, 42, (r"\.attn\.proj$",)),
     "tiny_vit_5m_224": (dict(depths=(1, 1, 1, 1)), 64, 96, ()),
     "twins_svt_small": (dict(img_size=64, depths=(1, 1, 1, 1)), 64, 96, ()),
