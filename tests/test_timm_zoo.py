@@ -38,8 +38,12 @@ MODELS = {
     # heads kept: EVA's interleaved rotary ``stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)`` has no
     # rule (stack), so q and k keep every channel (open, with the rotary work of issue 11)
     "eva02_tiny_patch14_224": (dict(img_size=28, depth=2, dynamic_img_size=True), 28, 42, (r"\.attn\.proj$",)),
-    "tiny_vit_5m_224": (dict(depths=(1, 1, 1, 1)), 64, 96, ()),
-    "twins_svt_small": (dict(img_size=64, depths=(1, 1, 1, 1)), 64, 96, ()),
+    # two stages of one block (torch.export's dynamic-shape trace of the window padding costs ~25 s a stage):
+    # the convolutional stage and one windowed attention stage with its [H, T, S] attention bias
+    "tiny_vit_5m_224": (dict(embed_dims=(64, 128), depths=(1, 1), num_heads=(2, 4), window_sizes=(7, 7)), 64, 96, ()),
+    # two stages: locally grouped attention over windows padded past the feature map (7 on 16x16 and 8x8)
+    "twins_svt_small": (dict(img_size=64, embed_dims=(64, 128), num_heads=(2, 4), mlp_ratios=(4, 4), depths=(1, 1),
+                             wss=(7, 7), sr_ratios=(8, 4)), 64, 96, ()),
     "mobilenetv2_035": (dict(), 64, 80, ()),
     "densenet121": (dict(block_config=(2, 2, 2, 2)), 64, 80, ()),
     "nf_regnet_b0": (dict(), 64, 80, ()),
