@@ -50,6 +50,12 @@ def _source(root: fx.Node, values: dict) -> str:
     return best.target.replace(".", "_") if best is not None else root.name
 
 
+def _floats(tensors) -> int:
+    """Floating-point values, as ``count_stored_floats`` counts the deployable size (an integer index
+    buffer is not counted: a gathered table replacing a table + index may not hold more floats)."""
+    return sum(t.numel() for t in tensors if t.is_floating_point())
+
+
 def fold_constants(gm: fx.GraphModule) -> int:
     """Fold parameter-only expressions into new ``get_attr`` tensors (see module docstring); returns
     how many nodes were replaced."""
@@ -108,7 +114,7 @@ def fold_constants(gm: fx.GraphModule) -> int:
         # a stored tensor is freed only when every name it is read under is read inside the region (ties)
         freed = [names[0] for names in readers.values()
                  if all(u in region for a in names for u in a.users) and any(a.users for a in names)]
-        if sum(values[n].numel() for n in tops) <= sum(values[a].numel() for a in freed):
+        if _floats(values[n] for n in tops) <= _floats(values[a] for a in freed):
             roots += tops
     if not roots:
         return 0

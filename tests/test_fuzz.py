@@ -9,11 +9,13 @@
 """
 from __future__ import annotations
 
+import operator
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.fx._symbolic_trace import _assert_is_none
 from torchvision.ops import StochasticDepth
 from torchvision.ops.misc import Permute
 
@@ -92,9 +94,15 @@ EXCLUDED = {  # non-aten RULES keys no generator produces, with the reason
     # emitted only by minimize's own rewrite (the padded-conv constant fold); the fuzzer's fixpoint check
     # (minimize of a minimized graph) analyzes it
     ones_map: "emitted by minimize itself; covered by the fuzzer's second-minimize check",
+    # Python-level checks and size arithmetic on numbers: no tensor flows through them (the generators build
+    # tensor programs); tests/test_timm_patterns.py covers them
+    **{t: "a check or integer arithmetic on Python numbers, no tensor op (tests/test_timm_patterns.py)"
+       for t in (torch._assert, _assert_is_none, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+                 operator.ge, operator.not_, operator.mod, operator.floordiv)},
 }
 EXCLUDED_FAMILIES = {
     "shape_read": "its one target is ones_map (see EXCLUDED)",
+    "python_check": "checks and integer arithmetic on Python numbers (see EXCLUDED)",
 }
 
 

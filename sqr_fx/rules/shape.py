@@ -1103,7 +1103,9 @@ except ImportError:  # pragma: no cover - older torch
 
 
 @rule("python_check", torch._assert, _assert_is_none, operator.eq, operator.ne, operator.lt, operator.le,
-      operator.gt, operator.ge, operator.not_, operator.mod, operator.floordiv, names=("input", "other"))
+      operator.gt, operator.ge, operator.not_, operator.mod, operator.floordiv, names=("input", "other"),
+      per_target={torch._assert: ("condition", "message"), _assert_is_none: ("value", "msg"),
+                  operator.not_: ("input",)})
 def python_check(node, A, a):
     """Python-level checks and size arithmetic on numbers (``torch._assert(x.ndim == 4)``, FX's guards of
     arguments fixed to their defaults, timm's ``(ws - W % ws) % ws``): they read no tensor value, so no
