@@ -7,7 +7,8 @@ evaluating it once and reading the result as a ``get_attr`` tensor is exact; the
 ordinary weight. Folded: call nodes (no modules) whose inputs are all ``get_attr`` tensors or other
 folded nodes, that write into nothing and draw no random numbers. A region is folded only when it does
 not make the model grow: the folded tensors may not hold more floats than the parameters the region
-alone reads (a RoPE table built from a small ``inv_freq`` stays computed).
+alone reads (a RoPE table built from a small ``inv_freq`` stays computed). Regions (folded nodes joined
+through the tensors they read) are decided one by one: a growing one does not stop the others.
 
 torch.export checks the dtype of a stored tensor before a cast (``_assert_tensor_metadata(weight,
 dtype=float64)`` before Gemma's ``weight.float()``). Such a check of a ``get_attr`` tensor reads no value
@@ -35,6 +36,29 @@ def _deterministic(node: fx.Node, root: nn.Module) -> bool:
         return False
     name = (node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))).lower()
     return not any(r in name for r in _RANDOM)
+
+
+def _source(root: fx.Node, values: dict) -> str:
+    """A readable name for a folded tensor: the largest stored tensor it is computed from
+    (``stages.0.conv1.weight`` -> ``stages_0_conv1_weight``; the report's layer names follow it)."""
+    seen, todo, best = set(), [root], None
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            if best is None or values[n].numel() > values[best].numel():
+                best = n
+        else:
+            todo.extend(a for a in n.all_input_nodes if a in values)
+    return best.target.replace(".", "_") if best is not None else root.name
+
+
+def _floats(tensors) -> int:
+    """Floating-point values, as ``count_stored_floats`` counts the deployable size (an integer index
+    buffer is not counted: a gathered table replacing a table + index may not hold more floats)."""
+    return sum(t.numel() for t in tensors if t.is_floating_point())
 
 
 def fold_constants(gm: fx.GraphModule) -> int:
@@ -69,23 +93,43 @@ def fold_constants(gm: fx.GraphModule) -> int:
         if isinstance(out, torch.Tensor):
             values[node], param[node] = out, any(param[a] for a in node.all_input_nodes)
     folded = [n for n in values if n.op != "get_attr"]
-    # maximal folded nodes: read by something that is not folded
-    roots = [n for n in folded if any(u not in values or u.op == "get_attr" for u in n.users)]
-    if not roots:
+    if not folded:
         return 0
-    region = set(folded)
-    # a stored tensor is freed only when every name it is read under is read inside the region (ties)
+    # regions: folded nodes joined through the tensors they read (one stored tensor under several names
+    # is one tensor); each region is folded on its own, when it does not make the model grow
+    parent: dict[Any, Any] = {}
+
+    def find(a):
+        while parent.setdefault(a, a) is not a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for n in folded:
+        for a in n.all_input_nodes:
+            parent[find(a)] = find(n)
+    for a, key in stored.items():
+        parent[find(a)] = find(("stored", key))
+    regions: dict[Any, list[fx.Node]] = {}
+    for n in folded:
+        regions.setdefault(find(n), []).append(n)
     readers: dict[int, list[fx.Node]] = {}
     for a, key in stored.items():
         readers.setdefault(key, []).append(a)
-    freed = [nodes[0] for nodes in readers.values()
-             if all(u in region for a in nodes for u in a.users) and any(a.users for a in nodes)]
-    new_floats = sum(values[n].numel() for n in roots)
-    old_floats = sum(values[a].numel() for a in freed)
-    if new_floats > old_floats:
+    roots = []
+    for nodes in regions.values():
+        region = set(nodes)
+        tops = [n for n in nodes if any(u not in values or u.op == "get_attr" for u in n.users)]
+        # a stored tensor is freed only when every name it is read under is read inside the region (ties)
+        freed = [names[0] for names in readers.values()
+                 if all(u in region for a in names for u in a.users) and any(a.users for a in names)]
+        if _floats(values[n] for n in tops) <= _floats(values[a] for a in freed):
+            roots += tops
+    if not roots:
         return 0
+    roots.sort(key={n: i for i, n in enumerate(gm.graph.nodes)}.__getitem__)
     for i, n in enumerate(roots):
-        name = f"sqr_fx_folded_{i}_{n.name}"
+        name = f"sqr_fx_folded_{i}_{_source(n, values)}"
         while hasattr(gm, name):
             name += "_"
         value = values[n].clone().contiguous()

@@ -15,7 +15,9 @@ torch runs. Three steps on a freshly traced ``GraphModule``, before any analysis
   ``h``'s storage, so every LATER reader of ``h`` is re-pointed to the in-place node (it reads
   the mutated value, as torch does). That is exact only when ``h`` owns its storage (no other
   tensor of the graph aliases it): ``h`` must come from an op that allocates its output, and no
-  earlier reader may have made a view of it. Anything else (a view, a graph input, a parameter,
+  earlier reader may have made a view of it. An op that may return its input itself (``Identity``,
+  eval dropout, ``contiguous``: timm's ``BatchNormAct2d`` is ``bn -> drop -> act(inplace)``) owns that
+  storage too when it is the input's ONLY reader: nothing else can see the write. Anything else (a view, a graph input, a parameter,
   an unknown op) raises :class:`NotFunctional`, and the front end falls back to ``torch.export``,
   whose graphs are functional by construction.
 * :func:`has_hooks`: a module with forward hooks or pre-hooks computes more than its type says,
@@ -216,6 +218,19 @@ _MAYBE_ALIAS = ("dropout", "identity", "contiguous", "detach", "float", "double"
                 "type_as", "alias", "stochastic")
 
 
+def _sole_alias(node: fx.Node, root: nn.Module, fresh: set[fx.Node]) -> bool:
+    """``node`` is a channel-wise op that returns its first argument or a copy of it (``_MAYBE_ALIAS``),
+    that argument owns its storage and ``node`` is its only reader: either way ``node``'s storage is
+    reachable through ``node`` alone, as a fresh tensor's is."""
+    from .rules import lookup
+
+    x = node.args[0] if node.args else None
+    if not isinstance(x, fx.Node) or x not in fresh or len(x.users) != 1:
+        return False
+    found = lookup(node, root)
+    return found is not None and found[0].family == "pointwise"
+
+
 def resolve_inplace(gm: fx.GraphModule) -> None:
     """Re-point every reader after an in-place op to its output (raises :class:`NotFunctional` when
     the mutated tensor may alias another one; see the module docstring)."""
@@ -223,7 +238,7 @@ def resolve_inplace(gm: fx.GraphModule) -> None:
     fresh: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
         if not is_inplace(node, gm):
-            if _allocates(node, gm):
+            if _allocates(node, gm) or _sole_alias(node, gm, fresh):
                 fresh.add(node)
             continue
         x = node.args[0] if node.args else None

@@ -205,12 +205,19 @@ def _order_like(gm: fx.GraphModule, targets: list[str]) -> None:
             table.update(items)
 
 
+try:
+    from torch.fx._symbolic_trace import _assert_is_none
+except ImportError:  # pragma: no cover - older torch
+    _assert_is_none = None
+
+
 def _impure(node: fx.Node) -> bool:
     """Never delete a node that writes into a tensor (an in-place op whose result nobody reads
-    still mutates its input), nor anything torch itself calls impure."""
+    still mutates its input), nor anything torch itself calls impure, nor a guard of an argument the
+    trace fixed (``_assert_is_none``: without it another value would be silently ignored)."""
     from .normalize import is_inplace
 
-    return node.is_impure() or is_inplace(node, node.graph.owning_module)
+    return node.is_impure() or node.target is _assert_is_none or is_inplace(node, node.graph.owning_module)
 
 
 def _install(root: nn.Module, qualname: str, obj: Any, buffer: bool) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import operator
 import warnings
@@ -264,6 +265,34 @@ def fold_constants(gm: fx.GraphModule) -> int:
     return fold(gm)
 
 
+_SPECIALIZED = (type(None), bool, int, float, str)
+
+
+def _trace_at_defaults(model: nn.Module, n_inputs: int) -> fx.GraphModule:
+    """``symbolic_trace`` with every forward argument the example inputs leave at a plain default
+    (``attn_mask=None``, ``is_causal=False``: timm's ``forward(x, attn_mask=None)``) fixed to it.
+
+    The analysis sees the call the example inputs make, and torch.export specializes such arguments
+    the same way. Exactness for other calls: FX keeps the argument in the signature, under its own
+    name, and guards it (``_assert_is_none``, ``torch._assert(arg == default)``), so the result
+    refuses another value loudly instead of computing something else."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return fx.symbolic_trace(model)
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    fixed = {p.name: p.default for p in params[n_inputs:]
+             if p.kind in named and type(p.default) in _SPECIALIZED}
+    if not fixed or any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
+        return fx.symbolic_trace(model)
+    gm = fx.symbolic_trace(model, concrete_args=fixed)
+    order = [p.name for p in params if p.kind in named]
+    for node, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"], order):
+        node.target = name  # FX renames a fixed argument (``attn_mask_1``): callers use the original name
+    gm.recompile()
+    return gm
+
+
 def _symbolic(model: nn.Module, example_inputs: tuple, expected: Any) -> fx.GraphModule:
     """``symbolic_trace`` + the functional front end, checked against the model on the example inputs.
 
@@ -272,7 +301,7 @@ def _symbolic(model: nn.Module, example_inputs: tuple, expected: Any) -> fx.Grap
     in-place op it cannot make functional) and the caller falls back to ``torch.export``.
     The check's run of the graph is its shape propagation too (one real run, not two).
     A ``GraphModule`` ``model`` is edited in place."""
-    gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
+    gm = model if isinstance(model, fx.GraphModule) else _trace_at_defaults(model, len(example_inputs))
     normalize_args(gm)
     gm = _functional(gm)
     resolve_inplace(gm)

@@ -110,3 +110,31 @@ def test_a_buffer_table_sliced_at_every_use_is_counted_once():
     assert count_stored_floats(s) <= count_stored_floats(m)
     assert s.sqr_report.floats_after <= s.sqr_report.floats_before
     check_equivalence(m, s, (_x(3, 16, 4, seed=2),), rtol=1e-10, atol=1e-12)
+
+
+class TwoRegions(nn.Module):
+    """A qkv-style bias ``cat(q_bias, zero k_bias buffer, v_bias)`` (EVA) folds; a table expanded from a small
+    buffer in the same model would grow and stays computed: regions are decided one by one."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(2)), nn.Parameter(torch.randn(2))
+        self.register_buffer("k_bias", torch.zeros(2), persistent=False)
+        self.freq = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        table = self.freq.expand(5, 6).cos()  # 30 floats from 6: folding it would grow the model
+        y = F.linear(x, self.lin.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        return y * table
+
+
+def test_each_region_is_folded_on_its_own():
+    m = TwoRegions().double().eval()
+    gm = torch.fx.symbolic_trace(m)
+    assert fold_constants(gm) == 1
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.cat not in targets and torch.Tensor.cos not in targets
+    assert any(n.op == "call_method" and n.target == "cos" for n in gm.graph.nodes)  # the table stays computed
+    x = _x(5, 4)
+    torch.testing.assert_close(gm(x), m(x))

@@ -9,11 +9,13 @@
 """
 from __future__ import annotations
 
+import operator
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.fx._symbolic_trace import _assert_is_none
 from torchvision.ops import StochasticDepth
 from torchvision.ops.misc import Permute
 
@@ -94,11 +96,17 @@ EXCLUDED = {  # non-aten RULES keys no generator produces, with the reason
     ones_map: "emitted by minimize itself; covered by the fuzzer's second-minimize check",
     # a transformers custom op (exists once transformers is imported): tests/test_moe_t5_norms.py
     "transformers::grouped_mm_fallback.default": "transformers' op; tests/test_moe_t5_norms.py (float64 and HF Mixtral)",
+    # Python-level checks and size arithmetic on numbers: no tensor flows through them (the generators build
+    # tensor programs); tests/test_timm_patterns.py covers them
+    **{t: "a check or integer arithmetic on Python numbers, no tensor op (tests/test_timm_patterns.py)"
+       for t in (torch._assert, _assert_is_none, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+                 operator.ge, operator.not_, operator.mod, operator.floordiv)},
 }
 EXCLUDED_FAMILIES = {
     "shape_read": "its one target is ones_map (see EXCLUDED)",
     "grouped_mm": "aten._grouped_mm has no float64 CPU kernel and the fallback is transformers' op: "
                   "tests/test_moe_t5_norms.py",
+    "python_check": "checks and integer arithmetic on Python numbers (see EXCLUDED)",
 }
 
 

@@ -15,7 +15,7 @@ head-split channel infos (``ChanInfo.split``). For one head h, query i, keys j a
   v's channel ids: a value dim nothing reads leaves v and o together.
 * **heads**: q, k and v must keep the same heads (``align_heads``), each with the same number of
   positions per head (the plan keeps head-split tensors rectangular); a per-head mask
-  (``attn_mask.shape[-3] == H``) is gathered to the kept heads.
+  (``attn_mask.shape[-3] == H``, of q's rank or broadcast from fewer axes) is gathered to the kept heads.
 """
 from __future__ import annotations
 
@@ -139,7 +139,8 @@ def sdpa(node: fx.Node, A, a) -> ChanInfo | None:
         ms = A.shape(mask)
         ok = ms is not None and A.info(mask) is None
         if ok and H > 1 and len(ms) >= 3 and ms[-3] != 1:
-            ok = ms[-3] == H and len(ms) == len(sq)  # per-head mask: gathered to the kept heads
+            # per-head mask ([.., H, T, S], also timm's [H, T, S] attention bias): gathered to the kept heads
+            ok = ms[-3] == H and len(ms) <= len(sq)
             node.meta["sqr_fx.mask_per_head"] = len(ms) - 3
     if not ok:
         A.freeze([q, k, v, mask])  # nodes: frozen whatever their infos look like

@@ -618,8 +618,8 @@ def _slice_rewrite(node, R, a):
         return R.index_select(x, out_info.dim, idx, f"{node.name}_idx")
     if node.target is operator.getitem:
         index = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
-        index[src.dim] = slice(None)
-        x = R.graph.call_function(operator.getitem, (x, tuple(index)))
+        index[src.dim] = slice(None)  # (bounds computed on other axes: their new nodes)
+        x = R.graph.call_function(operator.getitem, (x, R.arg(tuple(index))))
     return R.index_select(x, out_info.dim, idx, f"{node.name}_idx")
 
 
@@ -634,6 +634,8 @@ def _index_heads(node, src: ChanInfo, s_in) -> ChanInfo | None:
     if node.target is aten.slice.Tensor:
         d = _norm_dim(int(node.args[1]) if len(node.args) > 1 else 0, nd)
         bounds = list(node.args[2:5]) + [None] * (3 - len(node.args[2:5]))
+        if d not in (src.head, src.dim):
+            return src  # another axis, by any bounds (also computed at run time): every position stays
         if any(v is not None and type(v) is not int for v in bounds):
             return None
         full = len(range(s_in[d])[slice(*bounds)]) == s_in[d]
@@ -765,7 +767,9 @@ def getitem(node, A, a):
         return None
     if node.target is operator.getitem:
         idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-        plain = all((isinstance(i, slice) and all(not isinstance(v, fx.Node) for v in (i.start, i.stop, i.step)))
+        # bounds computed at run time (timm's crop ``x[:, :H, :W, :]`` after window padding) only off the channel axis
+        plain = all((isinstance(i, slice) and (k != src.dim or all(not isinstance(v, fx.Node)
+                                                                  for v in (i.start, i.stop, i.step))))
                     or (type(i) is int and k != src.dim) for k, i in enumerate(idx))
         if not plain or len(idx) > len(s_in):
             A.freeze(src)
@@ -778,7 +782,7 @@ def getitem(node, A, a):
     else:
         d = _norm_dim(int(node.args[1]) if len(node.args) > 1 else 0, len(s_in))
         args = list(node.args[2:5]) + [None] * (3 - len(node.args[2:5]))
-        if any(isinstance(v, fx.Node) for v in args):
+        if d == src.dim and any(isinstance(v, fx.Node) for v in args):
             A.freeze(src)
             return None
         sl = slice(*args) if d == src.dim else slice(None)
@@ -1090,6 +1094,26 @@ def _guard_rewrite(node, R, a):
 @rule("shape_guard", method("dim"), _GuardsFn, rewrite=_guard_rewrite)
 def shape_guard(node, A, a):
     """Reads only the rank / the graph inputs' shapes: no channel is affected."""
+    return None
+
+
+try:  # the guard symbolic_trace writes for an argument fixed to None (``concrete_args``)
+    from torch.fx._symbolic_trace import _assert_is_none
+except ImportError:  # pragma: no cover - older torch
+    _assert_is_none = None
+
+
+@rule("python_check", torch._assert, _assert_is_none, operator.eq, operator.ne, operator.lt, operator.le,
+      operator.gt, operator.ge, operator.not_, operator.mod, operator.floordiv, names=("input", "other"),
+      per_target={torch._assert: ("condition", "message"), _assert_is_none: ("value", "msg"),
+                  operator.not_: ("input",)})
+def python_check(node, A, a):
+    """Python-level checks and size arithmetic on numbers (``torch._assert(x.ndim == 4)``, FX's guards of
+    arguments fixed to their defaults, timm's ``(ws - W % ws) % ws``): they read no tensor value, so no
+    channel is affected. The same ops on tensors are not followed (their operands keep their channels)."""
+    tensors = [x for x in node.all_input_nodes if A.shape(x) is not None]
+    if tensors:
+        A.decline(node, "a comparison or integer arithmetic of tensors", tensors)
     return None
 
 

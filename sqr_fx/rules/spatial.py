@@ -3,7 +3,8 @@
 Each keeps channel j in place when the channel axis is not among the axes it works on (its
 precondition; otherwise the rule declines and the channels are kept):
 
-* ``F.pad`` on other axes: channel j's values move within channel j; padded positions hold the pad
+* ``F.pad`` on other axes (by any amounts, also ones computed from the input's size; the channel
+  axis' own amounts literal zeros): channel j's values move within channel j; padded positions hold the pad
   value (constant mode), so a constant channel stays constant only when it equals that value;
   reflect / replicate / circular copy the channel's own values, so every constant stays.
 * ``F.interpolate`` (every mode): each output is a weighted mean of one channel's inputs with
@@ -35,13 +36,15 @@ def _pad_analyze(node: fx.Node, A, a) -> ChanInfo | None:
     if src is None or s is None or A.shape(node) is None:
         A.freeze(src)
         return None
-    if not isinstance(pad, (list, tuple)) or any(not isinstance(p, int) for p in pad) or src.split:
+    if not isinstance(pad, (list, tuple)) or src.split:
         A.decline(node, "pad amounts computed at run time", src)
         return None
     nd = len(s)
-    padded = {nd - 1 - i // 2 for i, p in enumerate(pad) if p != 0}
+    # an amount computed at run time (timm pads to a window multiple of the input size) may be anything:
+    # its axis counts as padded; the channel axis' own amounts must be literal zeros
+    padded = {nd - 1 - i // 2 for i, p in enumerate(pad) if not (type(p) is int and p == 0)}
     if src.dim in padded:
-        A.decline(node, "pads the channel axis", src)
+        A.decline(node, "pads the channel axis (or by an amount computed at run time)", src)
         return None
     if not padded:
         return src
