@@ -100,13 +100,12 @@ EXCLUDED = {  # non-aten RULES keys no generator produces, with the reason
     # tensor programs); tests/test_timm_patterns.py covers them
     **{t: "a check or integer arithmetic on Python numbers, no tensor op (tests/test_timm_patterns.py)"
        for t in (torch._assert, _assert_is_none, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
-                 operator.ge, operator.not_, operator.mod, operator.floordiv)},
+                 operator.ge, operator.not_, operator.floordiv)},
 }
 EXCLUDED_FAMILIES = {
     "shape_read": "its one target is ones_map (see EXCLUDED)",
     "grouped_mm": "aten._grouped_mm has no float64 CPU kernel and the fallback is transformers' op: "
                   "tests/test_moe_t5_norms.py",
-    "python_check": "checks and integer arithmetic on Python numbers (see EXCLUDED)",
 }
 
 
