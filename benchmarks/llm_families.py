@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "llm_families.json").write_text(json.dumps(rows, indent=1))
     md = ("Removed / planted, summed over 2 layers (stream channels: per model). Errors in float64; the "
-          "RMSNorm families normalize in float32 inside the float64 model, so they are exact to float32 "
-          "rounding (1e-6), the LayerNorm families to 1e-9.\n\n" + table(rows) + "\n")
+          "RMSNorm families normalize in float32 inside the float64 model (full-width norms keep them bit-exact; "
+          "checked at float32 rounding, 1e-6), the LayerNorm families at 1e-9.\n\n" + table(rows) + "\n")
     (args.out / "llm_families.md").write_text(md)
     print(md)
 
