@@ -180,6 +180,8 @@ class Rewriter:
                 made[id(value)] = nn.Parameter(value, requires_grad=value.is_floating_point()) if (
                     is_param and isinstance(value, torch.Tensor)) else value
             _install(root, name, made[id(value)], buffer=not is_param)
+        for n in self.graph.nodes:
+            _view_as_reshape(n)
         self.graph.owning_module = root  # the purity checks look modules up
         emitted = [n.target for n in self.graph.nodes if n.op in ("get_attr", "call_module")]
         self.graph.eliminate_dead_code(is_impure_node=_impure)
@@ -187,6 +189,18 @@ class Rewriter:
         gm = fx.GraphModule(root, self.graph, class_name=type(self.old).__name__)
         _order_like(gm, emitted)
         return gm.train(self.old.training)
+
+
+def _view_as_reshape(n: fx.Node) -> None:
+    """A ``view`` of the rewritten graph becomes ``reshape``: the same values wherever the view is valid (the
+    graph is functional: nothing writes through the alias), and still valid where a rewritten producer now
+    returns other strides (torch picks another attention kernel for the new head widths, and export's
+    ``view`` after it assumed the old kernel's layout). A dtype view (a bit cast) stays."""
+    if n.op == "call_function" and n.target is torch.ops.aten.view.default:
+        n.target = torch.ops.aten.reshape.default
+    elif n.op == "call_method" and n.target == "view" and not n.kwargs \
+            and not any(isinstance(a, torch.dtype) for a in n.args[1:]):
+        n.target = "reshape"
 
 
 def _order_like(gm: fx.GraphModule, targets: list[str]) -> None:

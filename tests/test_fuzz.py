@@ -163,6 +163,13 @@ LONG_RUN_FINDS = {
         "Case(seed=515152548436, layout='seq', C=3, sp=(3,), batched=True, B=3, alt_B=1, grow=3, frontend='fx', outputs=1, ops=[ Op('attention', 510689387, {'heads': 1, 'core': 'manual_dropout', 'proj': 'fused_split', 'split': 'view', 'merge': 'flatten', 'softmax': 'method', 'matmul': 'torch', 'plant': 'o_rows'}), Op('expand', 1008692145, {'form': 'expand_as'}), Op('cat', 516697791, {'what': 'branches', 'form': 'cat_kw', 'dim': -1, 'a': 6, 'branch1': 'F_kw', 'plant1': 'none', 'b': 6, 'branch2': 'nn', 'plant2': 'none', 'mask': None}), ])",
     'MultiheadAttention over an input tracked on its sequence axis (rewrite used a frozen info)':
         "Case(seed=515152545569, layout='hw', C=4, sp=(5, 5), batched=True, B=2, alt_B=5, grow=3, frontend='fx', outputs=1, ops=[ Op('slice', 1792799003, {'what': 'sp_drop', 'axis': 1, 'index': 0, 'form': 'method'}), Op('mha', 322066572, {'heads': 2, 'form': 'kw', 'plant': 'o_rows'}), Op('attention', 877601316, {'heads': 1, 'core': 'sdpa_mask', 'proj': 'fused_split', 'split': 'view', 'merge': 'reshape', 'plant': 'none'}), ])",
+    'a view after a rewritten attention whose new kernel returns other strides (fuzz run 5)':
+        "Case(seed=727274185508, layout='seq', C=6, sp=(4,), batched=False, B=2, alt_B=5, grow=2, frontend='fx', "
+        "outputs=1, ops=[ Op('linear', 621494377, {'form': 'addmm', 'out': 7, 'plant': 'none'}), "
+        "Op('pad', 1879385888, {'what': 'ch', 'amount': (2, 0), 'value': None, 'form': 'F'}), "
+        "Op('binary', 1326692713, {'op': 'div', 'form': 'method_', 'rhs': 'branch', 'branch': 'F_kw', 'plant': 'none'}), "
+        "Op('attention', 1882446266, {'heads': 3, 'core': 'sdpa_causal', 'proj': 'fused_split', 'split': 'unflatten', "
+        "'merge': 'flatten', 'plant': 'k_rows'}), ])",
     'aten.group_norm restored as nn.GroupNorm, which refuses one value per group':
         "Case(seed=424243273244, layout='sig', C=3, sp=(6,), batched=True, B=3, alt_B=1, grow=3, frontend='export', outputs=1, ops=[ Op('stochastic_depth', 1935230331, {'form': 'nn', 'branch': 'nn3', 'plant': 'none'}), Op('reduce', 792607168, {'what': 'keepdim', 'op': 'mean', 'form': 'method', 'dims': 2, 'as_int': True}), Op('group_norm', 1572284788, {'form': 'nn', 'groups': 3, 'gamma0': False}), ])",
 }
