@@ -566,8 +566,11 @@ def _meta_shape(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
         if len(args) > 7 or kwargs.get("enable_gqa") or not all(isinstance(t, torch.Tensor) and t.dim() >= 2
                                                                 for t in (q, k, v)):
             return None  # (grouped heads: the op's own meta kernel)
+        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
         try:  # [..., L, E] x [..., S, E] x [..., S, Ev] -> [broadcast of the leading axes, L, Ev]
             lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+            if isinstance(mask, torch.Tensor) and torch.broadcast_shapes(lead, mask.shape[:-2]) != lead:
+                return None  # (a mask wider than the scores: the op's own kernel decides)
         except RuntimeError:
             return None
         return torch.empty(tuple(lead) + (q.shape[-2], v.shape[-1]), dtype=q.dtype, device="meta")
