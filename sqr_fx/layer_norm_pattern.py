@@ -155,10 +155,12 @@ def layer_norm_from_pattern(gm: fx.GraphModule, example_inputs: tuple = ()) -> i
         return 0
     seen = _shapes_seen(gm, {m[1] for m in matches}, example_inputs)
     count, permuted = 0, False
+    replaced: dict[fx.Node, fx.Node] = {}  # a match's output that an earlier rewrite replaced -> its new node
     for node, x, axis, eps, nodes in matches:
         s = shape_of(x)
         if any(len(sh) != len(s) or sh[axis] != s[axis] for sh in seen[x]) or shape_of(node) != s:
             continue
+        x = replaced.get(x, x)  # (one LayerNorm feeding the next: read the first one's new node)
         with gm.graph.inserting_before(node):
             if axis == len(s) - 1:
                 new = gm.graph.call_function(F.layer_norm, (x, (s[axis],), None, None, eps))
@@ -171,6 +173,7 @@ def layer_norm_from_pattern(gm: fx.GraphModule, example_inputs: tuple = ()) -> i
                 permuted = True
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
+        replaced[node] = new
         left = list(nodes)
         while any(not n.users for n in left):  # readers first: a node frees its inputs once erased
             for dead in [n for n in left if not n.users]:

@@ -170,6 +170,12 @@ LONG_RUN_FINDS = {
         "Op('binary', 1326692713, {'op': 'div', 'form': 'method_', 'rhs': 'branch', 'branch': 'F_kw', 'plant': 'none'}), "
         "Op('attention', 1882446266, {'heads': 3, 'core': 'sdpa_causal', 'proj': 'fused_split', 'split': 'unflatten', "
         "'merge': 'flatten', 'plant': 'k_rows'}), ])",
+    'a written-out LayerNorm reading another one (the second match read the replaced output of the first; fuzz run 6)':
+        "Case(seed=838385517705, layout='vec', C=5, sp=(), batched=False, B=2, alt_B=5, grow=2, frontend='fx', "
+        "outputs=1, ops=[ Op('rms_norm', 1815422673, {'form': 'compensated', 'eps': 1e-06, 'gamma0': False, 'removed': 2}), "
+        "Op('reduce', 394329628, {'what': 'center', 'op': 'mean', 'form': 'method_kw', 'dim': 0}), "
+        "Op('reduce', 94414678, {'what': 'manual_rms', 'op': 'mean', 'form': 'method_kw', 'dim': 0}), "
+        "Op('layer_norm', 22456532, {'form': 'written_var', 'eps': 1e-05, 'gamma0': False}), ])",
     'aten.group_norm restored as nn.GroupNorm, which refuses one value per group':
         "Case(seed=424243273244, layout='sig', C=3, sp=(6,), batched=True, B=3, alt_B=1, grow=3, frontend='export', outputs=1, ops=[ Op('stochastic_depth', 1935230331, {'form': 'nn', 'branch': 'nn3', 'plant': 'none'}), Op('reduce', 792607168, {'what': 'keepdim', 'op': 'mean', 'form': 'method', 'dims': 2, 'as_int': True}), Op('group_norm', 1572284788, {'form': 'nn', 'groups': 3, 'gamma0': False}), ])",
 }
