@@ -100,7 +100,7 @@ def grouped_mm(node, A, a):
       names=("input", "repeats", "dim"))
 def repeat_interleave(node, A, a):
     """``x.repeat_interleave(r, dim)`` with an int ``r`` on a non-channel axis: rows repeated, channels kept."""
-    x, src, s = a["input"], A.info(a["input"]), A.shape(a["input"])
+    src, s = A.info(a["input"]), A.shape(a["input"])
     d = a.get("dim")
     if src is None or s is None or isinstance(a["repeats"], fx.Node) or type(d) is not int \
             or d % len(s) == src.dim or A.shape(node) is None or len(A.shape(node)) != len(s):
