@@ -29,7 +29,8 @@ Each of the slices, the negation and the cat would see a head-split tensor alone
 subgraph is rewritten to one :func:`sqr_fx.attention.rotary` call (the same ops, in the same order),
 whose rule couples each rotation pair ``(i, i + D/2)`` (``rules/rotary.py``). GPT-J's interleaved form
 ``x * cos + stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2) * sin`` (pairs ``(2i, 2i + 1)``) becomes
-one :func:`sqr_fx.attention.rotary_interleaved` call the same way.
+one :func:`sqr_fx.attention.rotary_interleaved` call the same way, and so does timm EVA's
+``stack(...).reshape(x.shape)`` where the reshape gives X's shape on every derived input shape.
 """
 from __future__ import annotations
 
@@ -247,21 +248,29 @@ def _last_axis_positions(n: Any) -> Optional[tuple[fx.Node, range, list[fx.Node]
     return x, pos, chain
 
 
-def _rotation_of(n: Any) -> Optional[tuple[fx.Node, bool, list[fx.Node]]]:
-    """(X, interleaved, intermediate nodes) when ``n`` is ``rotate_half(X)`` =
+def _rotation_of(n: Any) -> Optional[tuple[fx.Node, bool, list[fx.Node], Optional[fx.Node]]]:
+    """(X, interleaved, intermediate nodes, the reshape or None) when ``n`` is ``rotate_half(X)`` =
     ``cat((-X[..., D/2:], X[..., :D/2]), -1)`` or ``rotate_every_two(X)`` =
-    ``stack((-X[..., 1::2], X[..., ::2]), -1).flatten(-2)``, with unshared intermediates."""
+    ``stack((-X[..., 1::2], X[..., ::2]), -1).flatten(-2)`` (or ``.reshape(sizes)`` / ``.view(sizes)``
+    giving X's traced shape: the caller checks it gives X's shape on every derived input too), with
+    unshared intermediates."""
     if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method"):
         return None
     inter = [n]
-    interleaved = op_name(n) == "flatten"
+    reshaped = None
+    interleaved = op_name(n) in ("flatten", "reshape", "view")
     if interleaved:  # flatten(stack(...), -2): the trailing pair axis back into the last one
-        start = n.kwargs.get("start_dim", n.args[1] if len(n.args) > 1 else 0)
-        end = n.kwargs.get("end_dim", n.args[2] if len(n.args) > 2 else -1)
-        inner, s = n.args[0], shape_of(n.args[0])
-        if s is None or type(start) is not int or type(end) is not int or start % len(s) != len(s) - 2 \
-                or end % len(s) != len(s) - 1 or not _only_user(inner) or op_name(inner) != "stack":
+        inner, s = n.args[0] if n.args else None, shape_of(n.args[0]) if n.args else None
+        if s is None or not _only_user(inner) or op_name(inner) != "stack":
             return None
+        if op_name(n) == "flatten":
+            start = n.kwargs.get("start_dim", n.args[1] if len(n.args) > 1 else 0)
+            end = n.kwargs.get("end_dim", n.args[2] if len(n.args) > 2 else -1)
+            if type(start) is not int or type(end) is not int or start % len(s) != len(s) - 2 \
+                    or end % len(s) != len(s) - 1:
+                return None
+        else:  # ``.reshape(x.shape)`` (timm's EVA): X's shape back, checked by the caller on every derived input
+            reshaped = n
         n = inner
         inter.append(n)
     elif op_name(n) not in ("cat", "concat"):
@@ -285,9 +294,9 @@ def _rotation_of(n: Any) -> Optional[tuple[fx.Node, bool, list[fx.Node]]]:
         ok = d % (len(s) + 1) == len(s) and hi[1] == range(1, D, 2) and lo_[1] == range(0, D, 2)
     else:
         ok = d % len(s) == len(s) - 1 and hi[1] == range(D // 2, D) and lo_[1] == range(D // 2)
-    if D % 2 or not ok:
+    if D % 2 or not ok or (reshaped is not None and shape_of(reshaped) != s):
         return None
-    return x, interleaved, inter + [neg] + hi[2] + lo_[2]
+    return x, interleaved, inter + [neg] + hi[2] + lo_[2], reshaped
 
 
 def _mul_operands(n: Any) -> Optional[tuple[Any, Any]]:
@@ -307,14 +316,27 @@ def _rotary_match(node: fx.Node):
             found = _rotation_of(r) if _only_user(r) else None
             if found is None:
                 continue
-            x, interleaved, inter = found
+            x, interleaved, inter, reshaped = found
             for xx, cos in (a, a[::-1]):
                 if xx is x and cos is not x and sin is not x:
-                    return x, cos, sin, interleaved, [node, m_cos, m_sin] + inter
+                    return x, cos, sin, interleaved, [node, m_cos, m_sin] + inter, reshaped
     return None
 
 
-def rotary_from_pattern(gm: fx.GraphModule) -> int:
+def _erase_unread(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Erase the pure size computations among ``nodes`` (and their inputs) that nothing reads any more."""
+    from .rewrite import _impure
+
+    todo = list(nodes)
+    while todo:
+        n = todo.pop()
+        if n.users or n.op not in ("call_function", "call_method") or _impure(n) or n.graph is not gm.graph:
+            continue
+        todo.extend(n.all_input_nodes)
+        gm.graph.erase_node(n)
+
+
+def rotary_from_pattern(gm: fx.GraphModule, example_inputs: tuple = ()) -> int:
     """Rewrite every written-out rotary embedding ``X * cos + rotate_half(X) * sin`` (operands of each
     product and of the sum in either order) to one :func:`sqr_fx.attention.rotary` call, and the
     interleaved (GPT-J) ``X * cos + rotate_every_two(X) * sin`` to one ``rotary_interleaved`` call;
@@ -323,32 +345,47 @@ def rotary_from_pattern(gm: fx.GraphModule) -> int:
     The call computes the same ops in the same order (products and sums commute exactly in floating
     point), so the graph's function is unchanged bit for bit. Matched only when the slices, the
     negation, the cat / stack and both products have no other reader; X itself may have any readers.
-    Needs ``tensor_meta`` (the slices' bounds are checked against X's traced last-axis width)."""
+    Needs ``tensor_meta`` (the slices' bounds are checked against X's traced last-axis width).
+
+    timm's EVA writes the interleaved rotation as ``stack(...).reshape(x.shape)`` (after torch.export:
+    ``reshape(stack, [s0, 3, s1 * s2, 64])``). A reshape whose result keeps the last width D of a
+    contiguous ``[..., D/2, 2]`` tensor moves whole rows, so it equals ``flatten(-2)`` exactly when it
+    gives X's shape; that is checked at the traced shape and on every derived input shape the graph
+    accepts (as for the RMSNorm width), else the match is left alone."""
     from .attention import rotary, rotary_interleaved
 
-    count = 0
+    matches = []
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "call_method") or op_name(node) != "add" or len(node.args) != 2 \
                 or node.kwargs or not all(_only_user(a) for a in node.args):
             continue
         match = _rotary_match(node)
-        if match is None:
-            continue
-        x, cos, sin, interleaved, dead = match
+        if match is not None:
+            matches.append((node,) + match)
+    reshapes = {m[-1]: m[1] for m in matches if m[-1] is not None}
+    if reshapes:  # each reshape must give its X's shape on the derived inputs too
+        seen = _shapes_seen(gm, set(reshapes) | set(reshapes.values()), example_inputs) if example_inputs else {}
+        ok = {r for r, x in reshapes.items() if example_inputs and seen[r] == seen[x]}
+        matches = [m for m in matches if m[-1] is None or m[-1] in ok]
+    replaced: dict[fx.Node, fx.Node] = {}  # an earlier match's sum -> its call (X of a later match)
+    for node, x0, cos, sin, interleaved, dead, reshaped in matches:
+        x, cos, sin = (replaced.get(v, v) for v in (x0, cos, sin))
         with gm.graph.inserting_before(node):
             if interleaved:
                 new = gm.graph.call_function(rotary_interleaved, (x, cos, sin))
             else:
-                new = gm.graph.call_function(rotary, (x, cos, sin, shape_of(x)[-1] // 2))
+                new = gm.graph.call_function(rotary, (x, cos, sin, shape_of(x0)[-1] // 2))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
+        replaced[node] = new
+        sizes = reshaped.all_input_nodes[1:] if reshaped is not None else []
         for n in dead:  # in data-flow order from the sum back to X's slices
             if not n.users:
                 gm.graph.erase_node(n)
-        count += 1
-    if count:
+        _erase_unread(gm, sizes)  # ``x.shape`` / sym sizes the reshape read: left, they would read X's channels
+    if matches:
         gm.recompile()
-    return count
+    return len(matches)
 
 
 # ---- slots of a fused projection viewed as (groups, slots, dims) ------------------------------------------

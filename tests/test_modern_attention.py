@@ -79,8 +79,10 @@ class RotaryAttention(nn.Module):
         x_rot, x_pass = x[..., :r], x[..., r:]
         if self.form == "half":
             x_rot = x_rot * cos + rotate_half(x_rot, r // 2) * sin
-        else:
-            x_rot = x_rot * cos + torch.stack((-x_rot[..., 1::2], x_rot[..., ::2]), dim=-1).flatten(-2) * sin
+        else:  # GPT-J flattens the pair axis; timm's EVA reshapes to x's shape (export: computed sizes)
+            rotated = torch.stack((-x_rot[..., 1::2], x_rot[..., ::2]), dim=-1)
+            rotated = rotated.reshape(x_rot.shape) if self.form == "eva" else rotated.flatten(-2)
+            x_rot = x_rot * cos + rotated * sin
         return torch.cat((x_rot, x_pass), dim=-1)
 
 
@@ -157,19 +159,20 @@ def test_heads_dropping_different_pairs_gather_the_tables_per_head():
     assert "unflatten" in s.code  # the per-head gather of the tables
 
 
-@pytest.mark.parametrize("form, rot", [("half", 4), ("interleaved", 8), ("interleaved", 4)])
+@pytest.mark.parametrize("form, rot", [("half", 4), ("interleaved", 8), ("interleaved", 4), ("eva", 8), ("eva", 4)])
 def test_interleaved_and_partial_rotary(form, rot):
-    """GPT-J's interleaved pairs (2i, 2i + 1) and partial rotary (only the first ``rot`` dims rotate). The
+    """GPT-J's interleaved pairs (2i, 2i + 1) (flattened, or reshaped to x's shape as timm's EVA writes it)
+    and partial rotary (only the first ``rot`` dims rotate). The
     first pair of the rotated dims is exactly zero in k: it goes. In the passed-through dims a CONSTANT
     non-zero key dim goes as in plain attention; in the rotated dims the same constant pair stays (GUARD)."""
-    first = [0, 1] if form == "interleaved" else [0, rot // 2]
+    first = [0, 1] if form != "half" else [0, rot // 2]
     m = _block(form=form, rot=rot, kv=2)
     _zero_rows(m.k, [g * 8 + i for g in range(2) for i in first])
     want = 8 - 2 - (1 if rot < 8 else 0)
     if rot < 8:  # dim 7 passes unrotated: a constant key there is a per-query shift
         _zero_rows(m.k, [7, 15], bias=0.9)
     assert _widths(_minimize_checked(m)) == (4 * want, 2 * want, 2 * 8)
-    second = [2, 3] if form == "interleaved" else [1, 1 + rot // 2]
+    second = [2, 3] if form != "half" else [1, 1 + rot // 2]
     m = _block(form=form, rot=rot, kv=2)
     _zero_rows(m.k, [g * 8 + i for g in range(2) for i in second], bias=0.9)
     assert _widths(_minimize_checked(m)) == (4 * 8, 2 * 8, 2 * 8)

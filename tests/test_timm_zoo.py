@@ -35,9 +35,8 @@ MODELS = {
     "vit_tiny_patch16_224": (dict(img_size=32, depth=2), 32, 32, ()),
     # dynamic_img_size: torch.export (resampled position embedding), exact at another resolution
     "vit_tiny_patch16_224-dyn": (dict(img_size=32, depth=2, dynamic_img_size=True), 32, 48, ()),
-    # heads kept: EVA's interleaved rotary ``stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)`` has no
-    # rule (stack), so q and k keep every channel (open, with the rotary work of issue 11)
-    "eva02_tiny_patch14_224": (dict(img_size=28, depth=2, dynamic_img_size=True), 28, 42, (r"\.attn\.proj$",)),
+    # EVA's interleaved rotary ``stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)`` (export: computed sizes)
+    "eva02_tiny_patch14_224": (dict(img_size=28, depth=2, dynamic_img_size=True), 28, 42, ()),
     # two stages of one block (torch.export's dynamic-shape trace of the window padding costs ~25 s a stage):
     # the convolutional stage and one windowed attention stage with its [H, T, S] attention bias
     "tiny_vit_5m_224": (dict(embed_dims=(64, 128), depths=(1, 1), num_heads=(2, 4), window_sizes=(7, 7)), 64, 96, ()),

@@ -249,15 +249,16 @@ def _plant_rope(c: Ctx, Wq, bq, Wk, bk, Wv, Wo, H: int, KV: int, D: int, pairs: 
         Wo[:, h * D:(h + 1) * D] = 0.0
 
 
-ROPE_FORMS = ["written", "sqr", "interleaved", "sqr_interleaved", "partial"]
+ROPE_FORMS = ["written", "sqr", "interleaved", "sqr_interleaved", "interleaved_reshape", "partial"]
 
 
 @gen("rotary_attention", ("seq",), weight=1.5, families=("rotary", "sdpa", "matmul", "expand", "slice", "view", "cat"),
      enum=("form", "gqa", "core"))
 def rotary_attention(c: Ctx, st: State) -> State:
     """Llama-style attention: rotary q/k (tables from the positions; rotate_half or GPT-J's interleaved
-    rotate_every_two, written out or as sqr_fx's call; ``partial``: only the first D/2 dims rotate), kv
-    heads repeated Hugging Face style (``repeat_kv``) or by sdpa's ``enable_gqa``."""
+    rotate_every_two, written out (flattened, or reshaped to x's shape as timm's EVA does) or as sqr_fx's
+    call; ``partial``: only the first D/2 dims rotate), kv heads repeated Hugging Face style
+    (``repeat_kv``) or by sdpa's ``enable_gqa``."""
     import sqr_fx.attention as sa  # called as sa.rotary: torch.fx.wrap patches the name there
     if not st.batched:
         raise Skip("needs [B, T, C]")
@@ -284,7 +285,10 @@ def rotary_attention(c: Ctx, st: State) -> State:
             cos, sin = emb.cos(), emb.sin()
             if form == "sqr_interleaved":
                 return sa.rotary_interleaved(x, cos, sin)
-            return x * cos + torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2) * sin
+            rotated = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1)
+            # timm's EVA: ``.reshape(x.shape)``, which torch.export writes with computed sizes
+            rotated = rotated.reshape(x.shape) if form == "interleaved_reshape" else rotated.flatten(-2)
+            return x * cos + rotated * sin
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
         if form == "sqr":
