@@ -5,7 +5,8 @@ OLMo 2, StableLM; hidden 64, 2 layers, 4 heads of 16 dims, 2 kv heads where the 
 heads; random weights, no downloads), each with planted dead heads (MHA) or dead kv groups with their q
 heads (GQA), 3 dead MLP units and 3 dead residual-stream channels per layer, plus MHA builds of the GQA
 families with single dead heads (OLMo 2's dead heads have zero q and k rows too: its q_norm and
-k_norm span every head; one more row shows them kept with live q/k rows). Measured per model: removed / planted of q heads, kv heads, MLP units
+k_norm span every head; one more row shows them kept with live q/k rows), and GQA builds with single
+dead q heads in live kv groups (head 1; heads 0 and 3: their kv heads stay). Measured per model: removed / planted of q heads, kv heads, MLP units
 and stream channels (summed over the layers, read off the minimized weights), the size ratio, the max
 relative output error in float64 at the traced shape (2, 10) and at (1, 5) and (3, 13), and the pass time.
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 import sqr_fx
-from sqr_fx.testing.hf_families import C, FAMILIES, H, J, SHAPES, UNITS, build, dead_heads, token_ids, widths
+from sqr_fx.testing.hf_families import C, FAMILIES, H, J, SHAPES, UNITS, build, dead_heads, dead_kv, token_ids, widths
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MHA_VARIANTS = [name for name, fam in FAMILIES.items() if fam.kv < H]
@@ -50,7 +51,7 @@ def measure(name: str, label: str = "", **changes) -> dict:
         kept = [widths(s, fam, i)[key] for i in range(2)]
         removed = min(kept_full - k for k in kept) if key == "stream" else sum(kept_full - k for k in kept)
         row[key] = (removed, planted)
-    kv_planted = sum(len(h) // (H // fam.kv) for h in dead) if fam.kv < H else sum(map(len, dead))
+    kv_planted = sum(dead_kv(fam, h) for h in dead)
     row["kv"] = (sum(fam.kv - widths(s, fam, i)["kv"] for i in range(2)), kv_planted)
     return row
 
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = ([measure(name) for name in FAMILIES] + [measure(name, " (MHA)", kv=H) for name in MHA_VARIANTS]
-            + [measure("olmo2", " (MHA, dead heads' q/k rows live)", kv=H, qk_rows=False)])
+            + [measure("olmo2", " (MHA, dead heads' q/k rows live)", kv=H, qk_rows=False)]
+            + [measure(name, " (GQA, single dead q heads)", single_q=True) for name in MHA_VARIANTS])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "llm_families.json").write_text(json.dumps(rows, indent=1))
     md = ("Removed / planted, summed over 2 layers (stream channels: per model). Errors in float64; the "

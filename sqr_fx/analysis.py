@@ -69,9 +69,14 @@ class Plan:
 
 
 def _read_cols(nz: Optional[np.ndarray], live_rows: np.ndarray, n: int) -> np.ndarray:
-    """Input positions read by the live output rows (``nz`` None: every row reads every position)."""
+    """Input positions read by the live output rows (``nz`` None: every row reads every position; an
+    integer ``nz``: output row o reads input position ``nz[o]`` alone, a gather)."""
     if nz is None:
         return np.full(n, bool(live_rows.any()))
+    if nz.dtype.kind == "i":
+        cols = np.zeros(n, bool)
+        cols[nz[live_rows]] = True
+        return cols
     return nz[live_rows].any(0)
 
 
@@ -79,10 +84,11 @@ class Analysis:
     """State shared by the rules during the forward sweep (see module docstring)."""
 
     def __init__(self, gm: fx.GraphModule, strict: bool = False, drop_inputs: bool = True,
-                 example_inputs: Optional[tuple | OtherSizes] = None, align: int = 1):
+                 example_inputs: Optional[tuple | OtherSizes] = None, align: int = 1, gqa_heads: str = "gather"):
         self.gm, self.strict, self.drop_inputs = gm, strict, drop_inputs
         self.example_inputs = example_inputs
         self.align = max(int(align or 1), 1)
+        self.gqa_heads = gqa_heads  # "groups": the copies of a kv head share its ids (q heads go in whole groups)
         self.weighted: list[tuple[fx.Node, str, Any]] = []  # (node, family, args) of weight-reading ops
         self.groups = Groups()
         self.edges: list[tuple[ChanInfo, np.ndarray, Optional[np.ndarray]]] = []
@@ -92,6 +98,7 @@ class Analysis:
         self._rule = ""
         self.head_links: list[list[ChanInfo]] = []
         self.uniform: list[ChanInfo] = []  # head-split infos whose kept heads keep the same dims
+        self.copies: list[tuple[ChanInfo, ChanInfo, np.ndarray]] = []  # (copied heads, source, source position)
         self.pending: dict[fx.Node, Any] = {}  # facts a rule leaves for a later node (attention's q, k)
         self._hidden: set[fx.Node] = set()
         self._probe_cache: dict[str, Any] = {}
@@ -186,6 +193,27 @@ class Analysis:
         for h in range(src.heads):
             ids = src.ids[h * D:(h + 1) * D]
             self.need_const(ChanInfo.dynamic(src.dim, ids), ids)
+
+    def copy_heads(self, src: ChanInfo, r: int, head: int, dim: int) -> ChanInfo:
+        """kv heads repeated for grouped-query attention: head ``t`` of the result (head axis ``head``,
+        per-head axis ``dim``) holds head ``t // r`` of the head-split ``src`` (Hugging Face's
+        ``repeat_kv``, sdpa's ``enable_gqa``).
+
+        Each copy gets ids of its own, so a q head (with the copy of k and v it reads) can go alone
+        while its kv head stays for the other q heads of the group. A live copy position reads its
+        source position (a dynamic read: the source stays while any copy of it is live); the plan
+        keeps each live copy's dims equal to its source's kept dims (``_keep_copies_even``), so the
+        rewrite is a gather of whole heads (``index_select`` on the head axis). With
+        ``minimize(..., gqa_heads="groups")`` the copies share their source's ids instead."""
+        D = len(src) // src.heads
+        pos = (np.repeat(np.arange(src.heads), r)[:, None] * D + np.arange(D)[None, :]).reshape(-1)
+        if self.gqa_heads == "groups":  # one fate for a kv head and all its copies: the repeat stays uniform
+            return ChanInfo(dim, src.ids[pos], src.const[pos], src.value[pos], head=head, heads=src.heads * r)
+        ids = self.fresh(len(pos))
+        out = ChanInfo(dim, ids, src.const[pos], src.value[pos], head=head, heads=src.heads * r)
+        self.edges.append((ChanInfo.dynamic(src.dim, src.ids), ids, pos.astype(np.int64)))
+        self.copies.append((out, src, pos))
+        return out
 
     def align_heads(self, *infos: ChanInfo) -> None:
         """Head-split infos whose heads pair up (attention's q, k, v): the same heads must stay."""
@@ -360,19 +388,33 @@ class Analysis:
                     used[read_roots] = True
                     changed = True
         read_dynamic = frozen.copy()
-        for k, (src, out_ids, _) in enumerate(self.edges):
+        gathers = []
+        for k, (src, out_ids, nz) in enumerate(self.edges):
+            if nz is not None and nz.dtype.kind == "i":
+                gathers.append(k)
+                continue
             live_rows = used[root_of[out_ids]]
             if live_rows.any():
                 read_dynamic[root_of[src.ids[read_cols(k, live_rows) & ~src.const]]] = True
+        changed = bool(gathers)
+        while changed:  # a copy (``copy_heads``) needs its source only where the copy itself is kept
+            changed = False
+            for k in gathers:
+                src, out_ids, nz = self.edges[k]
+                need = root_of[src.ids[nz[read_dynamic[root_of[out_ids]]]]]
+                if not read_dynamic[need].all():
+                    read_dynamic[need] = True
+                    changed = True
         removed = present & ~read_dynamic
-        while self._keep_one_channel(removed, root_of) | self._keep_heads_rectangular(removed, root_of):
+        while (self._keep_one_channel(removed, root_of) | self._keep_heads_rectangular(removed, root_of)
+               | self._keep_copies_even(removed, root_of)):
             pass  # each step only keeps more, so this ends
         unaligned = None
         if self.align > 1 and removed.any():
             unaligned = removed.copy()
             cost, widths = self._root_costs(root_of), self._widths()
             while (self._align_widths(removed, root_of, cost, widths) | self._keep_one_channel(removed, root_of)
-                   | self._keep_heads_rectangular(removed, root_of)):
+                   | self._keep_heads_rectangular(removed, root_of) | self._keep_copies_even(removed, root_of)):
                 pass  # only keeps more: ends aligned, or with every width as it was
         return Plan(root_of, removed, ~used, list(self.unknown), list(self.local), list(self.declined),
                     align=self.align, unaligned=unaligned)
@@ -386,6 +428,23 @@ class Analysis:
             i = node.meta.get(META_KEY)
             if i is not None and len(i) and removed[root_of[i.ids]].all():
                 removed[root_of[i.ids[0]]] = False
+                changed = True
+        return changed
+
+    def _keep_copies_even(self, removed: np.ndarray, root_of: np.ndarray) -> bool:
+        """A kept copy of a kv head (``copy_heads``) keeps exactly its source's kept dims: a kept copy
+        position keeps its source position, and a live copy keeps every dim its source keeps."""
+        changed = False
+        for out, src, pos in self.copies:
+            gone_out, gone_src = removed[root_of[out.ids]], removed[root_of[src.ids[pos]]]
+            alive = np.repeat(~out.per_head(gone_out).all(1), len(out) // out.heads)
+            fix_src = ~gone_out & gone_src
+            fix_out = alive & gone_out & ~gone_src
+            if fix_src.any():
+                removed[root_of[src.ids[pos[fix_src]]]] = False
+                changed = True
+            if fix_out.any():
+                removed[root_of[out.ids[fix_out]]] = False
                 changed = True
         return changed
 

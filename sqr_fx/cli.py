@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     mz.add_argument("--align", type=_positive, metavar="N",
                     help="latency-aware widths: keep every reduced width a multiple of N (e.g. 8 or 16) "
                          "by keeping the cheapest removable channels")
+    mz.add_argument("--gqa-heads", choices=("gather", "groups"), default="gather",
+                    help="grouped-query attention: q heads go one by one, their kv heads gathered "
+                         "(default), or only in whole kv groups")
     mz.add_argument("--quiet", action="store_true", help="no per-layer report")
     return parser
 
@@ -144,7 +147,8 @@ def _minimize(args: argparse.Namespace) -> int:
             _step(f"loading program {args.input}")
             model, inputs = torch.export.load(args.input), None
         _step("minimizing" + ("" if args.no_verify else " and verifying"))
-        small = minimize(model, inputs, strict=args.strict, verify=not args.no_verify, align=args.align)
+        small = minimize(model, inputs, strict=args.strict, verify=not args.no_verify, align=args.align,
+                         gqa_heads=args.gqa_heads)
         report = small.sqr_report
         if args.module:
             _step("exporting the result")

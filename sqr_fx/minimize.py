@@ -98,6 +98,7 @@ def minimize(
     verify: bool = True,
     portable: bool = True,
     align: int | None = None,
+    gqa_heads: str = "gather",
 ) -> fx.GraphModule:
     """Return a new, smaller GraphModule computing the same function as ``model``.
 
@@ -135,6 +136,11 @@ def minimize(
             for a little more size; keeping a removable channel is exact (a constant one is then not
             folded). ``report.align_floats`` is the size it costs, the rows' ``out_align``/``in_align``
             the channels it kept. None or 1: no alignment.
+        gqa_heads: grouped-query attention (kv heads repeated for r q heads each, Hugging Face's
+            ``repeat_kv`` or sdpa's ``enable_gqa``). ``"gather"`` (default): q heads go one by one; the
+            kept q heads read their kv heads through one ``index_select`` of the kept copies on the head
+            axis wherever they are no longer r per kept kv head. ``"groups"``: q heads go only in whole kv
+            groups, so the uniform repeat stays (no gather; smaller savings). docs/benchmarks.md measures both.
 
     Returns:
         A ``torch.fx.GraphModule`` with plain dense parameters; ``result.sqr_report`` holds
@@ -152,11 +158,14 @@ def minimize(
         from .program import minimize_program
 
         return minimize_program(model, example_inputs, strict=strict, drop_inputs=drop_inputs,
-                                max_rounds=max_rounds, verbose=verbose, verify=verify, align=align)
+                                max_rounds=max_rounds, verbose=verbose, verify=verify, align=align,
+                                gqa_heads=gqa_heads)
     t0 = time.perf_counter()
     if align is not None and (isinstance(align, bool) or not isinstance(align, (int, np.integer)) or align < 1):
         raise SqrFxError(f"align must be a positive integer (or None), got {align!r}")
     align = int(align or 1)
+    if gqa_heads not in ("gather", "groups"):
+        raise SqrFxError(f"gqa_heads must be 'gather' or 'groups', got {gqa_heads!r}")
     versions = [(n, p._version) for n, p in model.named_parameters()] if isinstance(model, nn.Module) else []
     if isinstance(example_inputs, dict):  # keyword inputs, as torch.export takes them
         model, example_inputs = keyword_adapter(model, example_inputs)
@@ -199,7 +208,7 @@ def minimize(
             if node.name in set_aside:
                 node.meta[OPAQUE] = True
         analysis = Analysis(gm, strict=strict, drop_inputs=drop_inputs, example_inputs=other_sizes,
-                            align=align).run()
+                            align=align, gqa_heads=gqa_heads).run()
         plan = analysis.plan()
         frozen = plan.frozen_nodes
         report.declined = plan.declined

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sqr_fx import count_stored_floats, minimize
-from sqr_fx.testing.hf_families import C, FAMILIES, H, J, SHAPES, UNITS, build, dead_heads, widths
+from sqr_fx.testing.hf_families import C, FAMILIES, H, J, SHAPES, UNITS, build, dead_heads, dead_kv, widths
 from test_transformers import F64, _hf, _ids, assert_same, params, randn
 
 
@@ -33,10 +33,24 @@ def test_planted_structure_goes_exactly(name):
         assert_same(m, s, (_ids(b, t, seed=t),), rtol=fam.rtol)
     for i, heads in enumerate(dead_heads(fam)):
         w = widths(s, fam, i)
-        kv = fam.kv - (len(heads) // (H // fam.kv) if fam.kv < H else 0)
-        assert w == dict(heads=H - len(heads), kv=H - len(heads) if fam.kv == H else kv, units=64 - len(UNITS),
+        assert w == dict(heads=H - len(heads), kv=fam.kv - dead_kv(fam, heads), units=64 - len(UNITS),
                          stream=C - len(J)), (i, w)
     assert count_stored_floats(s) < count_stored_floats(m)
+
+
+@pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if f.kv < H])
+def test_gqa_single_dead_q_heads_of_live_groups_go(name):
+    """GQA with q heads dead one by one (head 1 of group 0; heads 0 and 3, one per group): every dead q head
+    goes (its kv head stays for the live q heads of its group, gathered by index_select), exact at three shapes."""
+    _hf()
+    torch.set_num_threads(1)
+    m, fam = build(name, single_q=True, stream=False)
+    s = minimize(m, (_ids(*SHAPES[0]),))
+    for b, t in SHAPES:
+        assert_same(m, s, (_ids(b, t, seed=t),), rtol=fam.rtol)
+    for i, heads in enumerate(dead_heads(fam)):
+        w = widths(s, fam, i)
+        assert (w["heads"], w["kv"], w["units"]) == (H - len(heads), fam.kv, 64 - len(UNITS)), (i, w)
 
 
 @pytest.mark.parametrize("name", ["qwen3", "gemma2"])

@@ -191,12 +191,42 @@ def test_dead_kv_group_goes_with_its_q_heads(gqa, impl):
     assert params(s)["o.weight"].shape == (12, 16)
 
 
-def test_one_dead_q_head_of_a_live_group_is_kept():
-    """GUARD (design choice): q heads go in whole kv groups; q head 3 alone dead keeps its group's layout."""
+@pytest.mark.parametrize("gqa, impl", [("repeat", "sdpa"), ("sdpa", "sdpa"), ("repeat", "matmul")])
+@pytest.mark.parametrize("dead", [[3], [0, 3], [1, 2]])
+def test_single_dead_q_heads_of_live_groups_go(gqa, impl, dead):
+    """q heads go one by one: each kept q head reads its kv head through a gather of the kept copies
+    (``index_select`` on the head axis) instead of a uniform repeat; every kv head stays while a q head
+    of its group is kept."""
+    m = _block(gqa=gqa, impl=impl)
+    with torch.no_grad():
+        for h in dead:
+            m.o.weight[:, h * 8:(h + 1) * 8] = 0
+    s = _minimize_checked(m)
+    assert _widths(s) == ((4 - len(dead)) * 8, 2 * 8, 2 * 8)
+    assert params(s)["o.weight"].shape == (12, (4 - len(dead)) * 8)
+    assert "index_select" in s.code
+
+
+def test_dead_q_head_and_zero_query_pair_together():
+    """q head 3 dead and query pair (1, 5) zero in every q head: the pair leaves q and k, head 3 leaves q;
+    the copies of each kv head keep exactly the kv head's kept dims."""
+    m = _block()
+    _zero_rows(m.q, [r for h in range(4) for r in _pair(h, 1)])
+    with torch.no_grad():
+        m.o.weight[:, 24:32] = 0
+    assert _widths(_minimize_checked(m)) == (3 * 6, 2 * 6, 2 * 8)
+
+
+def test_a_second_minimize_of_the_gathered_layout_removes_nothing_more_and_stays_exact():
+    """The result (kv heads gathered by index_select) minimizes again to itself: the gather is followed."""
     m = _block()
     with torch.no_grad():
         m.o.weight[:, 24:32] = 0
-    assert _widths(_minimize_checked(m)) == (4 * 8, 2 * 8, 2 * 8)
+    s = _minimize_checked(m)
+    s2 = minimize(s, (randn(2, 6, 12),))
+    assert count_stored_floats(s2) == count_stored_floats(s)
+    for b, t in [(2, 6), (3, 9)]:
+        assert_same(m, s2, (randn(b, t, 12, seed=b + t),), rtol=1e-9)
 
 
 def test_mqa_zero_key_pair():

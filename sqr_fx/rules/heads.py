@@ -16,6 +16,9 @@ head-split channel infos (``ChanInfo.split``). For one head h, query i, keys j a
 * **heads**: q, k and v must keep the same heads (``align_heads``), each with the same number of
   positions per head (the plan keeps head-split tensors rectangular); a per-head mask
   (``attn_mask.shape[-3] == H``, of q's rank or broadcast from fewer axes) is gathered to the kept heads.
+* **grouped kv heads** (``enable_gqa=True``): q head t reads a copy of kv head ``t // r`` with ids of its
+  own (``Analysis.copy_heads``), so a q head goes alone; where the kept q heads are no longer r per kept
+  kv head, the rewrite gathers the kept kv heads for them (``index_select``) and drops ``enable_gqa``.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from torch import fx
 
 from ..values import ChanInfo
 from .registry import method, op_name, rule
+from .shape import copied_heads
 
 aten = torch.ops.aten
 
@@ -57,8 +61,8 @@ def _as_heads(info: ChanInfo | None, shape, at: int = -1) -> ChanInfo | None:
 
 
 def _repeat_heads(info: ChanInfo, r: int) -> ChanInfo:
-    """kv heads as the q heads read them under ``enable_gqa``: q head t reads kv head t // r, so kv head g
-    appears r times in a row, with its ids (one fate: removing kv dim (g, d) removes it for all r readers)."""
+    """One head (MQA's single kv head, a one-axis info) as ``r`` heads read it: the same ids r times in a row
+    (one fate: removing dim d removes it for all r readers)."""
     def rep(arr):
         return np.repeat(info.per_head(arr), r, axis=0).reshape(-1)
 
@@ -98,6 +102,16 @@ def _rewrite(node: fx.Node, R, a):
     if scale is None:  # sdpa's default follows q's width: pin the original one
         scale = 1.0 / math.sqrt(node.meta["sqr_fx.sdpa_d"])
     new["scale"] = scale
+    gqa = node.meta.get("sqr_fx.sdpa_gqa")
+    if gqa is not None:  # kept q heads no longer r per kept kv head: gather their kv heads, no enable_gqa
+        src_k, src_v, r, copy_k, copy_v = gqa
+        idx_k, idx_v = copied_heads(R, copy_k, src_k, r), copied_heads(R, copy_v, src_v, r)
+        if idx_k is not None or idx_v is not None:
+            n_k, n_v = (int(i.per_head(R.keep(i)).any(1).sum()) * r for i in (src_k, src_v))
+            for name, idx, src, n in (("key", idx_k, src_k, n_k), ("value", idx_v, src_v, n_v)):
+                idx = np.arange(n) // r if idx is None else idx // r  # (kept kv head g' of copy g' * r + j)
+                new[name] = R.index_select(R.arg(a[name]), src.head, idx, f"{node.name}_{name}_copies")
+            new["enable_gqa"] = False
     mask = a.get("attn_mask")
     alive = _alive_heads(R, iq) | _alive_heads(R, iv)
     if node.meta.get("sqr_fx.mask_per_head") is not None and not alive.all():
@@ -125,14 +139,11 @@ def sdpa(node: fx.Node, A, a) -> ChanInfo | None:
           and sq[:-3] == sk[:-3] == sv[:-3] and sk[-3:-1] == sv[-3:-1] and sq[-1] == sk[-1]
           and not isinstance(a.get("dropout_p", 0.0), fx.Node) and float(a.get("dropout_p", 0.0) or 0.0) == 0.0
           and not isinstance(a.get("scale"), fx.Node) and not isinstance(a.get("is_causal", False), fx.Node))
-    # enable_gqa: q head t reads kv head t // r (r = q heads / kv heads); the q heads of one kv head share
-    # its ids, so they go together, and the kept layout is again r q heads per kept kv head
+    # enable_gqa: q head t reads kv head t // r (r = q heads / kv heads); each q head reads a copy of its
+    # kv head with a fate of its own (``copy_heads``): a q head can go alone, its kv head stays for the others
     ok = ok and (iq.heads == ik.heads and sq[-3] == sk[-3] if not gqa else
                  iq.split and ik.split and iv.split and sq[-3] == iq.heads and sk[-3] == ik.heads
                  and iq.heads % ik.heads == 0)
-    if ok and gqa:
-        r = iq.heads // ik.heads
-        ik, iv = _repeat_heads(ik, r), _repeat_heads(iv, r)
     H = iq.heads if ok else 1
     node.meta["sqr_fx.mask_per_head"] = None
     if ok and mask is not None:
@@ -145,6 +156,12 @@ def sdpa(node: fx.Node, A, a) -> ChanInfo | None:
     if not ok:
         A.freeze([q, k, v, mask])  # nodes: frozen whatever their infos look like
         return None
+    node.meta["sqr_fx.sdpa_gqa"] = None
+    if gqa:
+        r = iq.heads // ik.heads
+        node.meta["sqr_fx.sdpa_gqa"] = (ik, iv, r)
+        ik, iv = (A.copy_heads(i, r, i.head, i.dim) for i in (ik, iv))
+        node.meta["sqr_fx.sdpa_gqa"] += (ik, iv)
     node.meta["sqr_fx.sdpa_d"] = sq[-1]
     node.meta["sqr_fx.sdpa_heads"] = (iq, iv)
     return _attend(node, A, iq, ik, v, iv, masked=mask is not None, out=iv if gqa else None)

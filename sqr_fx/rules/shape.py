@@ -366,6 +366,9 @@ def _reshaped(node, A, x):
             _merged(src, s_in, s_out) or _heads_repeated(src, s_in, s_out))
         if out is None:
             A.freeze(src)
+        elif out.heads > src.heads:  # repeat_kv: each q head's copy of its kv head has a fate of its own
+            node.meta[_REPEAT] = (src, out.heads // src.heads)
+            out = A.copy_heads(src, out.heads // src.heads, out.head, out.dim)
         return out
     m = _reshape_map(s_in, s_out, src)
     if m is None:
@@ -413,16 +416,38 @@ def flatten(node, A, a):
     return _reshaped(node, A, x)
 
 
+_REPEAT = "sqr_fx.repeat_heads"
+
+
+def copied_heads(R, out: ChanInfo, src: ChanInfo, r: int) -> np.ndarray | None:
+    """Which heads of ``src``'s kept heads repeated ``r`` times (head ``g' * r + j``) the kept copies of
+    ``out`` (:meth:`Analysis.copy_heads`) are, in order; None when that is all of them (the repeat as it was)."""
+    src_alive = src.per_head(R.keep(src)).any(1)
+    t = np.flatnonzero(out.per_head(R.keep(out)).any(1))
+    idx = (np.cumsum(src_alive) - 1)[t // r] * r + t % r
+    return None if len(idx) == int(src_alive.sum()) * r and (idx == np.arange(len(idx))).all() else idx
+
+
 def _view_rewrite(node, R, a):
-    """view/reshape hold literal sizes: the channel axis' entry becomes the kept width."""
+    """view/reshape hold literal sizes: the channel axis' entry becomes the kept width. A repeat of kv
+    heads (``repeat_kv``) repeats the kept kv heads, then gathers the copies whose q heads are kept."""
     out_info, src = R.info(node), R.info(node.args[0])
     if out_info is None or R.keep(out_info).all():
         return R.copy(node)
     sizes = list(node.args[1:]) if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else list(node.args[1])
-    for axis, n in widths(R.keep(out_info), out_info).items():
+    repeat = node.meta.get(_REPEAT)
+    if repeat is not None:
+        src, r = repeat
+        h, d = head_widths(R.keep(src), src)
+        new = {out_info.head: h * r, out_info.dim: d}
+    else:
+        new = widths(R.keep(out_info), out_info)
+    for axis, n in new.items():
         if sizes[axis] != -1:
             sizes[axis] = n
-    return R.graph.call_function(torch.reshape, (R.arg(node.args[0]), tuple(R.arg(s) for s in sizes)))
+    y = R.graph.call_function(torch.reshape, (R.arg(node.args[0]), tuple(R.arg(s) for s in sizes)))
+    idx = copied_heads(R, out_info, src, r) if repeat is not None else None
+    return y if idx is None else R.index_select(y, out_info.head, idx, f"{node.name}_copies")
 
 
 @rule("view", method("view"), method("reshape"), torch.reshape, aten.view.default, aten.reshape.default,
@@ -854,11 +879,44 @@ def select(node, A, a):
 _INDEX_SELECT = (torch.index_select, aten.index_select.default)
 
 
-@rule("index_select", *_INDEX_SELECT, names=("input", "dim", "index"), rewrite=_slice_rewrite)
+_HEAD_GATHER = "sqr_fx.head_gather"
+
+
+def _index_select_rewrite(node, R, a):
+    idx = node.meta.get(_HEAD_GATHER)
+    if idx is None:
+        return _slice_rewrite(node, R, a)
+    src, out = R.info(node.args[0]), R.info(node)
+    kept_src, kept_out = src.per_head(R.keep(src)).any(1), out.per_head(R.keep(out)).any(1)
+    if kept_src.all() and kept_out.all():
+        return R.copy(node)
+    new = (np.cumsum(kept_src) - 1)[idx[kept_out]]
+    if len(new) == int(kept_src.sum()) and (new == np.arange(len(new))).all():
+        return R.arg(node.args[0])
+    return R.index_select(R.arg(node.args[0]), out.head, new, f"{node.name}_idx")
+
+
+@rule("index_select", *_INDEX_SELECT, names=("input", "dim", "index"), rewrite=_index_select_rewrite, heads=True)
 def index_select(node, A, a):
-    """A gather along the channel axis with a constant index (minimize's own input gather) selects ids."""
+    """A gather along the channel axis with a constant index (minimize's own input gather) selects ids.
+    On a head-split tensor, a gather of whole heads (the copies of kv heads a GQA rewrite keeps) takes
+    those heads' positions; a gather along another axis keeps every position; one inside the heads freezes."""
     x = a["input"]
     src, s_in, idx = A.info(x), A.shape(x), A.tensor(a["index"])
+    if src is not None and src.split:
+        d = _norm_dim(int(a["dim"]), len(s_in)) if s_in is not None and type(a["dim"]) is int else None
+        if d is None or idx is None or idx.dim() != 1 or d == src.dim:  # inside the heads, or a computed index
+            A.freeze(src)
+            return None
+        if d != src.head:
+            return src
+        pos = idx.cpu().numpy().astype(np.int64)
+        node.meta[_HEAD_GATHER] = pos
+
+        def take(arr):
+            return src.per_head(arr)[pos].reshape(-1)
+
+        return replace(src, ids=take(src.ids), const=take(src.const), value=take(src.value), heads=len(pos))
     if src is not None and src.blocks:
         A.decline(node, "gathers along an axis that flattens channels with spatial axes", src)
         return None

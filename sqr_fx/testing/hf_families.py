@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["H", "D", "C", "J", "UNITS", "SHAPES", "F32", "Family", "FAMILIES", "dead_heads", "plant", "widths",
+__all__ = ["H", "D", "C", "J", "UNITS", "SHAPES", "F32", "Family", "FAMILIES", "dead_heads", "dead_kv", "plant", "widths",
            "build", "token_ids"]
 
 H, D, C = 4, 16, 64  # heads, head dim, hidden
@@ -53,6 +53,7 @@ class Family:
     qk_rows: bool = False                   # a dead head's q and k rows are zero too (q/k norms span all heads)
     rtol: float = 1e-9                      # float32 norms inside a float64 model: float32 rounding
     stream: bool = True                     # plant the dead stream channels J
+    single_q: bool = False                  # GQA: single dead q heads in live kv groups (no dead kv head)
 
 
 def _plain(kv):
@@ -125,8 +126,16 @@ FAMILIES: dict[str, Family] = {
 
 
 def dead_heads(fam: Family) -> list[list[int]]:
-    """q heads planted dead per layer: MHA head 1 / heads 0, 3; GQA: kv group 0 / kv group 1 with their q heads."""
-    return [[1], [0, 3]] if fam.kv == H else [[0, 1], [2, 3]]
+    """q heads planted dead per layer: MHA head 1 / heads 0, 3; GQA: kv group 0 / kv group 1 with their q
+    heads, or with ``single_q`` head 1 / heads 0, 3 again (one q head of a live group / one in each group)."""
+    return [[1], [0, 3]] if fam.kv == H or fam.single_q else [[0, 1], [2, 3]]
+
+
+def dead_kv(fam: Family, heads: list[int]) -> int:
+    """kv heads planted dead in a layer whose dead q heads are ``heads``."""
+    if fam.kv == H:
+        return len(heads)
+    return 0 if fam.single_q else len(heads) // (H // fam.kv)
 
 
 def _get(root, name):
@@ -148,7 +157,7 @@ def plant(m, fam: Family) -> None:
             for h in heads:
                 for name, rows in fam.q(h) + fam.k(h // r):
                     _get(layer, name).weight[list(rows)] = 0
-        if fam.kv < H:
+        if fam.kv < H and not fam.single_q:
             for kvh in sorted({h // r for h in heads}):
                 for name, rows in fam.k(kvh) + fam.v(kvh):
                     lin = _get(layer, name)
