@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
