@@ -42,7 +42,8 @@ def build() -> tuple[torch.nn.Module, int]:
     import transformers as tf
 
     cfg = tf.LlamaConfig(vocab_size=1000, hidden_size=HIDDEN, intermediate_size=1024, num_hidden_layers=LAYERS,
-                         num_attention_heads=HEADS, num_key_value_heads=KV, max_position_embeddings=256)
+                         num_attention_heads=HEADS, num_key_value_heads=KV, max_position_embeddings=256,
+                         use_cache=False, pad_token_id=0, bos_token_id=0, eos_token_id=0)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     m = tf.LlamaForCausalLM(cfg).eval()

@@ -100,6 +100,7 @@ class Analysis:
         self.uniform: list[ChanInfo] = []  # head-split infos whose kept heads keep the same dims
         self.copies: list[tuple[ChanInfo, ChanInfo, np.ndarray]] = []  # (copied heads, source, source position)
         self.pending: dict[fx.Node, Any] = {}  # facts a rule leaves for a later node (attention's q, k)
+        self.owed: dict[fx.Node, ChanInfo] = {}  # infos a later node's rule must take over; frozen if it does not
         self._hidden: set[fx.Node] = set()
         self._probe_cache: dict[str, Any] = {}
         # tied tensors: ``shared`` ones are sliced once for all readers (``_couple_shared``), the
@@ -194,24 +195,25 @@ class Analysis:
             ids = src.ids[h * D:(h + 1) * D]
             self.need_const(ChanInfo.dynamic(src.dim, ids), ids)
 
-    def copy_heads(self, src: ChanInfo, r: int, head: int, dim: int) -> ChanInfo:
-        """kv heads repeated for grouped-query attention: head ``t`` of the result (head axis ``head``,
-        per-head axis ``dim``) holds head ``t // r`` of the head-split ``src`` (Hugging Face's
-        ``repeat_kv``, sdpa's ``enable_gqa``).
+    def copy_heads(self, src: ChanInfo, sources: np.ndarray, head: int, dim: int) -> ChanInfo:
+        """Heads copied from a head-split ``src``: head ``t`` of the result (head axis ``head``, per-head
+        axis ``dim``) holds head ``sources[t]`` of ``src``. Grouped-query attention repeats each kv head
+        for its r q heads (Hugging Face's ``repeat_kv``, sdpa's ``enable_gqa``: ``sources = arange(H) // r``);
+        a gather of whole heads (``index_select`` on the head axis) copies the heads it names.
 
         Each copy gets ids of its own, so a q head (with the copy of k and v it reads) can go alone
         while its kv head stays for the other q heads of the group. A live copy position reads its
-        source position (a dynamic read: the source stays while any copy of it is live); the plan
-        keeps each live copy's dims equal to its source's kept dims (``_keep_copies_even``), so the
-        rewrite is a gather of whole heads (``index_select`` on the head axis). With
+        source position (a gather edge: the source stays while a kept copy reads it); the plan keeps
+        each live copy's dims equal to its source's kept dims (``_keep_copies_even``), so the rewrite
+        is a gather of whole heads (``index_select`` on the head axis). With
         ``minimize(..., gqa_heads="groups")`` the copies share their source's ids instead."""
         D = len(src) // src.heads
-        pos = (np.repeat(np.arange(src.heads), r)[:, None] * D + np.arange(D)[None, :]).reshape(-1)
+        pos = (np.asarray(sources, np.int64)[:, None] * D + np.arange(D)[None, :]).reshape(-1)
         if self.gqa_heads == "groups":  # one fate for a kv head and all its copies: the repeat stays uniform
-            return ChanInfo(dim, src.ids[pos], src.const[pos], src.value[pos], head=head, heads=src.heads * r)
+            return ChanInfo(dim, src.ids[pos], src.const[pos], src.value[pos], head=head, heads=len(sources))
         ids = self.fresh(len(pos))
-        out = ChanInfo(dim, ids, src.const[pos], src.value[pos], head=head, heads=src.heads * r)
-        self.edges.append((ChanInfo.dynamic(src.dim, src.ids), ids, pos.astype(np.int64)))
+        out = ChanInfo(dim, ids, src.const[pos], src.value[pos], head=head, heads=len(sources))
+        self.edges.append((ChanInfo.dynamic(src.dim, src.ids), ids, pos))
         self.copies.append((out, src, pos))
         return out
 
@@ -313,6 +315,7 @@ class Analysis:
                 # x.relu_() with x read elsewhere: x's recorded values are stale after the op
                 self.freeze(out, node.args[0])
             node.meta[META_KEY] = out
+        self.freeze(list(self.owed.values()))  # (a reader that failed or had no rule never took them over)
         self._couple_shared()
         return self
 

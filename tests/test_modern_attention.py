@@ -202,6 +202,7 @@ def test_single_dead_q_heads_of_live_groups_go(gqa, impl, dead):
         for h in dead:
             m.o.weight[:, h * 8:(h + 1) * 8] = 0
     s = _minimize_checked(m)
+    assert s.sqr_report.rounds == 1  # the gathered layout is a fixpoint (the gather takes over the repeat's copies)
     assert _widths(s) == ((4 - len(dead)) * 8, 2 * 8, 2 * 8)
     assert params(s)["o.weight"].shape == (12, (4 - len(dead)) * 8)
     assert "index_select" in s.code

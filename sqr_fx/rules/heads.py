@@ -34,7 +34,7 @@ from torch import fx
 
 from ..values import ChanInfo
 from .registry import method, op_name, rule
-from .shape import copied_heads
+from .shape import kept_copies
 
 aten = torch.ops.aten
 
@@ -88,6 +88,12 @@ def _attend(node: fx.Node, A, iq: ChanInfo, ik: ChanInfo, v: fx.Node, iv: ChanIn
     return replace(base, const=v_const, value=np.where(v_const, iv.value, 0.0))
 
 
+def _repeats(g: np.ndarray, n: int, r: int) -> bool:
+    """The kept copies read kept kv heads ``g`` (of ``n`` kept): each of them r times in a row, as
+    enable_gqa reads them."""
+    return len(g) == r * n and bool((g == np.arange(len(g)) // r).all())
+
+
 def _alive_heads(R, info: ChanInfo) -> np.ndarray:
     return info.per_head(R.keep(info)).any(1)
 
@@ -105,12 +111,11 @@ def _rewrite(node: fx.Node, R, a):
     gqa = node.meta.get("sqr_fx.sdpa_gqa")
     if gqa is not None:  # kept q heads no longer r per kept kv head: gather their kv heads, no enable_gqa
         src_k, src_v, r, copy_k, copy_v = gqa
-        idx_k, idx_v = copied_heads(R, copy_k, src_k, r), copied_heads(R, copy_v, src_v, r)
-        if idx_k is not None or idx_v is not None:
-            n_k, n_v = (int(i.per_head(R.keep(i)).any(1).sum()) * r for i in (src_k, src_v))
-            for name, idx, src, n in (("key", idx_k, src_k, n_k), ("value", idx_v, src_v, n_v)):
-                idx = np.arange(n) // r if idx is None else idx // r  # (kept kv head g' of copy g' * r + j)
-                new[name] = R.index_select(R.arg(a[name]), src.head, idx, f"{node.name}_{name}_copies")
+        rows = {name: kept_copies(R, c, s, np.arange(c.heads) // r) for name, c, s in
+                (("key", copy_k, src_k), ("value", copy_v, src_v))}
+        if any(not _repeats(g, n, r) for _, g, n in rows.values()):
+            for name, src in (("key", src_k), ("value", src_v)):
+                new[name] = R.index_select(R.arg(a[name]), src.head, rows[name][1], f"{node.name}_{name}_copies")
             new["enable_gqa"] = False
     mask = a.get("attn_mask")
     alive = _alive_heads(R, iq) | _alive_heads(R, iv)
@@ -160,7 +165,7 @@ def sdpa(node: fx.Node, A, a) -> ChanInfo | None:
     if gqa:
         r = iq.heads // ik.heads
         node.meta["sqr_fx.sdpa_gqa"] = (ik, iv, r)
-        ik, iv = (A.copy_heads(i, r, i.head, i.dim) for i in (ik, iv))
+        ik, iv = (A.copy_heads(i, np.arange(i.heads * r) // r, i.head, i.dim) for i in (ik, iv))
         node.meta["sqr_fx.sdpa_gqa"] += (ik, iv)
     node.meta["sqr_fx.sdpa_d"] = sq[-1]
     node.meta["sqr_fx.sdpa_heads"] = (iq, iv)

@@ -344,6 +344,7 @@ def _layout(src: ChanInfo, s_in, s_out):
 
 
 def _reshaped(node, A, x):
+    node.meta.pop(_REPEAT, None)
     src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
     if src is None or s_in is None or s_out is None:
         A.freeze(src)
@@ -367,8 +368,13 @@ def _reshaped(node, A, x):
         if out is None:
             A.freeze(src)
         elif out.heads > src.heads:  # repeat_kv: each q head's copy of its kv head has a fate of its own
-            node.meta[_REPEAT] = (src, out.heads // src.heads)
-            out = A.copy_heads(src, out.heads // src.heads, out.head, out.dim)
+            r = out.heads // src.heads
+            node.meta[_REPEAT] = (src, r)
+            gather = _gathered_after(node)
+            if gather is not None:  # the gather of heads after it makes the copies it keeps (``index_select``)
+                A.owed[gather] = src
+                return None
+            out = A.copy_heads(src, np.arange(out.heads) // r, out.head, out.dim)
         return out
     m = _reshape_map(s_in, s_out, src)
     if m is None:
@@ -419,35 +425,59 @@ def flatten(node, A, a):
 _REPEAT = "sqr_fx.repeat_heads"
 
 
-def copied_heads(R, out: ChanInfo, src: ChanInfo, r: int) -> np.ndarray | None:
-    """Which heads of ``src``'s kept heads repeated ``r`` times (head ``g' * r + j``) the kept copies of
-    ``out`` (:meth:`Analysis.copy_heads`) are, in order; None when that is all of them (the repeat as it was)."""
+def kept_copies(R, out: ChanInfo, src: ChanInfo, sources: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(kept heads t of the copies ``out`` of ``src``'s heads ``sources`` (:meth:`Analysis.copy_heads`),
+    the rank of each one's source among ``src``'s kept heads, how many heads ``src`` keeps)."""
     src_alive = src.per_head(R.keep(src)).any(1)
     t = np.flatnonzero(out.per_head(R.keep(out)).any(1))
-    idx = (np.cumsum(src_alive) - 1)[t // r] * r + t % r
-    return None if len(idx) == int(src_alive.sum()) * r and (idx == np.arange(len(idx))).all() else idx
+    sources = np.asarray(sources)
+    assert src_alive[sources[t]].all() and (out.per_head(R.keep(out))[t] == src.per_head(R.keep(src))[sources[t]]).all(), \
+        "a kept copy keeps other dims than its source"  # (Plan._keep_copies_even)
+    return t, (np.cumsum(src_alive) - 1)[sources[t]], int(src_alive.sum())
+
+
+def _repeated(node) -> tuple[ChanInfo, int] | None:
+    """(source info, r) when ``node`` is a repeat of kv heads (the merge ``[.., KV, r, .., D] -> [.., KV * r,
+    .., D]``) that the analysis followed."""
+    return node.meta.get(_REPEAT) if isinstance(node, fx.Node) else None
+
+
+def _gathered_after(node) -> Optional[fx.Node]:
+    """The one reader of ``node`` when it is a gather of whole heads by a constant index (``index_select`` on
+    the head axis: the kept copies a GQA rewrite picks), else None."""
+    if len(node.users) != 1:
+        return None
+    u = next(iter(node.users))
+    return u if u.target in _INDEX_SELECT and u.args and u.args[0] is node and len(u.args) == 3 and not u.kwargs \
+        and isinstance(u.args[2], fx.Node) and u.args[2].op == "get_attr" else None
 
 
 def _view_rewrite(node, R, a):
     """view/reshape hold literal sizes: the channel axis' entry becomes the kept width. A repeat of kv
-    heads (``repeat_kv``) repeats the kept kv heads, then gathers the copies whose q heads are kept."""
-    out_info, src = R.info(node), R.info(node.args[0])
-    if out_info is None or R.keep(out_info).all():
-        return R.copy(node)
-    sizes = list(node.args[1:]) if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else list(node.args[1])
-    repeat = node.meta.get(_REPEAT)
+    heads (``repeat_kv``) repeats the kept kv heads, then gathers the copies whose q heads are kept
+    (unless a gather of heads follows it already: that one is rewritten to pick them)."""
+    out_info, repeat = R.info(node), _repeated(node)
     if repeat is not None:
         src, r = repeat
+        if R.keep(src).all() and (out_info is None or R.keep(out_info).all()):
+            return R.copy(node)
         h, d = head_widths(R.keep(src), src)
-        new = {out_info.head: h * r, out_info.dim: d}
+        new = {src.head: h * r, src.dim - 1: d}
+    elif out_info is None or R.keep(out_info).all():
+        return R.copy(node)
     else:
         new = widths(R.keep(out_info), out_info)
+    sizes = list(node.args[1:]) if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else list(node.args[1])
     for axis, n in new.items():
         if sizes[axis] != -1:
             sizes[axis] = n
     y = R.graph.call_function(torch.reshape, (R.arg(node.args[0]), tuple(R.arg(s) for s in sizes)))
-    idx = copied_heads(R, out_info, src, r) if repeat is not None else None
-    return y if idx is None else R.index_select(y, out_info.head, idx, f"{node.name}_copies")
+    if repeat is None or out_info is None:  # (no info: the gather after it picks the copies)
+        return y
+    t, g, n = kept_copies(R, out_info, src, np.arange(out_info.heads) // r)
+    idx = g * r + t % r
+    return y if len(idx) == n * r and (idx == np.arange(len(idx))).all() else R.index_select(
+        y, out_info.head, idx, f"{node.name}_copies")
 
 
 @rule("view", method("view"), method("reshape"), torch.reshape, aten.view.default, aten.reshape.default,
@@ -883,40 +913,48 @@ _HEAD_GATHER = "sqr_fx.head_gather"
 
 
 def _index_select_rewrite(node, R, a):
-    idx = node.meta.get(_HEAD_GATHER)
-    if idx is None:
+    gather = node.meta.get(_HEAD_GATHER)
+    if gather is None:
         return _slice_rewrite(node, R, a)
-    src, out = R.info(node.args[0]), R.info(node)
-    kept_src, kept_out = src.per_head(R.keep(src)).any(1), out.per_head(R.keep(out)).any(1)
-    if kept_src.all() and kept_out.all():
+    out, (src, sources, r) = R.info(node), gather
+    t, g, n = kept_copies(R, out, src, sources)
+    if R.keep(out).all() and R.keep(src).all():
         return R.copy(node)
-    new = (np.cumsum(kept_src) - 1)[idx[kept_out]]
-    if len(new) == int(kept_src.sum()) and (new == np.arange(len(new))).all():
+    # after a repeat of kv heads (r > 1) the input holds every kept kv head r times: copy t is row g * r + j
+    idx = g * r + np.asarray(node.meta["sqr_fx.head_index"])[t] % r
+    if len(idx) == n * r and (idx == np.arange(len(idx))).all():
         return R.arg(node.args[0])
-    return R.index_select(R.arg(node.args[0]), out.head, new, f"{node.name}_idx")
+    return R.index_select(R.arg(node.args[0]), out.head, idx, f"{node.name}_idx")
 
 
 @rule("index_select", *_INDEX_SELECT, names=("input", "dim", "index"), rewrite=_index_select_rewrite, heads=True)
 def index_select(node, A, a):
     """A gather along the channel axis with a constant index (minimize's own input gather) selects ids.
-    On a head-split tensor, a gather of whole heads (the copies of kv heads a GQA rewrite keeps) takes
-    those heads' positions; a gather along another axis keeps every position; one inside the heads freezes."""
+    On a head-split tensor, a gather of whole heads copies those heads (``Analysis.copy_heads``: each copy
+    can go alone); right after a repeat of kv heads (the GQA rewrite's pick of the kept copies) it copies
+    the repeated kv heads directly. A gather along another axis keeps every position; one inside the
+    heads freezes."""
+    node.meta.pop(_HEAD_GATHER, None)
     x = a["input"]
     src, s_in, idx = A.info(x), A.shape(x), A.tensor(a["index"])
-    if src is not None and src.split:
+    repeat = _repeated(x) if src is None and A.owed.pop(node, None) is not None else None
+    if repeat is not None or (src is not None and src.split):
+        base, r = repeat if repeat is not None else (src, 1)
+        head = base.head if repeat is not None else src.head
         d = _norm_dim(int(a["dim"]), len(s_in)) if s_in is not None and type(a["dim"]) is int else None
-        if d is None or idx is None or idx.dim() != 1 or d == src.dim:  # inside the heads, or a computed index
-            A.freeze(src)
+        if d is None or idx is None or idx.dim() != 1 or (d != head and repeat is not None) \
+                or (repeat is None and d == src.dim):  # inside the heads, or a computed index
+            A.freeze(src, base)
             return None
-        if d != src.head:
+        if d != head:
             return src
         pos = idx.cpu().numpy().astype(np.int64)
-        node.meta[_HEAD_GATHER] = pos
-
-        def take(arr):
-            return src.per_head(arr)[pos].reshape(-1)
-
-        return replace(src, ids=take(src.ids), const=take(src.const), value=take(src.value), heads=len(pos))
+        if len(pos) == 0 or pos.min() < 0 or pos.max() >= base.heads * r:
+            A.freeze(src, base)
+            return None
+        node.meta["sqr_fx.head_index"] = pos
+        node.meta[_HEAD_GATHER] = (base, pos // r, r)
+        return A.copy_heads(base, pos // r, head, base.dim - (1 if repeat is not None else 0))
     if src is not None and src.blocks:
         A.decline(node, "gathers along an axis that flattens channels with spatial axes", src)
         return None
