@@ -343,3 +343,35 @@ def test_hf_llama_mqa_zero_key_pair():
     assert p["model.layers.0.self_attn.k_proj.weight"].shape[0] == 14
     for b, t in [(1, 5), (3, 13)]:
         assert_same(m, s, (_ids(b, t, seed=t),), rtol=1e-9)
+
+
+class _FlattenRepeat(RotaryAttention):
+    """repeat_kv written with ``flatten(1, 2)`` instead of ``reshape`` (no rotary)."""
+
+    def forward(self, x):
+        b, t = x.shape[0], x.shape[1]
+        q = self.q(x).view(b, t, self.h, self.d).transpose(1, 2)
+        k = self.k(x).view(b, t, self.kv, self.d).transpose(1, 2)
+        v = self.v(x).view(b, t, self.kv, self.d).transpose(1, 2)
+        r = self.h // self.kv
+        k = k[:, :, None].expand(b, self.kv, r, t, self.d).flatten(1, 2)
+        v = v[:, :, None].expand(b, self.kv, r, t, self.d).flatten(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.o(o.transpose(1, 2).reshape(b, t, self.h * self.d))
+
+
+def test_guard_repeat_written_with_flatten_keeps_whole_groups():
+    """GUARD. Only view/reshape rewrite the pick of kept copies: a repeat merged by ``flatten`` keeps one fate
+    per kv group (a lone dead q head stays, exactly); a dead whole group still goes."""
+    torch.manual_seed(0)
+    m = _FlattenRepeat().eval()
+    with torch.no_grad():
+        m.o.weight[:, 24:32] = 0
+    assert _widths(_minimize_checked(m)) == (4 * 8, 2 * 8, 2 * 8)
+    torch.manual_seed(0)
+    m = _FlattenRepeat().eval()
+    with torch.no_grad():
+        m.o.weight[:, 16:32] = 0
+        _zero_rows(m.k, list(range(8, 16)), bias=None)
+        _zero_rows(m.v, list(range(8, 16)), bias=None)
+    assert _widths(_minimize_checked(m)) == (2 * 8, 8, 8)

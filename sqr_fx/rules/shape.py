@@ -343,7 +343,10 @@ def _layout(src: ChanInfo, s_in, s_out):
     return None if k is None else ("split3", k, s_out[k], s_out[k + 1])
 
 
-def _reshaped(node, A, x):
+def _reshaped(node, A, x, copies: bool = False):
+    """The info of a reshape-like view of ``x`` (see the callers). ``copies``: the caller's rewrite picks
+    the kept copies of a repeat of kv heads (view/reshape); for the others a repeat's copies share their
+    kv head's ids (one fate, the repeat stays uniform)."""
     node.meta.pop(_REPEAT, None)
     src, s_in, s_out = A.info(x), A.shape(x), A.shape(node)
     if src is None or s_in is None or s_out is None:
@@ -367,7 +370,7 @@ def _reshaped(node, A, x):
             _merged(src, s_in, s_out) or _heads_repeated(src, s_in, s_out))
         if out is None:
             A.freeze(src)
-        elif out.heads > src.heads:  # repeat_kv: each q head's copy of its kv head has a fate of its own
+        elif out.heads > src.heads and copies:  # repeat_kv: each q head's copy of its kv head has its own fate
             r = out.heads // src.heads
             node.meta[_REPEAT] = (src, r)
             gather = _gathered_after(node)
@@ -485,7 +488,7 @@ def _view_rewrite(node, R, a):
 def view(node, A, a):
     """Followed when it keeps channel blocks intact or splits/merges attention heads; sizes given
     by nodes on the channel axes freeze."""
-    out = _reshaped(node, A, node.args[0])
+    out = _reshaped(node, A, node.args[0], copies=True)
     if out is not None:
         sizes = list(node.args[1:]) if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else list(node.args[1])
         axes = (out.dim, out.head) + ((out.group,) if out.group is not None else ()) if out.split else (out.dim,)
