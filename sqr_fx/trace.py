@@ -352,7 +352,8 @@ def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> t
                              f"torch.fx.symbolic_trace failed with {type(fx_err).__name__}: {str(fx_err)[:300]}; "
                              f"torch.export's program computes another function ({problem})")
         recognize_patterns(gm, example_inputs)
-    _mark_varying_axis1(model if frontend == "export" else private, gm, example_inputs)
+    # the inputs the RESULT will accept: the exported program (its guards may fix what the model left free)
+    _mark_varying_axis1(gm if frontend == "export" else private, gm, example_inputs)
     shared = shared_ties(gm)
     whole = {k: v for k, v in tied_targets(gm).items() if k not in shared}
     if strict and whole:

@@ -176,6 +176,18 @@ LONG_RUN_FINDS = {
         "Op('reduce', 394329628, {'what': 'center', 'op': 'mean', 'form': 'method_kw', 'dim': 0}), "
         "Op('reduce', 94414678, {'what': 'manual_rms', 'op': 'mean', 'form': 'method_kw', 'dim': 0}), "
         "Op('layer_norm', 22456532, {'form': 'written_var', 'eps': 1e-05, 'gamma0': False}), ])",
+    'an input the model takes wider (a slice) but the exported program fixes (not a fixpoint; fuzz run 8)':
+        "Case(seed=515152547035, layout='vec', C=6, sp=(), batched=True, B=2, alt_B=5, grow=2, frontend='fallback', "
+        "outputs=1, ops=[ Op('slice', 1493386655, {'what': 'ellipsis', 'start': 0, 'stop': 6}), "
+        "Op('split', 2035123368, {'along': 'ch', 'form': 'chunk', 'c1': 3, 'dim': 1, 'then': 'cat_back', 'branch': 'F_kw', "
+        "'plant': 'rc+rand'}), Op('binary', 1703520854, {'op': 'mul', 'form': 'unbound', 'rhs': 'scalar', 'swap': False, "
+        "'value': -0.75}), Op('dropout', 528751029, {'name': 'alpha_dropout', 'form': 'nn'}), "
+        "Op('linear', 535553821, {'form': 'F', 'out': 2, 'bias': True, 'plant': 'all'}), "
+        "Op('binary', 188489530, {'op': 'add', 'form': 'method_', 'rhs': 'param_full', 'zeros': True}), "
+        "Op('save', 997667005, {'clone': True}), Op('unary', 1160024177, {'name': 'clip', 'form': 'stmt_'}), "
+        "Op('linear', 2052970153, {'form': 'nn_kw', 'out': 1, 'plant': 'cols', 'mask': None}), "
+        "Op('linear', 216476221, {'form': 'F_kw', 'out': 6, 'bias': False, 'plant': 'cols'}), "
+        "Op('linear', 249047854, {'form': 'matmul', 'out': 2, 'plant': 'rc+rand'}), ])",
     'aten.group_norm restored as nn.GroupNorm, which refuses one value per group':
         "Case(seed=424243273244, layout='sig', C=3, sp=(6,), batched=True, B=3, alt_B=1, grow=3, frontend='export', outputs=1, ops=[ Op('stochastic_depth', 1935230331, {'form': 'nn', 'branch': 'nn3', 'plant': 'none'}), Op('reduce', 792607168, {'what': 'keepdim', 'op': 'mean', 'form': 'method', 'dims': 2, 'as_int': True}), Op('group_norm', 1572284788, {'form': 'nn', 'groups': 3, 'gamma0': False}), ])",
 }
