@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sqr_fx import count_stored_floats, minimize
+from sqr_fx import SqrFxError, count_stored_floats, minimize
 from sqr_fx.portable import sqr_fx_references
 from test_transformers import F64, _hf, _ids, assert_same, params, randn
 
@@ -205,7 +205,7 @@ def test_single_dead_q_heads_of_live_groups_go(gqa, impl, dead):
     assert s.sqr_report.rounds == 1  # the gathered layout is a fixpoint (the gather takes over the repeat's copies)
     assert _widths(s) == ((4 - len(dead)) * 8, 2 * 8, 2 * 8)
     assert params(s)["o.weight"].shape == (12, (4 - len(dead)) * 8)
-    assert "index_select" in s.code
+    assert "_copies" in s.code  # the gather of the kept copies (its index buffer)
 
 
 def test_dead_q_head_and_zero_query_pair_together():
@@ -375,3 +375,24 @@ def test_guard_repeat_written_with_flatten_keeps_whole_groups():
         _zero_rows(m.k, list(range(8, 16)), bias=None)
         _zero_rows(m.v, list(range(8, 16)), bias=None)
     assert _widths(_minimize_checked(m)) == (2 * 8, 8, 8)
+
+
+@pytest.mark.parametrize("gqa", ["repeat", "sdpa"])
+def test_gqa_heads_groups_keeps_the_uniform_repeat(gqa):
+    """``gqa_heads="groups"``: a lone dead q head stays (no gather emitted), a dead whole group still goes;
+    a value other than "gather" / "groups" is a clear error."""
+    m = _block(gqa=gqa)
+    with torch.no_grad():
+        m.o.weight[:, 24:32] = 0
+    s = minimize(m, (randn(2, 6, 12),), gqa_heads="groups")
+    assert _widths(s) == (4 * 8, 2 * 8, 2 * 8) and "_copies" not in s.code  # (the gather's index buffers)
+    with torch.no_grad():
+        m.o.weight[:, 16:24] = 0
+        _zero_rows(m.k, list(range(8, 16)), bias=None)
+        _zero_rows(m.v, list(range(8, 16)), bias=None)
+    s = minimize(m, (randn(2, 6, 12),), gqa_heads="groups")
+    assert _widths(s) == (2 * 8, 8, 8) and "_copies" not in s.code
+    for b, t in [(2, 6), (3, 9)]:
+        assert_same(m, s, (randn(b, t, 12, seed=b + t),), rtol=1e-9)
+    with pytest.raises(SqrFxError, match="gqa_heads"):
+        minimize(m, (randn(2, 6, 12),), gqa_heads="heads")
