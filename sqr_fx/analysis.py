@@ -209,10 +209,11 @@ class Analysis:
         ``minimize(..., gqa_heads="groups")`` the copies share their source's ids instead."""
         D = len(src) // src.heads
         pos = (np.asarray(sources, np.int64)[:, None] * D + np.arange(D)[None, :]).reshape(-1)
-        if self.gqa_heads == "groups":  # one fate for a kv head and all its copies: the repeat stays uniform
-            return ChanInfo(dim, src.ids[pos], src.const[pos], src.value[pos], head=head, heads=len(sources))
-        ids = self.fresh(len(pos))
+        groups = self.gqa_heads == "groups"  # one fate for a kv head and all its copies: the repeat stays uniform
+        ids = src.ids[pos] if groups else self.fresh(len(pos))
         out = ChanInfo(dim, ids, src.const[pos], src.value[pos], head=head, heads=len(sources))
+        if groups:
+            return out
         self.edges.append((ChanInfo.dynamic(src.dim, src.ids), ids, pos))
         self.copies.append((out, src, pos))
         return out

@@ -363,10 +363,9 @@ def rotary_from_pattern(gm: fx.GraphModule, example_inputs: tuple = ()) -> int:
         if match is not None:
             matches.append((node,) + match)
     reshapes = {m[-1]: m[1] for m in matches if m[-1] is not None}
-    if reshapes:  # each reshape must give its X's shape on the derived inputs too
-        seen = _shapes_seen(gm, set(reshapes) | set(reshapes.values()), example_inputs) if example_inputs else {}
-        ok = {r for r, x in reshapes.items() if example_inputs and seen[r] == seen[x]}
-        matches = [m for m in matches if m[-1] is None or m[-1] in ok]
+    if reshapes:  # each reshape must give its X's shape on the derived inputs too (none known: left alone)
+        seen = _shapes_seen(gm, set(reshapes) | set(reshapes.values()), example_inputs) if example_inputs else None
+        matches = [m for m in matches if m[-1] is None or (seen is not None and seen[m[-1]] == seen[m[1]])]
     replaced: dict[fx.Node, fx.Node] = {}  # an earlier match's sum -> its call (X of a later match)
     for node, x0, cos, sin, interleaved, dead, reshaped in matches:
         x, cos, sin = (replaced.get(v, v) for v in (x0, cos, sin))

@@ -45,11 +45,16 @@ class RotaryAttention(nn.Module):
         self.k, self.v = nn.Linear(c, kv * d, dtype=F64), nn.Linear(c, kv * d, dtype=F64)
         self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=F64) / d))
 
-    def forward(self, x):
+    def heads(self, x):
+        """(b, t, q, k, v): the projections split into heads, ``[B, heads, T, D]``."""
         b, t = x.shape[0], x.shape[1]
         q = self.q(x).view(b, t, self.h, self.d).transpose(1, 2)
         k = self.k(x).view(b, t, self.kv, self.d).transpose(1, 2)
         v = self.v(x).view(b, t, self.kv, self.d).transpose(1, 2)
+        return b, t, q, k, v
+
+    def forward(self, x):
+        b, t, q, k, v = self.heads(x)
         if self.rope and self.form == "half" and self.rot == self.d:
             freqs = torch.arange(t, dtype=F64)[:, None] * self.inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
@@ -349,10 +354,7 @@ class _FlattenRepeat(RotaryAttention):
     """repeat_kv written with ``flatten(1, 2)`` instead of ``reshape`` (no rotary)."""
 
     def forward(self, x):
-        b, t = x.shape[0], x.shape[1]
-        q = self.q(x).view(b, t, self.h, self.d).transpose(1, 2)
-        k = self.k(x).view(b, t, self.kv, self.d).transpose(1, 2)
-        v = self.v(x).view(b, t, self.kv, self.d).transpose(1, 2)
+        b, t, q, k, v = self.heads(x)
         r = self.h // self.kv
         k = k[:, :, None].expand(b, self.kv, r, t, self.d).flatten(1, 2)
         v = v[:, :, None].expand(b, self.kv, r, t, self.d).flatten(1, 2)

@@ -163,10 +163,9 @@ def sdpa(node: fx.Node, A, a) -> ChanInfo | None:
         return None
     node.meta["sqr_fx.sdpa_gqa"] = None
     if gqa:
-        r = iq.heads // ik.heads
-        node.meta["sqr_fx.sdpa_gqa"] = (ik, iv, r)
-        ik, iv = (A.copy_heads(i, np.arange(i.heads * r) // r, i.head, i.dim) for i in (ik, iv))
-        node.meta["sqr_fx.sdpa_gqa"] += (ik, iv)
+        r, src_k, src_v = iq.heads // ik.heads, ik, iv
+        ik, iv = (A.copy_heads(i, np.arange(i.heads * r) // r, i.head, i.dim) for i in (src_k, src_v))
+        node.meta["sqr_fx.sdpa_gqa"] = (src_k, src_v, r, ik, iv)
     node.meta["sqr_fx.sdpa_d"] = sq[-1]
     node.meta["sqr_fx.sdpa_heads"] = (iq, iv)
     return _attend(node, A, iq, ik, v, iv, masked=mask is not None, out=iv if gqa else None)

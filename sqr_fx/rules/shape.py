@@ -439,6 +439,14 @@ def kept_copies(R, out: ChanInfo, src: ChanInfo, sources: np.ndarray) -> tuple[n
     return t, (np.cumsum(src_alive) - 1)[sources[t]], int(src_alive.sum())
 
 
+def _select(R, x, axis: int, idx: np.ndarray, n: int, hint: str):
+    """``x`` (of ``n`` positions along ``axis`` in the new graph) at positions ``idx``: x itself when that is
+    all of them in order, else one ``index_select``."""
+    if len(idx) == n and (idx == np.arange(n)).all():
+        return x
+    return R.index_select(x, axis, idx, hint)
+
+
 def _repeated(node) -> tuple[ChanInfo, int] | None:
     """(source info, r) when ``node`` is a repeat of kv heads (the merge ``[.., KV, r, .., D] -> [.., KV * r,
     .., D]``) that the analysis followed."""
@@ -478,9 +486,7 @@ def _view_rewrite(node, R, a):
     if repeat is None or out_info is None:  # (no info: the gather after it picks the copies)
         return y
     t, g, n = kept_copies(R, out_info, src, np.arange(out_info.heads) // r)
-    idx = g * r + t % r
-    return y if len(idx) == n * r and (idx == np.arange(len(idx))).all() else R.index_select(
-        y, out_info.head, idx, f"{node.name}_copies")
+    return _select(R, y, out_info.head, g * r + t % r, n * r, f"{node.name}_copies")
 
 
 @rule("view", method("view"), method("reshape"), torch.reshape, aten.view.default, aten.reshape.default,
@@ -777,10 +783,7 @@ def _head_slice_rewrite(node, R, pos: np.ndarray):
     rows_in, rows_out = keep_in[keep_in.any(1)], keep_out[keep_in.any(1)]
     assert (rows_in == rows_in[0]).all() and (rows_out == rows_out[0]).all(), "head slice left uneven"
     rank = np.cumsum(rows_in[0]) - 1
-    idx = rank[pos[rows_out[0]]]
-    if len(idx) == int(rows_in[0].sum()) and (idx == np.arange(len(idx))).all():
-        return R.arg(node.args[0])  # every kept dim of x is selected, in order
-    return R.index_select(R.arg(node.args[0]), out.dim, idx, f"{node.name}_idx")
+    return _select(R, R.arg(node.args[0]), out.dim, rank[pos[rows_out[0]]], int(rows_in[0].sum()), f"{node.name}_idx")
 
 
 @rule("slice", operator.getitem, aten.slice.Tensor, names=("input", "index"), rewrite=_slice_rewrite,
@@ -919,15 +922,12 @@ def _index_select_rewrite(node, R, a):
     gather = node.meta.get(_HEAD_GATHER)
     if gather is None:
         return _slice_rewrite(node, R, a)
-    out, (src, sources, r) = R.info(node), gather
-    t, g, n = kept_copies(R, out, src, sources)
+    out, (src, pos, r) = R.info(node), gather
     if R.keep(out).all() and R.keep(src).all():
         return R.copy(node)
+    t, g, n = kept_copies(R, out, src, pos // r)
     # after a repeat of kv heads (r > 1) the input holds every kept kv head r times: copy t is row g * r + j
-    idx = g * r + np.asarray(node.meta["sqr_fx.head_index"])[t] % r
-    if len(idx) == n * r and (idx == np.arange(len(idx))).all():
-        return R.arg(node.args[0])
-    return R.index_select(R.arg(node.args[0]), out.head, idx, f"{node.name}_idx")
+    return _select(R, R.arg(node.args[0]), out.head, g * r + pos[t] % r, n * r, f"{node.name}_idx")
 
 
 @rule("index_select", *_INDEX_SELECT, names=("input", "dim", "index"), rewrite=_index_select_rewrite, heads=True)
@@ -943,7 +943,7 @@ def index_select(node, A, a):
     repeat = _repeated(x) if src is None and A.owed.pop(node, None) is not None else None
     if repeat is not None or (src is not None and src.split):
         base, r = repeat if repeat is not None else (src, 1)
-        head = base.head if repeat is not None else src.head
+        head = base.head
         d = _norm_dim(int(a["dim"]), len(s_in)) if s_in is not None and type(a["dim"]) is int else None
         if d is None or idx is None or idx.dim() != 1 or (d != head and repeat is not None) \
                 or (repeat is None and d == src.dim):  # inside the heads, or a computed index
@@ -955,8 +955,7 @@ def index_select(node, A, a):
         if len(pos) == 0 or pos.min() < 0 or pos.max() >= base.heads * r:
             A.freeze(src, base)
             return None
-        node.meta["sqr_fx.head_index"] = pos
-        node.meta[_HEAD_GATHER] = (base, pos // r, r)
+        node.meta[_HEAD_GATHER] = (base, pos, r)
         return A.copy_heads(base, pos // r, head, base.dim - (1 if repeat is not None else 0))
     if src is not None and src.blocks:
         A.decline(node, "gathers along an axis that flattens channels with spatial axes", src)
