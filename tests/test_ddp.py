@@ -47,6 +47,7 @@ def _worker(rank: int, rendezvous: str, out_dir: str) -> None:
         torch.save({"gathered": gathered, "moved": [not torch.equal(s, p) for s, p in zip(start, model.parameters())],
                     "shapes": [tuple(p.shape) for p in model.parameters()]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears gloo down while the other is still in it (a teardown abort, seen once in CI)
     finally:
         dist.destroy_process_group()
 
