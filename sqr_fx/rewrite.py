@@ -172,14 +172,15 @@ class Rewriter:
                 new.meta = {k: node.meta[k] for k in _KEEP_META if k in node.meta}
             self.env[node] = new
         root = nn.Module()
+        own: set[int] = {id(root)}  # modules made here; a carried one is copied before anything is put in it
         for name, mod in self.modules.items():
-            _install(root, name, mod, buffer=False)
+            _install(root, name, mod, buffer=False, own=own)
         made: dict[int, Any] = {}
         for name, (value, is_param) in self.attrs.items():
             if id(value) not in made:  # aliases (tied tensors) share one object
                 made[id(value)] = nn.Parameter(value, requires_grad=value.is_floating_point()) if (
                     is_param and isinstance(value, torch.Tensor)) else value
-            _install(root, name, made[id(value)], buffer=not is_param)
+            _install(root, name, made[id(value)], buffer=not is_param, own=own)
         for n in self.graph.nodes:
             _view_as_reshape(n)
         self.graph.owning_module = root  # the purity checks look modules up
@@ -234,13 +235,24 @@ def _impure(node: fx.Node) -> bool:
     return node.is_impure() or node.target is _assert_is_none or is_inplace(node, node.graph.owning_module)
 
 
-def _install(root: nn.Module, qualname: str, obj: Any, buffer: bool) -> None:
+def _install(root: nn.Module, qualname: str, obj: Any, buffer: bool, own: set[int]) -> None:
+    """Put ``obj`` at ``qualname`` under ``root``. A module on the way that ``root`` does not own (one
+    carried over from the old graph for a ``call_module``) is replaced by a shallow copy first, so
+    installing a tensor never writes into the old module (minimize may go back to the old graph)."""
     *path, leaf = qualname.split(".")
     mod = root
     for p in path:
-        if not hasattr(mod, p):
-            mod.add_module(p, nn.Module())
-        mod = getattr(mod, p)
+        child = getattr(mod, p, None)
+        if not isinstance(child, nn.Module):
+            child = nn.Module()
+        elif id(child) not in own:
+            child = copy.copy(child)
+            child._parameters, child._buffers, child._modules = (dict(child._parameters), dict(child._buffers),
+                                                                 dict(child._modules))
+        if id(child) not in own:
+            mod.add_module(p, child)
+            own.add(id(child))
+        mod = child
     if isinstance(obj, nn.Module):
         mod.add_module(leaf, obj)
     elif isinstance(obj, nn.Parameter):

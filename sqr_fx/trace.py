@@ -28,7 +28,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .attention import functionalize_mha
 from .errors import SqrFxError, TiedWeightsError, TraceError, TrainingModeError, UnsupportedDtypeError
-from .normalize import NotFunctional, is_inplace, linear_from_matmul, normalize_args, resolve_inplace
+from .normalize import NotFunctional, canonical, is_inplace, linear_from_matmul, normalize_args, resolve_inplace
 from .rules.registry import has_hooks
 from .verify import _clone, outputs_match, run_cloned
 
@@ -101,12 +101,15 @@ def _functional(gm: fx.GraphModule) -> fx.GraphModule:
             functionalize_mha(gm, node, mod)
             continue
         build = _FUNCTIONALIZE.get(type(mod))
-        if build is None or len(node.args) != 1 or node.kwargs or has_hooks(mod):  # hooks: kept as a module
+        if build is None or has_hooks(mod):  # hooks: kept as a module
+            continue
+        bound = canonical(node, gm) if node.kwargs else (node.args, {})  # ``lin(input=x)`` too
+        if bound is None or len(bound[0]) != 1 or bound[1]:
             continue
         with g.inserting_before(node):
             params = {p: g.get_attr(f"{node.target}.{p}") if getattr(mod, p, None) is not None else None
                       for p in ("weight", "bias", "running_mean", "running_var")}
-            call = build(mod, node.args[0], params)
+            call = build(mod, bound[0][0], params)
             if call is None:
                 for p in params.values():
                     if p is not None:
@@ -190,16 +193,25 @@ def _private_copy(model: nn.Module) -> nn.Module:
 
 
 def tied_targets(gm: fx.GraphModule) -> dict[str, list[str]]:
-    """``get_attr`` targets whose tensor is read by more than one op, mapped to all its names."""
+    """``get_attr`` targets whose tensor is read by more than one op, mapped to all its names.
+
+    A module called as a ``call_module`` node (kept whole: hooks, no functional form) reads its own
+    parameters and buffers without a ``get_attr``; each such call counts as one more reader, so a
+    weight that module shares with a ``get_attr`` elsewhere is tied (kept whole) too."""
     users: dict[int, list[fx.Node]] = {}
+    hidden: dict[int, int] = {}  # id(tensor) -> reads by call_module nodes
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             t = fetch_attr(gm, node.target)
             if isinstance(t, torch.Tensor) and t.dim() >= 1:
                 users.setdefault(id(t), []).append(node)
+        elif node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            for t in {id(t) for t in chain(mod.parameters(), mod.buffers())}:
+                hidden[t] = hidden.get(t, 0) + 1
     tied: dict[str, list[str]] = {}
-    for nodes in users.values():
-        if sum(len(n.users) for n in nodes) > 1:
+    for key, nodes in users.items():
+        if sum(len(n.users) for n in nodes) + hidden.get(key, 0) > 1:
             names = sorted({n.target for n in nodes})
             tied.update({n: names for n in names})
     return tied

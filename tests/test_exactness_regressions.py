@@ -920,3 +920,60 @@ def test_a_parameter_expanded_as_a_shrinking_tensor():
     s = minimize_exact(m, batches((3, 4), (5, 4)))
     shrinks(s)
     assert not s.sqr_report.set_aside and not [f for f in s.sqr_report.frozen_ops if "failed" in f]
+
+
+# ---- a module called more than once (fuzz run 10) ------------------------------------------------
+class _TwiceCalled(nn.Module):
+    """One ``Linear`` applied twice, ``lin(lin(x))``, the output's odd units never read.
+
+    ``first``: how the first call is written (``input=`` keyword or positional). ``hook``: the module
+    has a forward hook, so it stays a ``call_module`` while ``F.linear`` reads its weight elsewhere."""
+
+    def __init__(self, first: str, hook: bool):
+        super().__init__()
+        self.first, self.hook = first, hook
+        self.lin = nn.Linear(5, 5)
+        self.register_buffer("idx", torch.tensor([0, 2, 4, 4, 4]))
+        if hook:
+            self.lin.register_forward_hook(lambda _m, _i, o: o * 2 + 1)
+
+    def forward(self, x):
+        h = self.lin(input=x) if self.first == "keyword" else self.lin(x)
+        h = F.linear(h, self.lin.weight, self.lin.bias) if self.hook else self.lin(h)
+        return torch.index_select(h, -1, self.idx)
+
+
+@pytest.mark.parametrize("first", ["keyword", "positional"])
+@pytest.mark.parametrize("hook", [False, True], ids=["plain", "hooked"])
+def test_a_module_called_twice_keeps_one_weight_for_both_calls(first, hook):
+    """Fuzz run 10 (case 848486546330): ``lin(input=x)`` stayed a module call (the keyword form was not
+    functionalized) while the second call read the weight through ``get_attr``; the rewrite cut the
+    weight's unread rows for the second call, and the module call kept reading the cut weight. A weight
+    read by a module call and by any other op is tied now (kept whole), and the keyword call is
+    functionalized like the positional one."""
+    torch.manual_seed(0)
+    m = _TwiceCalled(first, hook).double().eval()
+    result = minimize_exact(m, batches((3, 5), (1, 5), (2, 4, 5)))
+    assert result.sqr_report.params_after == result.sqr_report.params_before  # both calls read all of it
+    from sqr_fx.trace import to_graph
+
+    gm, _ = to_graph(m, (torch.randn(3, 5, dtype=torch.float64),))
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert calls == (["lin"] if hook else []), calls  # a hooked module stays a module; else both are F.linear
+
+
+def test_the_rewrite_never_writes_into_a_module_it_carries_over():
+    """``minimize`` goes back to the previous graph when a round fails; the rewrite must not have put a
+    tensor into one of that graph's modules (it copies a carried module before installing under it)."""
+    from sqr_fx.analysis import Analysis
+    from sqr_fx.rewrite import rewrite
+    from sqr_fx.trace import to_graph
+
+    m = _TwiceCalled("positional", hook=True).double().eval()
+    gm, _ = to_graph(m, (torch.randn(3, 5, dtype=torch.float64),))
+    mod = gm.get_submodule("lin")
+    before = {k: v for k, v in mod._parameters.items()}
+    new = rewrite(gm, Analysis(gm).run().plan())
+    assert {k: v for k, v in mod._parameters.items()} == before
+    assert all(a is b for a, b in zip(mod._parameters.values(), before.values()))
+    assert new.get_submodule("lin") is not mod

@@ -188,6 +188,12 @@ LONG_RUN_FINDS = {
         "Op('linear', 2052970153, {'form': 'nn_kw', 'out': 1, 'plant': 'cols', 'mask': None}), "
         "Op('linear', 216476221, {'form': 'F_kw', 'out': 6, 'bias': False, 'plant': 'cols'}), "
         "Op('linear', 249047854, {'form': 'matmul', 'out': 2, 'plant': 'rc+rand'}), ])",
+    'one Linear called twice, first with input= (stayed a module call) and its weight cut for the second call (fuzz run 10)':
+        "Case(seed=848486546330, layout='tok', C=6, sp=(5,), batched=True, B=2, alt_B=1, grow=2, frontend='fx', "
+        "outputs=1, ops=[ Op('embedding', 51489001, {'form': 'nn', 'dim': 5, 'plant': 'none'}), "
+        "Op('linear', 1454499151, {'form': 'nn_kw', 'out': 5, 'plant': 'none', 'mask': None}), "
+        "Op('tie', 1403631290, {'back': 1, 'form': 'module'}), "
+        "Op('index_select', 1095019938, {'along': 'ch', 'k': 5, 'order': 'repeats', 'form': 'torch', 'dim': -1}), ])",
     'aten.group_norm restored as nn.GroupNorm, which refuses one value per group':
         "Case(seed=424243273244, layout='sig', C=3, sp=(6,), batched=True, B=3, alt_B=1, grow=3, frontend='export', outputs=1, ops=[ Op('stochastic_depth', 1935230331, {'form': 'nn', 'branch': 'nn3', 'plant': 'none'}), Op('reduce', 792607168, {'what': 'keepdim', 'op': 'mean', 'form': 'method', 'dims': 2, 'as_int': True}), Op('group_norm', 1572284788, {'form': 'nn', 'groups': 3, 'gamma0': False}), ])",
 }

@@ -109,11 +109,11 @@ class _Mask(nn.Module):
 
 def mask_weight(c: Ctx, mod: nn.Module, W: torch.Tensor) -> nn.Module:
     """The planted zeros of ``W`` as a pruning mask instead of stored zeros (torch.nn.utils.prune, a
-    parametrization), or the weight behind weight / spectral normalization."""
+    parametrization), the weight behind weight / spectral normalization, or a forward hook."""
     from torch.nn.utils import parametrize, prune
 
     dead_row = bool((W.flatten(1) == 0).all(1).any())
-    how = c.pick("mask", [None, None, None, "prune", "parametrize", "spectral_norm"]
+    how = c.pick("mask", [None, None, None, "prune", "parametrize", "spectral_norm", "hook"]
                  + ([] if dead_row else ["weight_norm", "weight_norm_param"]))
     keep = W != 0
     if how in ("prune", "parametrize"):
@@ -129,7 +129,13 @@ def mask_weight(c: Ctx, mod: nn.Module, W: torch.Tensor) -> nn.Module:
         torch.nn.utils.weight_norm(mod)
     elif how == "weight_norm_param":
         torch.nn.utils.parametrizations.weight_norm(mod)
+    elif how == "hook":  # not a mask: a forward hook, so the module stays a module (frozen) in minimize
+        mod.register_forward_hook(_affine_hook)
     return mod
+
+
+def _affine_hook(_mod: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out * 2 + 1
 
 
 # ---- convolution ---------------------------------------------------------------------------------------
