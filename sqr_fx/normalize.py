@@ -127,11 +127,12 @@ def canonical(node: fx.Node, root: nn.Module) -> Optional[tuple[tuple, dict]]:
     return first if same else None
 
 
-def normalize_args(gm: fx.GraphModule) -> None:
+def normalize_args(gm: fx.GraphModule, recompile: bool = True) -> None:
     """Rewrite every call with keyword arguments to the canonical layout (see module docstring).
 
     Positional-only calls are already canonical. Only calls that have a rule matter to the
-    analysis; the others are frozen whatever their layout."""
+    analysis; the others are frozen whatever their layout. ``recompile=False``: the graph only (a
+    caller that recompiles after its next edit)."""
     from .rules import RULES, lookup
 
     for node in gm.graph.nodes:
@@ -146,7 +147,8 @@ def normalize_args(gm: fx.GraphModule) -> None:
             node.meta[UNNORMALIZED] = True
         else:
             node.args, node.kwargs = found
-    gm.recompile()
+    if recompile:
+        gm.recompile()
 
 
 # ---- in-place ops -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Deployable size: every stored floating-point number (parameters and buffers)."""
 from __future__ import annotations
 
-import torch
+import torch  # noqa: F401 - the doctests below use it
 from torch import nn
 
 __all__ = ["count_stored_floats", "count_parameters"]

@@ -314,7 +314,7 @@ def _symbolic(model: nn.Module, example_inputs: tuple, expected: Any) -> fx.Grap
     The check's run of the graph is its shape propagation too (one real run, not two).
     A ``GraphModule`` ``model`` is edited in place."""
     gm = model if isinstance(model, fx.GraphModule) else _trace_at_defaults(model, len(example_inputs))
-    normalize_args(gm)
+    normalize_args(gm, recompile=False)  # (resolve_inplace recompiles)
     gm = _functional(gm)
     resolve_inplace(gm)
     linear_from_matmul(gm)
@@ -347,7 +347,7 @@ def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> t
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 gm, frontend = _export(model, example_inputs), "export"
-            normalize_args(gm)
+            normalize_args(gm, recompile=False)
             gm = _functional(gm)
             resolve_inplace(gm)
             linear_from_matmul(gm)

@@ -74,9 +74,9 @@ def finish(gm: fx.GraphModule, model: Optional[nn.Module] = None, *, portable: b
             delattr(gm, name)
     originals = _original_params(model)
     _fold_biases_to_buffers(gm, originals)
-    restore_modules(gm, model)
+    restore_modules(gm, model, recompile=False)
     if portable:
-        inline_helpers(gm, model)
+        inline_helpers(gm, model, recompile=False)
     _picklable_guards(gm)
     gm.graph.lint()
     gm.delete_all_unused_submodules()

@@ -110,9 +110,10 @@ class _Stack:
                 delattr(self.cont, name)
 
 
-def inline_helpers(gm: fx.GraphModule, model: Optional[nn.Module] = None) -> list[str]:
+def inline_helpers(gm: fx.GraphModule, model: Optional[nn.Module] = None, recompile: bool = True) -> list[str]:
     """Replace every sqr_fx helper call by torch ops (module docstring, 3.); returns what still needs sqr_fx
-    (nothing when every call matched its pattern)."""
+    (nothing when every call matched its pattern). ``recompile=False``: the graph only (:func:`finish`
+    recompiles once)."""
     from ..attention import rotary, rotary_interleaved, self_attention
     from ..layers import (compensated_group_norm, compensated_layer_norm, compensated_rms_norm, full_width_rms_norm,
                           upcast_rms_norm)
@@ -174,7 +175,8 @@ def inline_helpers(gm: fx.GraphModule, model: Optional[nn.Module] = None) -> lis
             qkv = _interleave(stack.weights, stack.biases) if stack.ok else a[1:7]
             stack.done(_trace_into(gm, node, window_attention_ops,
                                    (a[0], *qkv, a[7], a[8], a[9], window, a[11], shift, a[13], a[14])))
-    gm.recompile()
+    if recompile:
+        gm.recompile()
     return sqr_fx_references(gm)
 
 

@@ -120,9 +120,9 @@ def _site(gm: fx.GraphModule, node: fx.Node) -> Optional[_Site]:
     return _Site(node, family, a, path, fold)
 
 
-def restore_modules(gm: fx.GraphModule, model: Optional[nn.Module] = None) -> list[str]:
+def restore_modules(gm: fx.GraphModule, model: Optional[nn.Module] = None, recompile: bool = True) -> list[str]:
     """Turn functional weighted calls back into modules at their parameters' path (module docstring, 2.);
-    returns the paths restored."""
+    returns the paths restored. ``recompile=False``: the graph only (:func:`finish` recompiles once)."""
     sites: dict[str, list[_Site]] = {}
     for node in gm.graph.nodes:
         s = _site(gm, node)
@@ -184,7 +184,8 @@ def restore_modules(gm: fx.GraphModule, model: Optional[nn.Module] = None) -> li
                 g.erase_node(n)
         done.append(path)
     _restore_stochastic_depth(gm, model)
-    gm.recompile()
+    if recompile:
+        gm.recompile()
     return done
 
 

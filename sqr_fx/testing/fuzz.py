@@ -10,7 +10,8 @@ and printed as plain-data recipes; ``--save DIR`` writes each as a standalone re
 
 Outcomes per graph: ``ok``; ``clear`` (minimize raised a SqrFxError: a refusal, not a failure);
 ``guard`` (the export front end's result refuses another shape with ``Guard failed``, the documented
-caveat); failures: ``wrong`` (an output differs, or the result raises where the original runs), ``raw``
+caveat); ``noexport`` (an export-front-end case whose model ``torch.export`` itself cannot export, static
+or dynamic: torch's limit, met before sqr_fx is called; not run); failures: ``wrong`` (an output differs, or the result raises where the original runs), ``raw``
 (minimize raised something else), ``impure`` (the original was modified), ``fixpoint`` (a second
 minimize removes more, fails, or the first hit ``MAX_ROUNDS``), ``gen`` (the generated model itself does
 not run: a fuzzer bug). Rules that crashed or rewrite rounds minimize undid (contained, exact output)
@@ -114,7 +115,7 @@ def generate_case(seed: int, n_ops: Optional[int] = None, frontend: Optional[str
 @dataclass
 class Result:
     case: Case
-    status: str  # ok | clear | guard | wrong | raw | impure | fixpoint | gen
+    status: str  # ok | clear | guard | noexport | wrong | raw | impure | fixpoint | gen
     detail: str = ""
     removed: bool = False
     seconds: float = 0.0
@@ -144,11 +145,15 @@ def run_case(case: Case) -> Result:
             model, ex, inputs = built.model, case.example(), case.inputs()
             with torch.no_grad():
                 model(ex.clone())
-            if case.frontend == "export":
-                model = export_module(model, ex, dynamic=not any(op.kind in SLOW_EXPORT for op in built.applied))
         except Exception as e:  # noqa: BLE001 - a generator bug, not a minimize bug
             res.status, res.detail = "gen", f"the generated model does not run: {error_head(e)}"
             return _done(res, t0)
+        if case.frontend == "export":
+            try:
+                model = export_module(model, ex, dynamic=not any(op.kind in SLOW_EXPORT for op in built.applied))
+            except Exception as e:  # noqa: BLE001 - torch.export's own limit, before sqr_fx is called
+                res.status, res.detail = "noexport", f"torch.export cannot export the generated model: {error_head(e)}"
+                return _done(res, t0)
         before = snapshot(model)
         kw = _minimize_kwargs(case.seed)
         try:
@@ -294,13 +299,14 @@ def fuzz(n: int, seed: int = 0, shrink_per_class: int = 1, log=print, time_limit
 
 def summary(results: list[Result], seconds: float) -> str:
     count = {s: sum(r.status == s for r in results) for s in ("wrong", "raw", "clear", "guard", "impure", "fixpoint",
-                                                             "gen")}
+                                                             "gen", "noexport")}
     rows = [("graphs run", len(results)), ("graphs where something was removed", sum(r.removed for r in results)),
             ("wrong outputs", count["wrong"]), ("raw (non-SqrFxError) errors", count["raw"]),
             ("clear SqrFxErrors", count["clear"]),
             ("export shape guard refusals (documented)", count["guard"]),
             ("impure (original modified)", count["impure"]),
             ("not a fixpoint", count["fixpoint"]), ("generator errors", count["gen"]),
+            ("export cases torch.export itself refused (not run)", count["noexport"]),
             ("time", f"{seconds:.1f} s")]
     by_front = {}
     for r in results:
@@ -369,7 +375,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"    rebuild: {case!r}".replace("\n", "\n    "))
     refusals: dict = {}
     for r in results:
-        if r.status in ("clear", "guard"):
+        if r.status in ("clear", "guard", "noexport"):
             refusals.setdefault(r.signature(), []).append(r)
     if refusals:
         print(f"\nclear refusals ({sum(map(len, refusals.values()))} graphs; not failures), most frequent first:")
