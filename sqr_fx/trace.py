@@ -517,6 +517,7 @@ _aten = torch.ops.aten
 _BROADCAST = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, _aten.add.Tensor,
               _aten.sub.Tensor, _aten.mul.Tensor}
 _DIVISION = {operator.truediv, torch.div, _aten.div.Tensor}
+_LINEAR = {F.linear, _aten.linear.default}
 
 
 class _Recording(fx.Interpreter):
@@ -571,6 +572,15 @@ def _meta_shape(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
             return None
         shape = torch.broadcast_shapes(*(tuple(v.shape) for v in ops if isinstance(v, torch.Tensor)))
         return torch.empty(shape, dtype=dtype, device="meta")
+    if target in _LINEAR:  # (meta linear decomposes to t + addmm in Python: slow on deep stacks)
+        x, w = args[0] if args else kwargs.get("input"), args[1] if len(args) > 1 else kwargs.get("weight")
+        b = args[2] if len(args) > 2 else kwargs.get("bias")
+        if len(args) + len(kwargs) > 3 or not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) \
+                or x.dim() < 1 or w.dim() != 2 or x.shape[-1] != w.shape[1] or x.dtype != w.dtype \
+                or not x.dtype.is_floating_point or (b is not None and (not isinstance(b, torch.Tensor) or b.dtype != w.dtype
+                                                   or tuple(b.shape) not in ((w.shape[0],), ()))):
+            return None  # (anything else, mismatches included: the op's own meta kernel decides, and raises)
+        return torch.empty(tuple(x.shape[:-1]) + (w.shape[0],), dtype=x.dtype, device="meta")
     if target is self_attention and isinstance(args[0], torch.Tensor) and isinstance(args[7], torch.Tensor):
         x, w = args[0], args[7]
         return torch.empty(tuple(x.shape[:-1]) + (w.shape[0],), dtype=x.dtype, device="meta")

@@ -236,3 +236,28 @@ def test_cli_writes_onnx_that_onnxruntime_runs(tmp_path, capsys):
     n_in = sum(t.numel() for t in ep.state_dict.values())
     n_out = sum(int(torch.tensor(list(i.dims)).prod()) for i in onnx.load(str(tmp_path / "out.onnx")).graph.initializer)
     assert n_out < n_in
+
+
+def test_minimize_leaves_the_garbage_collector_as_it_found_it():
+    """minimize hides older objects from the collector while it runs (``gc.freeze``) and gives them back;
+    a process that froze objects itself (a pre-fork server) or turned the collector off keeps its state."""
+    import gc
+
+    m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    x = _x(5, 4).float()
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    minimize(m, (x,))
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        minimize(m, (x,))
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+    gc.disable()
+    try:
+        minimize(m, (x,))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

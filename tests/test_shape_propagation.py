@@ -31,6 +31,15 @@ CASES = [
     (F.scaled_dot_product_attention, (T(2, 5, 8), T(2, 7, 8), T(2, 7, 6))),
     (F.scaled_dot_product_attention, (T(1, 4, 5, 8), T(1, 4, 7, 8), T(1, 4, 7, 6), T(3, 1, 5, 7))),  # a mask wider than q: refused
     (F.scaled_dot_product_attention, (T(2, 4, 5, 8), T(2, 4, 7, 8), T(2, 4, 7, 6), T(1, 5, 7))),  # mask broadcast
+    (F.linear, (T(3, 5), T(4, 5), T(4))),
+    (F.linear, (T(5), T(4, 5))),  # unbatched
+    (F.linear, (T(2, 3, 5), T(4, 5), T(()))),  # a 0-d bias
+    (F.linear, (T(2, 0, 5), T(4, 5))),  # an empty batch
+    (torch.ops.aten.linear.default, (T(2, 3, 5), T(4, 5), T(4))),
+    (F.linear, (T(3, 6), T(4, 5))),  # widths differ: refused
+    (F.linear, (T(3, 5), T(4, 5), T(3))),  # bias of the wrong width: refused
+    (F.linear, (T(3, 5, dtype=torch.float64), T(4, 5))),  # dtypes differ: refused
+    (F.linear, (T(3, 5), T(4, 5), T(4, dtype=torch.float64))),  # a float64 bias: refused
 ]
 
 

@@ -129,6 +129,11 @@ def restore_modules(gm: fx.GraphModule, model: Optional[nn.Module] = None, recom
         if s is not None:
             sites.setdefault(s.path, []).append(s)
     attrs = _get_attrs(gm)
+    under: dict[str, list[fx.Node]] = {}  # module path -> the get_attr nodes of every tensor below it
+    for t, ns in attrs.items():
+        atoms = t.split(".")
+        for i in range(1, len(atoms)):
+            under.setdefault(".".join(atoms[:i]), []).extend(ns)
     done = []
     for path, group in sites.items():
         first = group[0]
@@ -148,7 +153,7 @@ def restore_modules(gm: fx.GraphModule, model: Optional[nn.Module] = None, recom
             # aten.group_norm does not make): only an F.group_norm call becomes one, so the result accepts what the graph did
             continue
         calls = {s.node for s in group}
-        readers = [n for t, ns in attrs.items() if t.startswith(path + ".") for n in ns]
+        readers = under.get(path, [])
         if any(set(n.users) - calls for n in readers):
             continue  # a tensor of the layer is read elsewhere too: the layer is not self-contained
         orig = _original_module(model, path, types_) or (cont if typed else None)

@@ -66,8 +66,8 @@ def _rewrite(node: fx.Node, R, a) -> fx.Node:
     tables = []
     for name in ("cos", "sin"):
         t = a[name]
-        if not isinstance(t, fx.Node) or shape_of(t)[-1] == 1:
-            tables.append(R.arg(t))
+        if not isinstance(t, fx.Node) or shape_of(t)[-1] == 1 or (uniform and rows[0].all()):
+            tables.append(R.arg(t))  # (every kept head keeps all dims: only whole heads went)
             continue
         rt = len(shape_of(t))
         if uniform:
