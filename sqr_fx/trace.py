@@ -363,6 +363,7 @@ def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> t
             raise TraceError(f"neither front end reproduces {type(model).__name__} on the example inputs: "
                              f"torch.fx.symbolic_trace failed with {type(fx_err).__name__}: {str(fx_err)[:300]}; "
                              f"torch.export's program computes another function ({problem})")
+        _guard_sizes_of_one(model, gm, example_inputs)
         recognize_patterns(gm, example_inputs)
     # the inputs the RESULT will accept: the exported program (its guards may fix what the model left free)
     _mark_varying_axis1(gm if frontend == "export" else private, gm, example_inputs)
@@ -376,6 +377,55 @@ def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> t
             "bias-untied linear weights is sliced once along its columns and needs no strict exception.)"
         )
     return gm, frontend
+
+
+def _guard_sizes_of_one(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """``torch.export`` with ``Dim.AUTO`` assumes every dynamic size is at least 2 (its 0/1
+    specialization), and ``ExportedProgram.module()`` does not check that: a model that branches on a
+    size (``if x.shape[0] > 1``) keeps only the branch taken at the example, and answers another size-1
+    input with it, silently. For each dynamic size (one symbol: every input axis that shares it) larger
+    than 1 in the example, the model and the program run with it at 1; where the model runs and the two
+    differ, a guard node (``torch._assert``, "Guard failed: ...") makes the program (and so the result)
+    refuse that size instead; the self-check then reports it in ``fixed_shapes``."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):  # (nested inputs: no one-to-one map to probe by)
+        return
+    axes: dict[str, list[tuple[int, int]]] = {}  # symbol -> (input index, axis)
+    for i, (node, x) in enumerate(zip(placeholders, example_inputs)):
+        val = node.meta.get("val")
+        if not isinstance(x, torch.Tensor) or not isinstance(val, torch.Tensor) or val.dim() != x.dim():
+            continue
+        for d, size in enumerate(val.shape):
+            if isinstance(size, torch.SymInt) and x.shape[d] > 1:
+                axes.setdefault(str(size.node.expr), []).append((i, d))
+    refused = []
+    for sym, where in axes.items():
+        probe = list(example_inputs)
+        for i, d in where:
+            probe[i] = probe[i].narrow(d, 0, 1)
+        try:
+            want = run_cloned(model, tuple(probe), quiet=True)
+        except Exception:  # noqa: BLE001 - the model refuses size 1 itself: nothing to guard
+            continue
+        try:
+            got = run_cloned(gm, tuple(probe), quiet=True)
+        except Exception:  # noqa: BLE001 - the program refuses it already
+            continue
+        if outputs_match(want, got) is not None:
+            refused.append(where[0])
+    if not refused:
+        return
+    g = gm.graph
+    with g.inserting_after(placeholders[-1]):
+        for i, d in reversed(refused):  # (inserted right after the placeholders: built in reverse)
+            size = g.call_function(torch.ops.aten.sym_size.int, (placeholders[i], d))
+            with g.inserting_after(size):
+                ok = g.call_function(operator.ge, (size, 2))
+                with g.inserting_after(ok):
+                    g.call_function(torch._assert, (ok, f"Guard failed: {placeholders[i].target}.size()[{d}] >= 2 "
+                                                        "(the exported program holds only the branch the model "
+                                                        "takes at sizes of 2 and more)"))
+    gm.recompile()
 
 
 def _mark_varying_axis1(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple) -> None:

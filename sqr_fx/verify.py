@@ -118,10 +118,12 @@ def _resized(inputs: tuple, ref: torch.Tensor, dim: int, size: int, g: torch.Gen
     return tuple(change(x) for x in inputs)
 
 
-def derived_inputs(example_inputs: tuple, seed: int = 0) -> list[tuple[str, tuple]]:
+def derived_inputs(example_inputs: tuple, seed: int = 0, batch_one: bool = False) -> list[tuple[str, tuple]]:
     """(label, inputs): the example, one more batch row, and another size of each non-batch,
     non-feature axis (spatial axes of 4-D/5-D tensors grow by 32; sequence axes shrink and grow by a
-    quarter: a result tied to the traced length, or exact only up to it, is caught either way)."""
+    quarter: a result tied to the traced length, or exact only up to it, is caught either way).
+    ``batch_one``: also batch 1 when the example's is larger (``torch.export`` assumes a dynamic size is
+    at least 2, and a program may take another branch at 1: the self-check looks there too)."""
     g = torch.Generator().manual_seed(seed)
     out = [("the example inputs", example_inputs)]
     tensors = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() >= 1]
@@ -129,6 +131,8 @@ def derived_inputs(example_inputs: tuple, seed: int = 0) -> list[tuple[str, tupl
         return out
     ref = tensors[0]
     out.append((f"batch {ref.shape[0] + 1}", _resized(example_inputs, ref, 0, ref.shape[0] + 1, g)))
+    if batch_one and ref.shape[0] > 1:
+        out.append(("batch 1", _resized(example_inputs, ref, 0, 1, g)))
     if ref.dim() >= 4:
         x = example_inputs
         for d in range(2, ref.dim()):
@@ -154,7 +158,7 @@ def self_check(original: nn.Module, traced: nn.Module, result: nn.Module, exampl
     floor = compute_tolerance(traced)
     t0 = time.process_time()
     checked, fixed = [], []
-    for label, inputs in derived_inputs(example_inputs):
+    for label, inputs in derived_inputs(example_inputs, batch_one=True):
         try:
             expected = run_cloned(original, inputs, quiet=True)
         except Exception:  # noqa: BLE001 - the original refuses this shape: nothing to compare

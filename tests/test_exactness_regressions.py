@@ -977,3 +977,80 @@ def test_the_rewrite_never_writes_into_a_module_it_carries_over():
     assert {k: v for k, v in mod._parameters.items()} == before
     assert all(a is b for a, b in zip(mod._parameters.values(), before.values()))
     assert new.get_submodule("lin") is not mod
+
+
+# ---- review of session 8: export's size-1 assumption, global module hooks ----------------------------------
+class _BranchOnSize(nn.Module):
+    """A dead unit (removable), and a branch on a size: ``symbolic_trace`` fails, so the model goes through
+    ``torch.export``, whose ``Dim.AUTO`` assumes that size is at least 2 and keeps only that branch."""
+
+    def __init__(self, axis: int):
+        super().__init__()
+        self.axis = axis
+        self.a, self.o = nn.Linear(6, 5), nn.Linear(5, 4)
+        with torch.no_grad():
+            self.a.weight[2] = 0
+            self.a.bias[2] = -1.0
+
+    def forward(self, x):
+        h = self.o(torch.relu(self.a(x)))
+        if x.shape[self.axis] > 1:
+            h = h - h.mean(self.axis, keepdim=True)
+        return h
+
+
+@pytest.mark.parametrize("axis", [0, 1], ids=["batch", "sequence"])
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_size_the_exported_program_assumed_away_is_refused_not_answered(axis, verify):
+    """The result of the export front end answered batch 1 with the branch of batch >= 2 (0 instead of the
+    model's outputs), and the self-check never tried size 1. Now the front end runs model and program at
+    size 1 of each dynamic axis: where they differ, the program (and the result) refuse that size with a
+    "Guard failed" error, and the self-check (which tries batch 1 too) lists it in ``fixed_shapes``."""
+    torch.manual_seed(0)
+    m = _BranchOnSize(axis).double().eval()
+    x = torch.randn(4, 5, 6, dtype=torch.float64)
+    r = minimize(m, (x,), verify=verify)
+    assert r.sqr_report.frontend == "export"
+    assert r.sqr_report.params_after < r.sqr_report.params_before
+    assert_exact(m, r, batches((4, 5, 6), (3, 7, 6)))
+    one = list(x.shape)
+    one[axis] = 1
+    with pytest.raises(AssertionError, match="Guard failed"):
+        r(torch.randn(*one, dtype=torch.float64))
+    if verify and axis == 0:
+        assert "batch 1" in r.sqr_report.fixed_shapes
+
+
+def test_an_exported_model_that_does_not_branch_keeps_batch_one():
+    """No guard where the program agrees with the model at size 1 (export's assumption is harmless there)."""
+    torch.manual_seed(0)
+
+    class NoBranch(_BranchOnSize):
+        def forward(self, x):
+            h = self.o(torch.relu(self.a(x)))
+            return h * x.shape[0]  # a size read as a number: symbolic_trace cannot, export can
+
+    m = NoBranch(0).double().eval()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    r = minimize(m, (x,))
+    assert r.sqr_report.params_after < r.sqr_report.params_before
+    assert "batch 1" not in r.sqr_report.fixed_shapes
+    assert_exact(m, r, batches((4, 6), (1, 6), (3, 6)))
+
+
+@pytest.mark.parametrize("front", ["fx", "export"])
+def test_global_module_hooks_run_once(front):
+    """A hook for every module (``register_module_forward_hook``) ran inside the exported graph and again in
+    the Linear modules the result is made of. Global hooks now make every module hooked: kept a module
+    (frozen), never functionalized nor made back from a functional call."""
+    import torch.nn.modules.module as module
+
+    torch.manual_seed(0)
+    m = _BranchOnSize(0).double().eval() if front == "export" else nn.Sequential(
+        nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)).double().eval()
+    handle = module.register_module_forward_hook(lambda mod, i, o: o + 0.1 if isinstance(mod, nn.Linear) else None)
+    try:
+        r = minimize(m, (torch.randn(4, 6, dtype=torch.float64),), verify=False)
+        assert_exact(m, r, batches((4, 6), (3, 6)))
+    finally:
+        handle.remove()

@@ -64,7 +64,7 @@ def test_self_check_compares_other_batch_and_spatial_sizes():
     with torch.no_grad():
         m[0].weight[1] = 0
     s = minimize(m, (_x(2, 3, 8, 8),))
-    assert s.sqr_report.verified_on == ["the example inputs", "batch 3", "spatial size (40, 40)"]
+    assert s.sqr_report.verified_on == ["the example inputs", "batch 3", "batch 1", "spatial size (40, 40)"]
     assert s.sqr_report.verify_seconds > 0
     assert "self-check passed" in str(s.sqr_report)
 
@@ -89,7 +89,7 @@ def test_a_shape_the_original_refuses_is_skipped():
             return self.fc(x.reshape(x.shape[0], 12))
 
     s = minimize(Fixed().eval(), (torch.randn(2, 3, 2, 2),))
-    assert s.sqr_report.verified_on == ["the example inputs", "batch 3"]
+    assert s.sqr_report.verified_on == ["the example inputs", "batch 3", "batch 1"]
 
 
 def test_outputs_match_names_the_first_difference():

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..rules.registry import has_hooks
+from ..rules.registry import global_hooks, has_hooks
 from .common import (_FOLD, _container, _fresh_name, _get_attrs, _original_module, _plain, _split,
                      aten, fetch)
 
@@ -123,6 +123,8 @@ def _site(gm: fx.GraphModule, node: fx.Node) -> Optional[_Site]:
 def restore_modules(gm: fx.GraphModule, model: Optional[nn.Module] = None, recompile: bool = True) -> list[str]:
     """Turn functional weighted calls back into modules at their parameters' path (module docstring, 2.);
     returns the paths restored. ``recompile=False``: the graph only (:func:`finish` recompiles once)."""
+    if global_hooks():  # a made module would run them again on what the graph computed with them (export)
+        return []
     sites: dict[str, list[_Site]] = {}
     for node in gm.graph.nodes:
         s = _site(gm, node)

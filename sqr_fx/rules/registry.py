@@ -18,10 +18,20 @@ __all__ = ["OpRule", "Args", "RULES", "rule", "method", "lookup", "op_name", "ha
 
 
 def has_hooks(mod: nn.Module) -> bool:
-    """Forward hooks or pre-hooks (with or without kwargs) registered on ``mod`` itself."""
+    """Forward hooks or pre-hooks (with or without kwargs) registered on ``mod`` itself, or for every
+    module (:func:`global_hooks`)."""
     return bool(mod._forward_hooks or mod._forward_pre_hooks
                 or getattr(mod, "_forward_hooks_with_kwargs", None)
-                or getattr(mod, "_forward_pre_hooks_with_kwargs", None))
+                or getattr(mod, "_forward_pre_hooks_with_kwargs", None)) or global_hooks()
+
+
+def global_hooks() -> bool:
+    """Forward hooks or pre-hooks registered for EVERY module (``nn.modules.module.register_module_forward_hook``
+    and ``..._pre_hook``): each module call computes more than its type says, so no module is functionalized,
+    given its type's rule, or made back from a functional call (the hook would run twice)."""
+    from torch.nn.modules import module as _m
+
+    return bool(getattr(_m, "_global_forward_hooks", None) or getattr(_m, "_global_forward_pre_hooks", None))
 
 
 @dataclass(frozen=True)
