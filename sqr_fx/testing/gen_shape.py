@@ -333,3 +333,17 @@ def gather(c: Ctx, st: State) -> State:
     else:
         c.step_h(lambda m, h: h[(slice(None),) * ax + (P(m, t),)])
     return replace(st, sp=tuple(k if j == i else v for j, v in enumerate(st.sp)))
+
+
+# ---- a branch on a size ------------------------------------------------------------------------------
+@gen("size_branch", ANY, weight=0.3, families=())
+def size_branch(c: Ctx, st: State) -> State:
+    """Python control flow on a size (``if h.shape[0] > 1``): symbolic_trace cannot follow it, so an fx case
+    goes through torch.export, whose ``Dim.AUTO`` assumes the size is at least 2 and keeps one branch. The
+    fuzzer's other batch size is sometimes 1: the result must answer it as the model does, or refuse it."""
+    form = c.pick("form", ["center_if_many", "double_if_one"])
+    if form == "center_if_many":
+        c.step_h(lambda m, h: h - h.mean(0, keepdim=True) if h.shape[0] > 1 else h)
+    else:
+        c.step_h(lambda m, h: h * 2 if h.shape[0] == 1 else h)
+    return st
