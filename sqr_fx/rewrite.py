@@ -12,6 +12,7 @@ a new tensor; only a tensor the traced code captured from outside (a global cons
 from __future__ import annotations
 
 import copy
+import operator
 from itertools import chain
 from typing import Any, Optional
 
@@ -183,6 +184,7 @@ class Rewriter:
             _install(root, name, made[id(value)], buffer=not is_param, own=own)
         for n in self.graph.nodes:
             _view_as_reshape(n)
+            _out_of_place(n)
         self.graph.owning_module = root  # the purity checks look modules up
         emitted = [n.target for n in self.graph.nodes if n.op in ("get_attr", "call_module")]
         self.graph.eliminate_dead_code(is_impure_node=_impure)
@@ -202,6 +204,43 @@ def _view_as_reshape(n: fx.Node) -> None:
     elif n.op == "call_method" and n.target == "view" and not n.kwargs \
             and not any(isinstance(a, torch.dtype) for a in n.args[1:]):
         n.target = "reshape"
+
+
+_IN_PLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                       operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+                       operator.imod: operator.mod, operator.ipow: operator.pow, operator.iand: operator.and_,
+                       operator.ior: operator.or_, operator.ixor: operator.xor, operator.ilshift: operator.lshift,
+                       operator.irshift: operator.rshift}
+
+
+def _out_of_place(n: fx.Node) -> None:
+    """An in-place op of the rewritten graph whose only tensor argument is the one it writes into becomes
+    its out-of-place form (``h.detach_()`` -> ``h.detach()``, ``h += 1`` -> ``h + 1``, ``F.relu(h,
+    inplace=True)`` -> ``inplace=False``, ``aten.relu_`` -> ``aten.relu``). The front end made the write data
+    flow (``normalize.resolve_inplace``: every later reader reads the op's output, ``h`` owns its storage, no
+    earlier reader made a view of it), so nothing reads ``h`` after the op: the two forms compute the same
+    values, of the same dtype (a Python scalar never promotes a tensor; a promotion an in-place op refuses,
+    the original refused). A rewritten producer may now return a view or an expanded constant, on which the
+    in-place form fails (``detach_`` of a view: fuzz run 12). With another tensor argument (its dtype may
+    promote) the op stays in place."""
+    if n.op not in ("call_method", "call_function") or any(
+            isinstance(a, fx.Node) for a in list(n.args[1:]) + list(n.kwargs.values())):
+        return
+    if n.op == "call_method":
+        name = n.target
+        if name.endswith("_") and not name.startswith("_") and name != "resize_" \
+                and callable(getattr(torch.Tensor, name[:-1], None)):  # (``requires_grad_``: a property)
+            n.target = name[:-1]
+    elif n.target in _IN_PLACE_OPERATORS:
+        n.target = _IN_PLACE_OPERATORS[n.target]
+    elif isinstance(n.target, torch._ops.OpOverload):
+        from .rules.registry import _functional_overload
+
+        f = _functional_overload(n.target)
+        if f is not None:
+            n.target = f
+    elif n.kwargs.get("inplace") is True:
+        n.kwargs = {**n.kwargs, "inplace": False}
 
 
 def _order_like(gm: fx.GraphModule, targets: list[str]) -> None:

@@ -1054,3 +1054,36 @@ def test_global_module_hooks_run_once(front):
         assert_exact(m, r, batches((4, 6), (3, 6)))
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("op", ["detach_", "relu_", "iadd", "F_inplace"])
+def test_an_in_place_op_on_a_rewritten_producer_that_now_returns_a_view(op):
+    """Fuzz run 12: ``h = F.linear(x, W); h.detach_()`` where the rewrite gave the linear a bias (a folded
+    constant input channel): a 3-D linear with a bias returns a view, and ``detach_`` of a view raises. The
+    rewritten graph writes such in-place ops (no other tensor argument) out of place, which the front end's
+    data flow makes exact."""
+    torch.manual_seed(0)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.w = nn.Linear(4, 3), nn.Parameter(torch.randn(6, 3))
+            with torch.no_grad():
+                self.a.weight[1] = 0
+                self.a.bias[1] = 0.5  # a constant channel: folded into a new bias of the second linear
+
+        def forward(self, x):
+            h = F.linear(self.a(x), self.w)  # no bias: not a view; the rewrite adds one
+            if op == "detach_":
+                h.detach_()
+            elif op == "relu_":
+                h.relu_()
+            elif op == "iadd":
+                h += 1.0
+            else:
+                F.relu(h, inplace=True)
+            return h
+
+    m = M().double().eval()
+    r = minimize_exact(m, batches((2, 5, 4), (3, 2, 4)))
+    assert r.sqr_report.params_after < r.sqr_report.params_before

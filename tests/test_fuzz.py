@@ -194,6 +194,11 @@ LONG_RUN_FINDS = {
         "Op('linear', 1454499151, {'form': 'nn_kw', 'out': 5, 'plant': 'none', 'mask': None}), "
         "Op('tie', 1403631290, {'back': 1, 'form': 'module'}), "
         "Op('index_select', 1095019938, {'along': 'ch', 'k': 5, 'order': 'repeats', 'form': 'torch', 'dim': -1}), ])",
+    'detach_ of a linear the rewrite gave a bias (a 3-D linear with a bias returns a view; fuzz run 12)':
+        "Case(seed=393940184966, layout='seq', C=2, sp=(4,), batched=True, B=3, alt_B=6, grow=3, frontend='fx', "
+        "outputs=1, ops=[ Op('mha', 388666209, {'heads': 2, 'form': 'pos3', 'plant': 'o_rows'}), "
+        "Op('linear', 1760569324, {'form': 'F', 'out': 6, 'bias': False, 'plant': 'none'}), "
+        "Op('unary', 1004688960, {'name': 'detach', 'form': 'stmt_'}), ])",
     'aten.group_norm restored as nn.GroupNorm, which refuses one value per group':
         "Case(seed=424243273244, layout='sig', C=3, sp=(6,), batched=True, B=3, alt_B=1, grow=3, frontend='export', outputs=1, ops=[ Op('stochastic_depth', 1935230331, {'form': 'nn', 'branch': 'nn3', 'plant': 'none'}), Op('reduce', 792607168, {'what': 'keepdim', 'op': 'mean', 'form': 'method', 'dims': 2, 'as_int': True}), Op('group_norm', 1572284788, {'form': 'nn', 'groups': 3, 'gamma0': False}), ])",
 }
@@ -206,3 +211,21 @@ def test_long_run_finds_stay_fixed(why):
     r = run_case(case)
     assert r.status == "ok", f"{why}: {r.status} {r.detail}"
     assert not r.rule_crashes, f"{why}: {r.rule_crashes}"
+
+
+def test_a_size_branch_that_a_norm_nearly_divides_out_is_still_guarded():
+    """Fuzz run 12: ``h * 2 if h.shape[0] == 1 else h`` then RMS and layer norms, which divide the factor out up
+    to their eps: the exported program (branch of sizes >= 2) and the model differed at batch 1 by 6e-7 of the
+    output, which the front end's probe took for rounding (the self-check's tolerance). The probe compares at
+    rounding level now (float64 1e-12), so the result refuses batch 1 ("guard") instead of answering it."""
+    case = Case(seed=404041215495, layout='seq', C=4, sp=(6,), batched=True, B=3, alt_B=1, grow=2, frontend='fx',
+                outputs=1, ops=[
+                    Op('mha', 1719080239, {'heads': 1, 'form': 'seq_first', 'plant': 'none'}),
+                    Op('size_branch', 983713832, {'form': 'double_if_one'}),
+                    Op('rms_norm', 669216446, {'form': 'compensated', 'eps': 1e-06, 'gamma0': False, 'removed': 2}),
+                    Op('layer_norm', 744647790, {'form': 'F_shape', 'eps': 1e-06, 'gamma0': False}),
+                    Op('reduce', 161057351, {'what': 'global', 'op': 'sum', 'form': 'method', 'dims': -2,
+                                             'as_int': False}),
+                ])
+    r = run_case(case)
+    assert r.status == "guard" and "size()[0] >= 2" in r.detail, (r.status, r.detail)
