@@ -206,7 +206,7 @@ def minimize(
     traced = gm
     set_aside: set[str] = set()  # nodes whose rule failed: frozen in every later analysis
     previous: fx.GraphModule | None = None
-    snapshot = (copy.deepcopy(rows), report.input_features_dropped)  # the report before the last round
+    snapshot = (rows, report.input_features_dropped)  # the report before the last round (set by each round)
     other_sizes = OtherSizes(example_inputs)  # the reshape rules' other input sizes, drawn once
     shaped = gm  # the graph whose node shapes are current: to_graph's run on the example inputs
     for _ in range(max_rounds):

@@ -152,9 +152,13 @@ def normalize_args(gm: fx.GraphModule, recompile: bool = True) -> None:
 
 
 # ---- in-place ops -----------------------------------------------------------------------------
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                      operator.ilshift, operator.irshift, operator.imatmul}
+#: Python's augmented assignments and their out-of-place operators
+OUT_OF_PLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                          operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+                          operator.imod: operator.mod, operator.ipow: operator.pow, operator.iand: operator.and_,
+                          operator.ior: operator.or_, operator.ixor: operator.xor, operator.ilshift: operator.lshift,
+                          operator.irshift: operator.rshift, operator.imatmul: operator.matmul}
+_INPLACE_OPERATORS = set(OUT_OF_PLACE_OPERATORS)
 
 
 def is_inplace(node: fx.Node, root: nn.Module) -> bool:

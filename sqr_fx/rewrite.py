@@ -12,7 +12,6 @@ a new tensor; only a tensor the traced code captured from outside (a global cons
 from __future__ import annotations
 
 import copy
-import operator
 from itertools import chain
 from typing import Any, Optional
 
@@ -21,7 +20,9 @@ import torch
 from torch import fx, nn
 
 from .analysis import Plan
+from .normalize import OUT_OF_PLACE_OPERATORS
 from .rules import lookup
+from .rules.registry import _functional_overload
 from .trace import fetch_attr
 from .values import META_KEY, ChanInfo
 
@@ -206,13 +207,6 @@ def _view_as_reshape(n: fx.Node) -> None:
         n.target = "reshape"
 
 
-_IN_PLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-                       operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
-                       operator.imod: operator.mod, operator.ipow: operator.pow, operator.iand: operator.and_,
-                       operator.ior: operator.or_, operator.ixor: operator.xor, operator.ilshift: operator.lshift,
-                       operator.irshift: operator.rshift}
-
-
 def _out_of_place(n: fx.Node) -> None:
     """An in-place op of the rewritten graph whose only tensor argument is the one it writes into becomes
     its out-of-place form (``h.detach_()`` -> ``h.detach()``, ``h += 1`` -> ``h + 1``, ``F.relu(h,
@@ -231,11 +225,9 @@ def _out_of_place(n: fx.Node) -> None:
         if name.endswith("_") and not name.startswith("_") and name != "resize_" \
                 and callable(getattr(torch.Tensor, name[:-1], None)):  # (``requires_grad_``: a property)
             n.target = name[:-1]
-    elif n.target in _IN_PLACE_OPERATORS:
-        n.target = _IN_PLACE_OPERATORS[n.target]
+    elif n.target in OUT_OF_PLACE_OPERATORS:  # (``@=`` reads a second tensor: never here)
+        n.target = OUT_OF_PLACE_OPERATORS[n.target]
     elif isinstance(n.target, torch._ops.OpOverload):
-        from .rules.registry import _functional_overload
-
         f = _functional_overload(n.target)
         if f is not None:
             n.target = f
@@ -282,13 +274,13 @@ def _install(root: nn.Module, qualname: str, obj: Any, buffer: bool, own: set[in
     mod = root
     for p in path:
         child = getattr(mod, p, None)
-        if not isinstance(child, nn.Module):
-            child = nn.Module()
-        elif id(child) not in own:
-            child = copy.copy(child)
-            child._parameters, child._buffers, child._modules = (dict(child._parameters), dict(child._buffers),
-                                                                 dict(child._modules))
-        if id(child) not in own:
+        if not isinstance(child, nn.Module) or id(child) not in own:
+            if isinstance(child, nn.Module):  # carried over: a shallow copy with its own tables
+                child = copy.copy(child)
+                child._parameters, child._buffers, child._modules = (
+                    dict(child._parameters), dict(child._buffers), dict(child._modules))
+            else:
+                child = nn.Module()
             mod.add_module(p, child)
             own.add(id(child))
         mod = child

@@ -30,6 +30,7 @@ from .attention import functionalize_mha
 from .errors import SqrFxError, TiedWeightsError, TraceError, TrainingModeError, UnsupportedDtypeError
 from .normalize import NotFunctional, canonical, is_inplace, linear_from_matmul, normalize_args, resolve_inplace
 from .rules.registry import has_hooks
+from .equivalence import _flatten
 from .verify import _clone, outputs_match, run_cloned
 
 __all__ = ["to_graph", "fetch_attr", "propagate_shapes", "check_model", "tied_targets", "shared_ties", "ShapeFailure",
@@ -207,8 +208,8 @@ def tied_targets(gm: fx.GraphModule) -> dict[str, list[str]]:
                 users.setdefault(id(t), []).append(node)
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)
-            for t in {id(t) for t in chain(mod.parameters(), mod.buffers())}:
-                hidden[t] = hidden.get(t, 0) + 1
+            for key in {id(t) for t in chain(mod.parameters(), mod.buffers())}:
+                hidden[key] = hidden.get(key, 0) + 1
     tied: dict[str, list[str]] = {}
     for key, nodes in users.items():
         if sum(len(n.users) for n in nodes) + hidden.get(key, 0) > 1:
@@ -413,29 +414,23 @@ def _guard_sizes_of_one(model: nn.Module, gm: fx.GraphModule, example_inputs: tu
             continue
         # the same branch runs the same ops: rounding-close (float64 1e-12, float32 1e-6 of the output's
         # scale); another branch may differ by little (a factor a later norm divides out, up to its eps)
-        rel = max([_SAME_BRANCH.get(t.dtype, 1e-3) for t in _float_outputs(want)], default=1e-12)
+        rel = max([_SAME_BRANCH.get(t.dtype, 1e-3) for _, t in _flatten(want)
+                   if isinstance(t, torch.Tensor) and t.is_floating_point()], default=1e-12)
         if outputs_match(want, got, rel=rel) is not None:
             refused.append(where[0])
     if not refused:
         return
     g = gm.graph
-    with g.inserting_after(placeholders[-1]):
-        for i, d in reversed(refused):  # (inserted right after the placeholders: built in reverse)
-            size = g.call_function(torch.ops.aten.sym_size.int, (placeholders[i], d))
-            with g.inserting_after(size):
-                ok = g.call_function(operator.ge, (size, 2))
-                with g.inserting_after(ok):
-                    g.call_function(torch._assert, (ok, f"Guard failed: {placeholders[i].target}.size()[{d}] >= 2 "
-                                                        "(the exported program holds only the branch the model "
-                                                        "takes at sizes of 2 and more)"))
+    with g.inserting_before(placeholders[-1].next):  # right after the inputs
+        for i, d in refused:
+            ok = g.call_function(operator.ge, (g.call_function(torch.ops.aten.sym_size.int, (placeholders[i], d)), 2))
+            g.call_function(torch._assert, (ok, f"Guard failed: {placeholders[i].target}.size()[{d}] >= 2 (the "
+                                                "exported program holds only the branch the model takes at sizes "
+                                                "of 2 and more)"))
     gm.recompile()
 
 
 _SAME_BRANCH = {torch.float64: 1e-12, torch.float32: 1e-6}
-
-
-def _float_outputs(out: Any) -> list[torch.Tensor]:
-    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def _mark_varying_axis1(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple) -> None:

@@ -11,8 +11,8 @@ and printed as plain-data recipes; ``--save DIR`` writes each as a standalone re
 Outcomes per graph: ``ok``; ``clear`` (minimize raised a SqrFxError: a refusal, not a failure);
 ``guard`` (the export front end's result refuses another shape with ``Guard failed``, the documented
 caveat); ``noexport`` (an export-front-end case whose model ``torch.export`` itself cannot export, static
-or dynamic: torch's limit, met before sqr_fx is called; not run); failures: ``wrong`` (an output differs, or the result raises where the original runs), ``raw``
-(minimize raised something else), ``impure`` (the original was modified), ``fixpoint`` (a second
+or dynamic: torch's limit, met before sqr_fx is called; not run); failures: ``wrong`` (an output differs,
+or the result raises where the original runs), ``raw`` (minimize raised something else), ``impure`` (the original was modified), ``fixpoint`` (a second
 minimize removes more, fails, or the first hit ``MAX_ROUNDS``), ``gen`` (the generated model itself does
 not run: a fuzzer bug). Rules that crashed or rewrite rounds minimize undid (contained, exact output)
 are listed apart.
