@@ -1087,3 +1087,33 @@ def test_an_in_place_op_on_a_rewritten_producer_that_now_returns_a_view(op):
     m = M().double().eval()
     r = minimize_exact(m, batches((2, 5, 4), (3, 2, 4)))
     assert r.sqr_report.params_after < r.sqr_report.params_before
+
+
+def test_an_in_place_op_with_a_second_tensor_stays_in_place():
+    """The guard of ``rewrite._out_of_place``: ``h.mul_(s)`` with a float64 ``s`` on a float32 ``h`` keeps h's
+    dtype in place; written out of place it would promote to float64. Such ops (another tensor argument)
+    stay in place, so the result's dtype and values are the model's."""
+    torch.manual_seed(0)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(3, 2)
+            self.register_buffer("s", torch.tensor([1.5, 2.0, 0.5], dtype=torch.float64))
+            with torch.no_grad():
+                self.a.weight[1] = 0
+                self.a.bias[1] = -1.0
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            h.mul_(self.s)
+            return self.b(h)
+
+    m = M().eval()
+    x = torch.randn(5, 4)
+    r = minimize(m, (x,))
+    assert r.sqr_report.params_after < r.sqr_report.params_before
+    assert "mul_" in r.code
+    out = r(torch.randn(3, 4))
+    assert out.dtype == torch.float32
+    check_equivalence(m, r, (torch.randn(3, 4),), rtol=1e-5, atol=1e-6)
