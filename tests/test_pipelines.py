@@ -252,7 +252,9 @@ def test_minimize_leaves_the_garbage_collector_as_it_found_it():
     try:
         frozen = gc.get_freeze_count()
         minimize(m, (x,))
-        assert gc.get_freeze_count() == frozen
+        # frozen objects that die meanwhile leave the permanent generation, so the count may drop; it
+        # never grows (minimize froze nothing) and is not emptied (minimize did not unfreeze).
+        assert 0 < gc.get_freeze_count() <= frozen
     finally:
         gc.unfreeze()
     gc.disable()
