@@ -97,6 +97,7 @@ class Analysis:
         self.declined: list[str] = []
         self._rule = ""
         self.head_links: list[list[ChanInfo]] = []
+        self.kernel_ids: set[int] = set()  # head dims an attention kernel pads at run time (align_heads)
         self.uniform: list[ChanInfo] = []  # head-split infos whose kept heads keep the same dims
         self.copies: list[tuple[ChanInfo, ChanInfo, np.ndarray]] = []  # (copied heads, source, source position)
         self.pending: dict[fx.Node, Any] = {}  # facts a rule leaves for a later node (attention's q, k)
@@ -221,6 +222,11 @@ class Analysis:
     def align_heads(self, *infos: ChanInfo) -> None:
         """Head-split infos whose heads pair up (attention's q, k, v): the same heads must stay."""
         self.head_links.append(list(infos))
+
+    def kernel_heads(self, *infos: ChanInfo) -> None:
+        """Head-split infos read by an attention kernel that pads their per-head dims at run time for
+        ``align`` (``padded_sdpa``): :meth:`_align_widths` keeps no removable dims for them."""
+        self.kernel_ids.update(int(i) for info in infos for i in np.unique(info.ids))
 
     def uniform_heads(self, info: ChanInfo) -> None:
         """Every kept head of ``info`` keeps the same dims (a slice of the per-head axis, rewritten as one
@@ -567,11 +573,13 @@ class Analysis:
         """Every reduced width a multiple of ``align``: keep back the cheapest removed groups of each
         width that is not (a width the plan leaves whole stays as it is; one that cannot reach a multiple
         ends whole). A head-split tensor aligns its per-head dim: each kept head keeps the same count
-        (rectangular); its heads may go. An attention's query/key and value heads that were equally wide
-        stay equally wide. Keeping a group changes every tensor it spans: the caller repeats
+        (rectangular); its heads may go, and one read by an sdpa kernel is padded at run time instead
+        (``kernel_heads``). An attention written with matmuls whose query/key and value heads
+        were equally wide keeps them equally wide. Keeping a group changes every tensor it spans: the caller repeats
         this with the other steps until nothing changes."""
         n_align = self.align
         changed = False
+        kernel = np.fromiter(self.kernel_ids, dtype=np.int64, count=len(self.kernel_ids))
 
         def keep_cheapest(ids: np.ndarray, gone: np.ndarray, kept: int, target: int) -> None:
             nonlocal changed
@@ -593,6 +601,8 @@ class Analysis:
                 if kept % n_align:
                     keep_cheapest(info.ids, gone, kept, min(-(-kept // n_align) * n_align, n))
                 continue
+            if np.isin(info.ids, kernel).all():
+                continue  # per-head dims the attention kernel pads at run time (``padded_sdpa``): not stored
             gone, ids = info.per_head(gone), info.per_head(info.ids)
             kept = (~gone).sum(1)
             alive = np.flatnonzero(kept > 0)
@@ -607,7 +617,8 @@ class Analysis:
         # attention whose query/key and value heads were equally wide keeps them equally wide: torch's
         # fused CPU attention kernel needs one head dim for q, k and v (else a 3-4x slower path)
         for infos in self.head_links:
-            if len(infos) != 3 or len({i.per_head(i.ids).shape for i in infos}) != 1:
+            if len(infos) != 3 or len({i.per_head(i.ids).shape for i in infos}) != 1 \
+                    or np.isin(infos[0].ids, kernel).all():
                 continue
             gone = [i.per_head(removed[root_of[i.ids]]) for i in infos]
             alive = np.flatnonzero(np.logical_or.reduce([~g.all(1) for g in gone]))

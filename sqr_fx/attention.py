@@ -15,14 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-__all__ = ["self_attention", "attend", "project_heads", "functionalize_mha", "rotary", "rotary_interleaved"]
+__all__ = ["self_attention", "attend", "project_heads", "functionalize_mha", "rotary", "rotary_interleaved",
+           "padded_sdpa", "padded_sdpa_ops"]
 
 
 @torch.fx.wrap
 def self_attention(x: Tensor, q_weight: Tensor, q_bias: Tensor, k_weight: Tensor, k_bias: Tensor,
                    v_weight: Tensor, v_bias: Tensor, out_weight: Tensor, out_bias: Optional[Tensor],
-                   num_heads: int, scale: float, batch_first: bool = True) -> Tensor:
-    """Multi-head self-attention with explicit projections (any per-head widths).
+                   num_heads: int, scale: float, batch_first: bool = True, qk_pad: int = 0, v_pad: int = 0) -> Tensor:
+    """Multi-head self-attention with explicit projections (any per-head widths). ``qk_pad`` / ``v_pad``:
+    zero dims appended to each head of q and k / of v for the attention kernel (:func:`padded_sdpa`).
 
     >>> E, H = 8, 2
     >>> mha = torch.nn.MultiheadAttention(E, H, batch_first=True).eval()
@@ -34,10 +36,11 @@ def self_attention(x: Tensor, q_weight: Tensor, q_bias: Tensor, k_weight: Tensor
     """
     if x.dim() == 2:  # unbatched [L, E] (batch_first does not apply): attend as a batch of one
         return self_attention(x.unsqueeze(0), q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight,
-                              out_bias, num_heads, scale, True).squeeze(0)
+                              out_bias, num_heads, scale, True, qk_pad, v_pad).squeeze(0)
     if not batch_first:
         x = x.transpose(0, 1)
-    out = attend(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias, num_heads, scale)
+    out = attend(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias, num_heads, scale,
+                 qk_pad, v_pad)
     return out if batch_first else out.transpose(0, 1)
 
 
@@ -74,13 +77,48 @@ def project_heads(x: Tensor, weight: Tensor, bias: Optional[Tensor], num_heads: 
 
 
 def attend(x: Tensor, q_weight: Tensor, q_bias: Tensor, k_weight: Tensor, k_bias: Tensor, v_weight: Tensor,
-           v_bias: Tensor, out_weight: Tensor, out_bias: Optional[Tensor], num_heads: int, scale: float) -> Tensor:
+           v_bias: Tensor, out_weight: Tensor, out_bias: Optional[Tensor], num_heads: int, scale: float,
+           qk_pad: int = 0, v_pad: int = 0) -> Tensor:
     """The batch-first core of :func:`self_attention` ([B, T, E] in and out); plain torch (traceable)."""
     b, t = x.shape[0], x.shape[1]
     q, k, v = (project_heads(x, w, bb, num_heads, b, t)
                for w, bb in ((q_weight, q_bias), (k_weight, k_bias), (v_weight, v_bias)))
-    o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    o = padded_sdpa_ops(q, k, v, None, 0.0, False, scale, False, qk_pad, v_pad)
     return F.linear(o.transpose(1, 2).reshape(b, t, -1), out_weight, out_bias)
+
+
+@torch.fx.wrap
+def padded_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                enable_gqa: bool = False, qk_pad: int = 0, v_pad: int = 0) -> Tensor:
+    """``F.scaled_dot_product_attention`` whose kernel sees every head of q and k with ``qk_pad`` and of v
+    with ``v_pad`` zero dims appended; the output's padded dims are cut off again. The same function (a zero
+    dim adds 0 to every score and gives an output dim of 0; ``scale`` must be explicit, sdpa's default
+    would follow the padded width): ``minimize(..., align=N)`` keeps the stored per-head widths minimal and
+    lets the fused attention kernels (one head dim for q, k and v, a multiple of 8 on GPUs) see aligned ones.
+
+    >>> q, k, v = torch.randn(2, 3, 5, 6), torch.randn(2, 3, 7, 6), torch.randn(2, 3, 7, 4)
+    >>> want = F.scaled_dot_product_attention(q, k, v, scale=0.5)
+    >>> torch.allclose(padded_sdpa(q, k, v, scale=0.5, qk_pad=2, v_pad=4), want, atol=1e-6)
+    True
+    """
+    return padded_sdpa_ops(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, qk_pad, v_pad)
+
+
+def padded_sdpa_ops(query, key, value, attn_mask, dropout_p: float, is_causal: bool, scale: Optional[float],
+                    enable_gqa: bool, qk_pad: int, v_pad: int):
+    """:func:`padded_sdpa` in plain torch ops (what the portable result holds)."""
+    if qk_pad:
+        query, key = F.pad(query, (0, qk_pad)), F.pad(key, (0, qk_pad))
+    if v_pad:
+        value = F.pad(value, (0, v_pad))
+    if enable_gqa:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                             is_causal=is_causal, scale=scale, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                             is_causal=is_causal, scale=scale)
+    return out.narrow(-1, 0, out.shape[-1] - v_pad) if v_pad else out
 
 
 def functionalize_mha(gm: fx.GraphModule, node: fx.Node, mod: nn.MultiheadAttention) -> bool:

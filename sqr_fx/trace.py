@@ -615,7 +615,7 @@ class _OnMeta(_Recording):
 def _meta_shape(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The empty meta output of a broadcasting binary op or an attention call, None for any other op (or
     operands outside the plain form: then the op's own meta kernel runs)."""
-    from .attention import self_attention
+    from .attention import padded_sdpa, self_attention
 
     if target in _BROADCAST or target in _DIVISION:
         ops = args[:2]
@@ -639,7 +639,7 @@ def _meta_shape(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
     if target is self_attention and isinstance(args[0], torch.Tensor) and isinstance(args[7], torch.Tensor):
         x, w = args[0], args[7]
         return torch.empty(tuple(x.shape[:-1]) + (w.shape[0],), dtype=x.dtype, device="meta")
-    if target in (F.scaled_dot_product_attention, _aten.scaled_dot_product_attention.default):
+    if target in (F.scaled_dot_product_attention, _aten.scaled_dot_product_attention.default, padded_sdpa):
         q, k, v = (args[i] if len(args) > i else kwargs.get(name) for i, name in enumerate(("query", "key", "value")))
         if len(args) > 7 or kwargs.get("enable_gqa") or not all(isinstance(t, torch.Tensor) and t.dim() >= 2
                                                                 for t in (q, k, v)):

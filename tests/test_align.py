@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import sqr_fx.attention
 from helpers import build, cnn_specs, masked_torchvision, mlp_specs
 from sqr_fx import SqrFxError, check_equivalence, count_stored_floats, minimize
 from test_transformers import ConvNeXtish, Transformer, _tv_vit, assert_same, init_random, randn
@@ -31,11 +32,12 @@ def _shapes(m: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in m.named_parameters() if v.dim() >= 2}
 
 
-def assert_aligned(model: nn.Module, small: nn.Module, n: int) -> int:
-    """Both channel dims of every weight: a multiple of ``n`` or the original; returns how many shrank."""
+def assert_aligned(model: nn.Module, small: nn.Module, n: int, skip: str | None = None) -> int:
+    """Both channel dims of every weight (but those whose name has ``skip``): a multiple of ``n`` or the
+    original; returns how many shrank."""
     before, shrunk = _shapes(model), 0
     for name, s in _shapes(small).items():
-        if name not in before:
+        if name not in before or (skip is not None and skip in name):
             continue
         for d in (0, 1):
             assert s[d] == before[name][d] or s[d] % n == 0, f"{name} dim {d}: {before[name][d]} -> {s[d]}"
@@ -126,20 +128,20 @@ def test_sdpa_transformer_aligns_per_head_dims_and_stays_rectangular():
     plain, small = minimize(m, (x,)), minimize(m, (x,), align=8)
     for xi in (x, randn(3, 7, 4, seed=3)):
         assert_same(m, small, (xi,), rtol=1e-9)
-    assert_aligned(m, small, 8)
-    assert_keeps_more(plain, small)
     p, s = _shapes(plain), _shapes(small)
+    assert assert_aligned(m, small, 8, skip=".attn.") == 4  # fc1 rows, fc2 columns (the attention: below)
+    assert_keeps_more(plain, small)
     # unaligned: rectangular heads of 6 query/key dims (the longer head) and 6 (block 0) or 13 (block 1)
-    # value dims; aligned: 8 and 8, then 8 and 16 made equal (16: the fused attention kernel needs one
-    # head dim for q, k and v)
+    # value dims; aligned: the same stored widths, and the kernel sees 8 and 8, then 8 and 16 made equal
+    # (16: the fused attention kernel needs one head dim for q, k and v), padded at run time
     for i, (vdims, width) in enumerate(((6, 8), (13, 16))):
         blk = f"blocks.{i}"
         assert (p[f"{blk}.attn.q.weight"][0], p[f"{blk}.attn.v.weight"][0]) == (12, 2 * vdims)
         for w in ("q", "k", "v"):
-            assert s[f"{blk}.attn.{w}.weight"][0] == 2 * width
-        assert s[f"{blk}.attn.o.weight"][1] == 2 * width
+            assert s[f"{blk}.attn.{w}.weight"] == p[f"{blk}.attn.{w}.weight"]
+        assert s[f"{blk}.attn.o.weight"] == p[f"{blk}.attn.o.weight"]
         assert (p[f"{blk}.mlp.fc1.weight"][0], s[f"{blk}.mlp.fc1.weight"][0]) == (27, 32)
-    # the per-head width the attention sees: every head keeps the same, aligned, number of dims
+    # the per-head width the attention kernel sees: every head the same, aligned, number of dims
     from torch.fx.passes.shape_prop import ShapeProp
     ShapeProp(small).propagate(x)
     sdpa = [n for n in small.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
@@ -165,17 +167,39 @@ def test_torchvision_vit_self_attention_aligns_per_head_widths():
     plain, small = minimize(m, (x,)), minimize(m, (x,), align=8)
     assert_same(m, small, (randn(3, 3, 32, 32, seed=3),), rtol=1e-9)
     p, s = _shapes(plain), _shapes(small)
-    # in_proj = 4 heads x (q, k, v). Unaligned: 6 + 6 + 6 (layer 0) or 13 (layer 1) per head. Aligned: 8 each,
-    # then 8 + 8 + 16 made equal (16, the whole head: one head dim for the fused attention kernel)
+    # in_proj = 4 heads x (q, k, v). Stored, aligned or not: 6 + 6 + 6 (layer 0) or 13 (layer 1) per head. The
+    # kernel sees 8 each, then 8 + 8 + 16 made equal (16, the whole head: one head dim for the fused
+    # attention kernel), padded at run time
     for i, (vdims, width) in enumerate(((6, 8), (13, 16))):
         blk = f"encoder.layers.encoder_layer_{i}"
         assert p[f"{blk}.self_attention.in_proj_weight"][0] == 4 * (6 + 6 + vdims)
-        assert s[f"{blk}.self_attention.in_proj_weight"][0] == 4 * 3 * width
-        assert s[f"{blk}.self_attention.out_proj.weight"][1] == 4 * width
+        assert s[f"{blk}.self_attention.in_proj_weight"] == p[f"{blk}.self_attention.in_proj_weight"]
+        assert s[f"{blk}.self_attention.out_proj.weight"] == p[f"{blk}.self_attention.out_proj.weight"]
         units = p[f"{blk}.mlp.0.weight"][0]
         assert units % 8 and s[f"{blk}.mlp.0.weight"][0] == -(-units // 8) * 8
-    assert small.sqr_report.align_floats > 0
+    from torch.fx.passes.shape_prop import ShapeProp
+    ShapeProp(small).propagate(x)
+    sdpa = [n for n in small.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
+    assert len(sdpa) == 2
+    for n, width in zip(sdpa, (8, 16)):
+        q, k, v = (a.meta["tensor_meta"].shape for a in n.args[:3])
+        assert q[1] == k[1] == v[1] == 4 and q[-1] == k[-1] == v[-1] == width
+    assert small.sqr_report.align_floats > 0  # (the MLP units)
     assert_fixpoint(small, (x,), 8)
+    # the helper form (portable=False, as the Squeeze-Release cycle keeps it) minimized again without align:
+    # the same attention widths, no longer padded at run time (the MLP units kept for alignment go)
+    helper = minimize(m, (x,), align=8, portable=False)
+    pads = [n.args[12:] for n in helper.graph.nodes if n.target is sqr_fx.attention.self_attention]
+    assert pads == [(2, 2), (10, 3)]  # (kept widths 6 / 6 and 6 / 13; the kernel sees 8 and 16)
+    again = minimize(helper, (x,), portable=False)
+
+    def attention_floats(g):
+        return sum(t.numel() for k, t in g.state_dict().items() if "self_attention" in k)
+
+    assert attention_floats(again) == attention_floats(helper) > 0
+    assert all(len(n.args) <= 12 for n in again.graph.nodes if n.target is sqr_fx.attention.self_attention)
+    assert_same(m, again, (randn(3, 3, 32, 32, seed=3),), rtol=1e-9)
+    assert_same(m, again, (randn(3, 3, 32, 32, seed=3),), rtol=1e-9)
 
 
 def test_convnext_block_align8_is_exact_and_aligned():
@@ -296,8 +320,9 @@ def test_swin_window_attention_aligns_per_head_widths(v2):
 
 def test_hf_bert_heads_align_and_stay_equal():
     """Hugging Face BERT (torch.export front end, head-split views into sdpa): 4 heads of 16 dims, per head
-    11 live query/key and 10 live value dims, head 1 unread, 13 constant MLP units. align=4: 3 heads of 12
-    (11 -> 12, 10 -> 12) in q, k and v alike; MLP 83 -> 84."""
+    11 live query/key and 10 live value dims, head 1 unread, 13 constant MLP units. align=4: the stored
+    widths stay 3 heads of 11 / 10; the attention kernel sees 12 in q, k and v alike (zero dims appended
+    at run time); MLP 83 -> 84."""
     from test_transformers import _hf, _ids, params
 
     tf = _hf()
@@ -319,10 +344,16 @@ def test_hf_bert_heads_align_and_stay_equal():
     for i in range(2):
         pre = f"encoder.layer.{i}."
         assert [p[pre + f"attention.self.{w}.weight"].shape[0] for w in ("query", "key", "value")] == [33, 33, 30]
-        for w in ("query", "key", "value"):
-            assert s[pre + f"attention.self.{w}.weight"].shape == (3 * 12, 64)
-        assert s[pre + "attention.output.dense.weight"].shape == (64, 36)
+        for w in ("query", "key", "value", "output.dense"):
+            name = pre + (f"attention.self.{w}.weight" if w != "output.dense" else "attention.output.dense.weight")
+            assert s[name].shape == p[name].shape
         assert (p[pre + "intermediate.dense.weight"].shape[0], s[pre + "intermediate.dense.weight"].shape[0]) == (83, 84)
+    from torch.fx.passes.shape_prop import ShapeProp
+    ShapeProp(small).propagate(x)
+    sdpa = [n for n in small.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
+    assert len(sdpa) == 2
+    for n in sdpa:
+        assert [a.meta["tensor_meta"].shape[1:] for a in n.args[:3]] == [(3, 12, 12)] * 3
     for b, t in [(2, 12), (3, 7), (1, 20)]:
         assert_same(m, small, (_ids(b, t, seed=t),), rtol=1e-9)
     assert_fixpoint(small, (x,), 4)

@@ -2,6 +2,7 @@
 traced into the graph with the call's constant arguments."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Optional
 
 import torch
@@ -114,7 +115,7 @@ def inline_helpers(gm: fx.GraphModule, model: Optional[nn.Module] = None, recomp
     """Replace every sqr_fx helper call by torch ops (module docstring, 3.); returns what still needs sqr_fx
     (nothing when every call matched its pattern). ``recompile=False``: the graph only (:func:`finish`
     recompiles once)."""
-    from ..attention import rotary, rotary_interleaved, self_attention
+    from ..attention import padded_sdpa, padded_sdpa_ops, rotary, rotary_interleaved, self_attention
     from ..layers import (compensated_group_norm, compensated_layer_norm, compensated_rms_norm, full_width_rms_norm,
                           upcast_rms_norm)
     from ..moe import expert_linear
@@ -123,6 +124,13 @@ def inline_helpers(gm: fx.GraphModule, model: Optional[nn.Module] = None, recomp
 
     originals = _original_params(model)
     for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is padded_sdpa:  # (called with keywords: bound by name)
+            names = list(inspect.signature(padded_sdpa).parameters.values())
+            if len(node.args) <= len(names) and set(node.kwargs) <= {p.name for p in names[len(node.args):]}:
+                bound = list(node.args) + [node.kwargs.get(p.name, p.default) for p in names[len(node.args):]]
+                if not any(b is inspect.Parameter.empty for b in bound):
+                    _trace_into(gm, node, padded_sdpa_ops, tuple(bound))
+            continue
         if node.op != "call_function" or node.kwargs:
             continue
         t, a = node.target, tuple(node.args)
@@ -155,8 +163,8 @@ def inline_helpers(gm: fx.GraphModule, model: Optional[nn.Module] = None, recomp
             if isinstance(count, fx.Node) and count.op == "get_attr":
                 groups = int(fetch(gm, count.target).shape[0])
                 _trace_into(gm, node, group_norm_ops, a[:5] + (groups,) + a[5:])
-        elif t is self_attention and len(a) in (11, 12):
-            a = a + (True,) * (12 - len(a))
+        elif t is self_attention and len(a) in (11, 12, 13, 14):
+            a = a + (True, 0, 0)[len(a) - 11:]
             rank = _rank(a[0])
             if rank not in (2, 3):
                 continue
@@ -164,7 +172,7 @@ def inline_helpers(gm: fx.GraphModule, model: Optional[nn.Module] = None, recomp
                            ("in_proj_weight", "in_proj_bias", "sqr_fx_{}_weight"), ("in_proj_bias", "sqr_fx_q_bias"),
                            originals)
             qkv = _interleave(stack.weights, stack.biases) if stack.ok else a[1:7]
-            stack.done(_trace_into(gm, node, self_attention_ops, (a[0], *qkv, *a[7:], rank)))
+            stack.done(_trace_into(gm, node, self_attention_ops, (a[0], *qkv, *a[7:12], rank, *a[12:])))
         elif t is window_attention and len(a) in (14, 15):
             a = a + (None,) * (15 - len(a))
             window, shift = list(a[10]), list(a[12])

@@ -98,14 +98,15 @@ def group_norm_ops(x, weight, bias, group_index, group_size: int, groups: int, r
 
 
 def self_attention_ops(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias,
-                       num_heads: int, scale: float, batch_first: bool, rank: int):
+                       num_heads: int, scale: float, batch_first: bool, rank: int, qk_pad: int = 0, v_pad: int = 0):
     """``sqr_fx.attention.self_attention`` for inputs of rank ``rank`` (a call of another rank fails clearly)."""
     torch._assert(x.dim() == rank, "the minimized attention was traced for inputs of another rank")
     if rank == 2:  # unbatched [L, E]: a batch of one (batch_first does not apply)
         x = x.unsqueeze(0)
     elif not batch_first:
         x = x.transpose(0, 1)
-    out = attend(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias, num_heads, scale)
+    out = attend(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias, num_heads, scale,
+                 qk_pad, v_pad)
     if rank == 2:
         return out.squeeze(0)
     return out if batch_first else out.transpose(0, 1)

@@ -11,6 +11,9 @@ Identities, per head with softmax rows summing to 1:
 * a head without value dims contributes nothing and goes. Kept heads share one width per
   projection (torch's layout): a head with fewer live dims is padded with zero rows, which
   add 0 to the scores (q) and 0 to the output (v with a zero ``W_o`` column).
+* ``align=N``: the stored widths stay minimal; where q/k and v heads were equally wide, the call pads
+  every head with zero dims at run time (``qk_pad``, ``v_pad``: :func:`~sqr_fx.attention.padded_sdpa`)
+  to one width, a multiple of N (at most the width before), so the fused attention kernels apply.
 * constant input channels fold into the three projection biases (they are Linear layers).
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ from .registry import rule
 from .weighted import NONZERO, finite
 
 _NAMES = ("input", "q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "out_weight", "out_bias",
-          "num_heads", "scale", "batch_first")
+          "num_heads", "scale", "batch_first", "qk_pad", "v_pad")
 _PROJ = ("q", "k", "v")
 
 
@@ -74,8 +77,12 @@ def _analyze(node: fx.Node, A, a) -> ChanInfo | None:
     v_val = bv + _matvec(T["v_weight"], c)
     row_const = ~(nzo & ~v_const[None, :]).any(1)
     H = int(a["num_heads"])
-    if shrinks(_layout(nzq, _nonzero(T["q_bias"]), nzk, nzv, nzo, H, A.align), H, nzq.shape[0] // H,
-               nzv.shape[0] // H):
+    if any(not isinstance(a.get(p, 0), int) or a.get(p, 0) < 0 for p in ("qk_pad", "v_pad")):
+        A.freeze(list(node.args))
+        return None
+    layout = _layout(nzq, _nonzero(T["q_bias"]), nzk, nzv, nzo, H)
+    dq, dv = nzq.shape[0] // H, nzv.shape[0] // H
+    if shrinks(layout, H, dq, dv) or kernel_pads(layout, a, dq, dv, A.align) != (a.get("qk_pad", 0), a.get("v_pad", 0)):
         A.local_change(node)  # heads or per-head dims to drop, whatever the channel plan says
     out_val = (_np(bo) if bo is not None else 0.0) + _matvec(T["out_weight"], np.where(v_const, v_val, 0.0))
     return ChanInfo(len(out_s) - 1, out_ids, row_const, np.where(row_const, out_val, 0.0))
@@ -128,6 +135,18 @@ def head_layout(qk_live: np.ndarray, v_live: np.ndarray, H: int, align: int = 1)
     return heads, qdims, vdims, wq_, wv_
 
 
+def kernel_pads(layout, a, dq: int, dv: int, align: int) -> tuple[int, int]:
+    """(q/k, v) zero dims the attention kernel appends to every head at run time for ``align`` > 1: where
+    the call's kernel saw one head dim D for q, k and v (``dq``/``dv``: the stored widths, plus the call's
+    pads ``a``), the kept widths are padded to one width, a multiple of ``align`` (at most D)."""
+    _, _, _, wq_, wv_ = layout
+    D = dq + a.get("qk_pad", 0)
+    if align <= 1 or D != dv + a.get("v_pad", 0):
+        return 0, 0
+    width = min(-(-max(wq_, wv_) // align) * align, D)
+    return width - wq_, width - wv_
+
+
 def shrinks(layout, H: int, dq: int, dv: int) -> bool:
     """The layout drops a head or narrows the per-head widths."""
     heads, _, _, wq_, wv_ = layout
@@ -170,7 +189,10 @@ def _rewrite(node: fx.Node, R, a) -> fx.Node:
     v_reads = nzv.any(1)
     # softmax rows sum to 1: a value dim that reads nothing is its bias, folded into the output bias
     bo = bo + _matvec(Wo, np.where(v_reads, 0.0, bias64["v"]))
-    heads, qdims, vdims, wq_, wv_ = _layout(nzq, bias64["q"] != 0, nzk, nzv, nzo, int(a["num_heads"]), R.plan.align)
+    H = int(a["num_heads"])
+    layout = _layout(nzq, bias64["q"] != 0, nzk, nzv, nzo, H)  # (the stored widths: minimal)
+    heads, qdims, vdims, wq_, wv_ = layout
+    pads = kernel_pads(layout, a, T["q_weight"].shape[0] // H, T["v_weight"].shape[0] // H, R.plan.align)
     b = {p: torch.as_tensor(bias64[p]).to(dtype) for p in _PROJ}
     Wq2, bq2 = pack_rows(T["q_weight"], b["q"], qdims, wq_)
     Wk2, bk2 = pack_rows(T["k_weight"], b["k"], qdims, wq_)
@@ -181,6 +203,8 @@ def _rewrite(node: fx.Node, R, a) -> fx.Node:
     args = [R.arg(a["input"])] + [R.attr(a[n].target, new[n]) for n in _NAMES[1:8]]
     bias_name = a["out_bias"].target if a.get("out_bias") is not None else f"{a['out_weight'].target}_bias"
     args += [R.attr(bias_name, torch.as_tensor(bo).to(dtype)), len(heads), a["scale"], a.get("batch_first", True)]
+    if any(pads):
+        args += list(pads)
     return R.graph.call_function(self_attention, tuple(args))
 
 

@@ -16,6 +16,11 @@ head-split channel infos (``ChanInfo.split``). For one head h, query i, keys j a
 * **heads**: q, k and v must keep the same heads (``align_heads``), each with the same number of
   positions per head (the plan keeps head-split tensors rectangular); a per-head mask
   (``attn_mask.shape[-3] == H``, of q's rank or broadcast from fewer axes) is gathered to the kept heads.
+* **kernel widths** (``minimize(..., align=N)``): the stored per-head widths stay minimal; where the
+  kernel saw one head dim for q, k and v, the call becomes :func:`~sqr_fx.attention.padded_sdpa`, which
+  appends zero dims to every head at run time up to one width, a multiple of N (at most the width
+  before): a zero dim adds 0 to each score and yields an output dim of 0, cut off again; the scale is
+  pinned. Fused attention kernels need one head dim (CPU) and multiples of 8 (CUDA).
 * **grouped kv heads** (``enable_gqa=True``): q head t reads a copy of kv head ``t // r`` with ids of its
   own (``Analysis.copy_heads``), so a q head goes alone; where the kept q heads are no longer r per kept
   kv head, the rewrite gathers the kept kv heads for them (``index_select``) and drops ``enable_gqa``.
@@ -32,13 +37,24 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from ..attention import padded_sdpa
 from ..values import ChanInfo
 from .registry import method, op_name, rule
-from .shape import kept_copies
+from .shape import head_widths, kept_copies
 
 aten = torch.ops.aten
 
-_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa", "qk_pad", "v_pad")
+_PADS = ("qk_pad", "v_pad")
+
+
+def _kernel_pads(kernel: tuple[int, int], wq: int, wv: int, align: int) -> tuple[int, int]:
+    """(q/k, v) zero dims appended per head at run time: where the kernel saw one head dim D for q, k and v
+    (``kernel``: its widths), the kept widths ``wq``/``wv`` padded to one, a multiple of ``align`` (<= D)."""
+    if align <= 1 or kernel[0] != kernel[1]:
+        return 0, 0
+    width = min(-(-max(wq, wv) // align) * align, kernel[0])
+    return width - wq, width - wv
 
 
 def _as_heads(info: ChanInfo | None, shape, at: int = -1) -> ChanInfo | None:
@@ -81,6 +97,8 @@ def _attend(node: fx.Node, A, iq: ChanInfo, ik: ChanInfo, v: fx.Node, iv: ChanIn
     A.read(iq, iv.ids, same & ~ik.const[None, :])
     A.read(ik, iv.ids, same & ~iq.zero[None, :])
     A.align_heads(iq, ik, iv)
+    if node.target in _SDPA:
+        A.kernel_heads(iq, ik, iv)
     # the output has v's layout: its info in the form v's own producer gave it
     base = out or A.info(v)
     if len(base) != len(iv):  # v's channels repeated over the heads (``_as_heads``): the output has them per head
@@ -101,7 +119,11 @@ def _alive_heads(R, info: ChanInfo) -> np.ndarray:
 def _rewrite(node: fx.Node, R, a):
     out = R.info(node)
     iq, iv = node.meta.get("sqr_fx.sdpa_heads", (None, None))
-    if out is None or (R.keep(iq).all() and R.keep(iv).all()):
+    if out is None:
+        return R.copy(node)
+    pads = _kernel_pads(node.meta["sqr_fx.sdpa_kernel"], head_widths(R.keep(iq), iq)[1],
+                        head_widths(R.keep(iv), iv)[1], R.plan.align)
+    if R.keep(iq).all() and R.keep(iv).all() and pads == tuple(a.get(p, 0) for p in _PADS):
         return R.copy(node)
     new = {}
     scale = a.get("scale")
@@ -127,11 +149,21 @@ def _rewrite(node: fx.Node, R, a):
             new["attn_mask"] = R.buffer(f"{node.name}_mask", t)
         else:
             new["attn_mask"] = R.index_select(R.arg(mask), dim, kept, f"{node.name}_heads")
-    return R.emit_like(node, a, new)
+    emitted = R.emit_like(node, a, new)
+    emitted.args = emitted.args[:8]  # (pads, if given by position, go by name below)
+    emitted.kwargs = {k: v for k, v in emitted.kwargs.items() if k not in _PADS}
+    if any(pads):
+        emitted.target = padded_sdpa
+        emitted.kwargs = {**emitted.kwargs, "qk_pad": pads[0], "v_pad": pads[1]}
+    elif emitted.target is padded_sdpa:
+        emitted.target = F.scaled_dot_product_attention
+    return emitted
 
 
-@rule("sdpa", F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default, names=_NAMES,
-      rewrite=_rewrite, heads=True)
+_SDPA = (F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default, padded_sdpa)
+
+
+@rule("sdpa", *_SDPA, names=_NAMES[:8], rewrite=_rewrite, heads=True, per_target={padded_sdpa: _NAMES})
 def sdpa(node: fx.Node, A, a) -> ChanInfo | None:
     """See the module docstring: q/k dims coupled and read only where the other side is not
     constant/zero, output = v's channels (constants folded only without a mask)."""
@@ -143,7 +175,8 @@ def sdpa(node: fx.Node, A, a) -> ChanInfo | None:
           and ik.heads == iv.heads and len(iq) // iq.heads == len(ik) // ik.heads
           and sq[:-3] == sk[:-3] == sv[:-3] and sk[-3:-1] == sv[-3:-1] and sq[-1] == sk[-1]
           and not isinstance(a.get("dropout_p", 0.0), fx.Node) and float(a.get("dropout_p", 0.0) or 0.0) == 0.0
-          and not isinstance(a.get("scale"), fx.Node) and not isinstance(a.get("is_causal", False), fx.Node))
+          and not isinstance(a.get("scale"), fx.Node) and not isinstance(a.get("is_causal", False), fx.Node)
+          and all(type(a.get(p, 0)) is int and a.get(p, 0) >= 0 for p in _PADS))
     # enable_gqa: q head t reads kv head t // r (r = q heads / kv heads); each q head reads a copy of its
     # kv head with a fate of its own (``copy_heads``): a q head can go alone, its kv head stays for the others
     ok = ok and (iq.heads == ik.heads and sq[-3] == sk[-3] if not gqa else
@@ -166,7 +199,11 @@ def sdpa(node: fx.Node, A, a) -> ChanInfo | None:
         r, src_k, src_v = iq.heads // ik.heads, ik, iv
         ik, iv = (A.copy_heads(i, np.arange(i.heads * r) // r, i.head, i.dim) for i in (src_k, src_v))
         node.meta["sqr_fx.sdpa_gqa"] = (src_k, src_v, r, ik, iv)
-    node.meta["sqr_fx.sdpa_d"] = sq[-1]
+        A.kernel_heads(src_k, src_v)  # (the kv heads the copies come from: padded with them)
+    kernel = (sq[-1] + a.get("qk_pad", 0), sv[-1] + a.get("v_pad", 0))  # the head dims the kernel sees
+    node.meta["sqr_fx.sdpa_d"], node.meta["sqr_fx.sdpa_kernel"] = kernel[0], kernel
+    if _kernel_pads(kernel, sq[-1], sv[-1], A.align) != tuple(a.get(p, 0) for p in _PADS):
+        A.local_change(node)  # the run-time padding changes even where no dim goes
     node.meta["sqr_fx.sdpa_heads"] = (iq, iv)
     return _attend(node, A, iq, ik, v, iv, masked=mask is not None, out=iv if gqa else None)
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import attention as sqr_attention  # (module attribute: fx.wrap patches it while tracing)
 from .core import Ctx, Skip, State, divisors, fan_in_scale, gen, param_of
 
 P = param_of
@@ -102,7 +103,7 @@ CORES = ["sdpa", "sdpa_kw", "sdpa_scale", "sdpa_causal", "sdpa_mask", "manual", 
 
 
 @gen("attention", ("seq",), weight=2, families=("sdpa", "matmul", "softmax", "view", "unflatten", "permute"),
-     enum=("core", "softmax", "matmul"))
+     enum=("core", "softmax", "matmul", "pads"))
 def attention(c: Ctx, st: State) -> State:
     E, T, b = st.C, st.sp[0], st.batched
     H = _heads(c, E)
@@ -123,6 +124,9 @@ def attention(c: Ctx, st: State) -> State:
         "sdpa_mask", "manual_mask") else None
     fill = c.buffer(torch.ones(T, T, dtype=torch.bool).triu(1), "fill") if core == "manual_fill" else None
     scale = 0.3 if core == "sdpa_scale" else 1.0 / math.sqrt(D)
+    # sqr_fx's own padded form (what align=N emits), keywords or positions
+    pads = c.pick("pads", [None, (0, 0, "kw"), (1, 1, "kw"), (2, 0, "pos"), (0, 3, "kw"), (1, 2, "pos")]) \
+        if core == "sdpa_scale" else None
     matmul = {"op": lambda x, y: x @ y, "torch": torch.matmul, "method": lambda x, y: x.matmul(y)}.get(mm)
     softmax = {"F": lambda s: F.softmax(s, dim=-1), "torch": lambda s: torch.softmax(s, -1),
                "method": lambda s: s.softmax(-1)}.get(sm)
@@ -143,8 +147,12 @@ def attention(c: Ctx, st: State) -> State:
             o = F.scaled_dot_product_attention(q, k, v)
         elif core == "sdpa_kw":
             o = F.scaled_dot_product_attention(query=q, key=k, value=v)
-        elif core == "sdpa_scale":
+        elif core == "sdpa_scale" and pads is None:
             o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        elif core == "sdpa_scale" and pads[2] == "kw":
+            o = sqr_attention.padded_sdpa(q, k, v, scale=scale, qk_pad=pads[0], v_pad=pads[1])
+        elif core == "sdpa_scale":
+            o = sqr_attention.padded_sdpa(q, k, v, None, 0.0, False, scale, False, pads[0], pads[1])
         elif core == "sdpa_causal":
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif core == "sdpa_mask":
