@@ -641,7 +641,7 @@ def _meta_shape(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
         return torch.empty(tuple(x.shape[:-1]) + (w.shape[0],), dtype=x.dtype, device="meta")
     if target in (F.scaled_dot_product_attention, _aten.scaled_dot_product_attention.default, padded_sdpa):
         q, k, v = (args[i] if len(args) > i else kwargs.get(name) for i, name in enumerate(("query", "key", "value")))
-        if len(args) > 7 or kwargs.get("enable_gqa") or not all(isinstance(t, torch.Tensor) and t.dim() >= 2
+        if len(args) > (10 if target is padded_sdpa else 6) or kwargs.get("enable_gqa") or not all(isinstance(t, torch.Tensor) and t.dim() >= 2
                                                                 for t in (q, k, v)):
             return None  # (grouped heads: the op's own meta kernel)
         mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")

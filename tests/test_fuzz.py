@@ -159,6 +159,8 @@ def test_generators_build_on_the_states_they_claim(produced):
 # minimal recipes of what the long fuzz runs found (benchmarks/results/fuzz_long.txt), rebuilt from their
 # printed Case (a seed alone regenerates another graph once generators are added)
 LONG_RUN_FINDS = {
+    "sqr_fx's padded_sdpa called by position, re-emitted as sdpa with a positional scale (keyword-only) (session 9)":
+        "Case(seed=4242012814, layout='seq', C=2, sp=(4,), batched=True, B=3, alt_B=6, grow=2, frontend='fx', outputs=1, ops=[ Op('linear', 1033824521, {'form': 'F_nobias', 'out': 4, 'plant': 'none'}), Op('attention', 336930894, {'heads': 4, 'core': 'sdpa_scale', 'proj': 'fused_chunk', 'split': 'unflatten', 'merge': 'flatten', 'plant': 'none', 'pads': (1, 2, 'pos')}), ])",
     "expand_as rewritten with expand's literal sizes":
         "Case(seed=515152548436, layout='seq', C=3, sp=(3,), batched=True, B=3, alt_B=1, grow=3, frontend='fx', outputs=1, ops=[ Op('attention', 510689387, {'heads': 1, 'core': 'manual_dropout', 'proj': 'fused_split', 'split': 'view', 'merge': 'flatten', 'softmax': 'method', 'matmul': 'torch', 'plant': 'o_rows'}), Op('expand', 1008692145, {'form': 'expand_as'}), Op('cat', 516697791, {'what': 'branches', 'form': 'cat_kw', 'dim': -1, 'a': 6, 'branch1': 'F_kw', 'plant1': 'none', 'b': 6, 'branch2': 'nn', 'plant2': 'none', 'mask': None}), ])",
     'MultiheadAttention over an input tracked on its sequence axis (rewrite used a frozen info)':

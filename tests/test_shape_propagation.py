@@ -11,7 +11,7 @@ import torchvision
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from sqr_fx.attention import self_attention
+from sqr_fx.attention import padded_sdpa, self_attention
 from sqr_fx.trace import _meta_shape, propagate_shapes, propagate_shapes_meta
 
 T = torch.randn
@@ -37,6 +37,8 @@ CASES = [
     (F.linear, (T(2, 0, 5), T(4, 5))),  # an empty batch
     (torch.ops.aten.linear.default, (T(2, 3, 5), T(4, 5), T(4))),
     (F.linear, (T(3, 6), T(4, 5))),  # widths differ: refused
+    (F.scaled_dot_product_attention, (T(2, 4, 5, 8), T(2, 4, 7, 8), T(2, 4, 7, 6), None, 0.0, False, 0.5)),  # scale is keyword-only: refused
+    (padded_sdpa, (T(2, 4, 5, 8), T(2, 4, 7, 8), T(2, 4, 7, 6), None, 0.0, False, 0.5, False, 1, 3)),  # sqr_fx's padded form
     (F.linear, (T(3, 5), T(4, 5), T(3))),  # bias of the wrong width: refused
     (F.linear, (T(3, 5, dtype=torch.float64), T(4, 5))),  # dtypes differ: refused
     (F.linear, (T(3, 5), T(4, 5), T(4, dtype=torch.float64))),  # a float64 bias: refused
@@ -48,7 +50,7 @@ def test_meta_fast_paths_agree_with_the_real_op(op, operands):
     fast = _meta_shape(op, tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in operands), {})
     try:
         real = op(*operands)
-    except RuntimeError:  # the real op refuses: so must the fast path (None: the op's own meta kernel runs)
+    except (RuntimeError, TypeError):  # the real op refuses: so must the fast path (None: the op's own meta kernel runs)
         assert fast is None
         return
     if fast is not None:  # (None: the op's own meta kernel runs)

@@ -150,8 +150,11 @@ def _rewrite(node: fx.Node, R, a):
         else:
             new["attn_mask"] = R.index_select(R.arg(mask), dim, kept, f"{node.name}_heads")
     emitted = R.emit_like(node, a, new)
-    emitted.args = emitted.args[:8]  # (pads, if given by position, go by name below)
-    emitted.kwargs = {k: v for k, v in emitted.kwargs.items() if k not in _PADS}
+    # arguments after ``is_causal`` go by name (sdpa's ``scale`` and ``enable_gqa`` are keyword-only; the
+    # pads are set below)
+    extra = dict(zip(_NAMES[6:], emitted.args[6:]))
+    emitted.args = emitted.args[:6]
+    emitted.kwargs = {k: v for k, v in {**extra, **emitted.kwargs}.items() if k not in _PADS}
     if any(pads):
         emitted.target = padded_sdpa
         emitted.kwargs = {**emitted.kwargs, "qk_pad": pads[0], "v_pad": pads[1]}
