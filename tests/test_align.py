@@ -185,6 +185,11 @@ def test_torchvision_vit_self_attention_aligns_per_head_widths():
         q, k, v = (a.meta["tensor_meta"].shape for a in n.args[:3])
         assert q[1] == k[1] == v[1] == 4 and q[-1] == k[-1] == v[-1] == width
     assert small.sqr_report.align_floats > 0  # (the MLP units)
+    # the padded attention is plain torch: it scripts and exports like the rest
+    x3 = randn(3, 3, 32, 32, seed=4)
+    torch.testing.assert_close(torch.jit.script(small)(x3), m(x3), rtol=1e-9, atol=1e-12)
+    x2 = randn(2, 3, 32, 32, seed=5)  # (exported for the example batch size)
+    torch.testing.assert_close(torch.export.export(small, (x,)).module()(x2), m(x2), rtol=1e-9, atol=1e-12)
     assert_fixpoint(small, (x,), 8)
     # the helper form (portable=False, as the Squeeze-Release cycle keeps it) minimized again without align:
     # the same attention widths, no longer padded at run time (the MLP units kept for alignment go)
