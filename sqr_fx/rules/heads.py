@@ -205,10 +205,11 @@ def sdpa(node: fx.Node, A, a) -> ChanInfo | None:
         A.kernel_heads(src_k, src_v)  # (the kv heads the copies come from: padded with them)
     kernel = (sq[-1] + a.get("qk_pad", 0), sv[-1] + a.get("v_pad", 0))  # the head dims the kernel sees
     node.meta["sqr_fx.sdpa_d"], node.meta["sqr_fx.sdpa_kernel"] = kernel[0], kernel
+    node.meta["sqr_fx.sdpa_heads"] = (iq, iv)
+    out = _attend(node, A, iq, ik, v, iv, masked=mask is not None, out=iv if gqa else None)
     if _kernel_pads(kernel, sq[-1], sv[-1], A.align) != tuple(a.get(p, 0) for p in _PADS):
         A.local_change(node)  # the run-time padding changes even where no dim goes
-    node.meta["sqr_fx.sdpa_heads"] = (iq, iv)
-    return _attend(node, A, iq, ik, v, iv, masked=mask is not None, out=iv if gqa else None)
+    return out
 
 
 # ---- attention written with matmul and softmax -------------------------------------------------
