@@ -19,7 +19,7 @@ import io
 import operator
 import warnings
 from itertools import chain
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -594,22 +594,40 @@ class _OnMeta(_Recording):
     (their input's), pointwise binary ops (the broadcast), attention (the query's rows, the value's or
     output projection's width)."""
 
+    def __init__(self, gm: fx.GraphModule, record: Callable[[fx.Node, Any], None],
+                 on_meta: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None):
+        super().__init__(gm, record)
+        self.on_meta = on_meta if on_meta is not None else {}  # target -> (tensor, its meta copy): runs share it
+
     def get_attr(self, target, args, kwargs):
         t = super().get_attr(target, args, kwargs)
-        return t.to("meta") if isinstance(t, torch.Tensor) else t
+        if not isinstance(t, torch.Tensor):
+            return t
+        seen = self.on_meta.get(target)
+        if seen is None or seen[0] is not t:
+            seen = self.on_meta[target] = (t, t.to("meta"))
+        return seen[1]
 
     def call_function(self, target, args, kwargs):
         if target in _SAME_SHAPE and args and isinstance(args[0], torch.Tensor):
-            return torch.empty_like(args[0])  # (meta batch_norm runs a Python decomposition: slow)
+            return _like(args[0])  # (meta batch_norm runs a Python decomposition: slow)
         out = _meta_shape(target, args, kwargs)
         return out if out is not None else super().call_function(target, args, kwargs)
 
     def call_module(self, target, args, kwargs):
         mod = self.fetch_attr(target)
         if _same_shape_module(mod) and args and isinstance(args[0], torch.Tensor):
-            return torch.empty_like(args[0])
+            return _like(args[0])
         state = {k: v.to("meta") for k, v in chain(mod.named_parameters(), mod.named_buffers())}
         return torch.func.functional_call(mod, state, args, kwargs) if state else mod(*args, **kwargs)
+
+
+def _like(x: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(x)`` of a meta tensor, without its Python reference implementation where ``x`` is
+    dense (contiguous or channels-last: ``empty_like`` then keeps ``x``'s strides)."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    return torch.empty_like(x)
 
 
 def _meta_shape(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -655,10 +673,12 @@ def _meta_shape(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
     return None
 
 
-def _run_for_shapes(gm: fx.GraphModule, inputs: tuple, record: Callable[[fx.Node, Any], None]) -> bool:
+def _run_for_shapes(gm: fx.GraphModule, inputs: tuple, record: Callable[[fx.Node, Any], None],
+                    on_meta: Optional[dict] = None) -> bool:
     """Run ``gm`` on tensors shaped like ``inputs`` for the shapes alone, calling ``record(node, output)``:
     on meta tensors (no data, no FLOPs); where meta tensors cannot run (a tensor made in forward on the
-    CPU, a data-dependent size), on fake tensors, then for real. False when all three fail."""
+    CPU, a data-dependent size), on fake tensors, then for real. False when all three fail. ``on_meta``:
+    the meta copies of ``gm``'s tensors, shared by several runs of the same graph."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with warnings.catch_warnings(), torch.no_grad():
@@ -666,7 +686,8 @@ def _run_for_shapes(gm: fx.GraphModule, inputs: tuple, record: Callable[[fx.Node
         for way in ("meta", "fake", "real"):
             try:
                 if way == "meta":
-                    _OnMeta(gm, record).run(*(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs))
+                    _OnMeta(gm, record, on_meta).run(*(x.to("meta") if isinstance(x, torch.Tensor) else x
+                                                       for x in inputs))
                 elif way == "fake":  # (fake tensors log a refused size at ERROR level: kept quiet)
                     with _quiet("torch._subclasses.fake_tensor"), FakeTensorMode(allow_non_fake_inputs=True) as mode:
                         _Recording(gm, record).run(*(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
@@ -715,10 +736,11 @@ def record_other_shapes(gm: fx.GraphModule, sizes: OtherSizes | tuple) -> None:
         sizes = OtherSizes(sizes)
     for node in gm.graph.nodes:
         node.meta[OTHER_SHAPES] = []
+    on_meta: dict = {}
     for inputs in sizes.inputs:
         seen: dict[fx.Node, Any] = {}
         if _run_for_shapes(gm, inputs, lambda n, out: seen.__setitem__(
-                n, tuple(out.shape) if isinstance(out, torch.Tensor) else None)):
+                n, tuple(out.shape) if isinstance(out, torch.Tensor) else None), on_meta):
             for node in gm.graph.nodes:
                 node.meta[OTHER_SHAPES].append(seen.get(node))
 

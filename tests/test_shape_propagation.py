@@ -119,3 +119,49 @@ def test_meta_propagation_gives_the_real_runs_shapes(make, x):
         n.meta.pop("tensor_meta", None)
     propagate_shapes_meta(gm, (x,))
     assert _shapes(gm) == real
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.empty(2, 3, 4, 5, device="meta"),
+    lambda: torch.empty(2, 3, 4, 5, device="meta").to(memory_format=torch.channels_last),
+    lambda: torch.empty(2, 3, 1, 1, device="meta"),  # contiguous and channels-last at once
+    lambda: torch.empty(3, 4, device="meta").t(),  # transposed: not dense in either layout
+    lambda: torch.empty(1, 4, device="meta").expand(3, 4),  # overlapping
+    lambda: torch.empty(6, 8, device="meta", dtype=torch.float64)[:, ::2],  # strided slice
+    lambda: torch.empty((), device="meta"),
+])
+def test_like_is_empty_like(make):
+    """The meta run's output for shape-preserving ops: ``empty_like``'s shape, dtype and strides."""
+    from sqr_fx.trace import _like
+
+    x = make()
+    got, want = _like(x), torch.empty_like(x)
+    assert (got.shape, got.dtype, got.stride(), got.device) == (want.shape, want.dtype, want.stride(), want.device)
+
+
+def test_meta_copies_are_shared_by_runs_and_follow_a_replaced_tensor():
+    """``record_other_shapes`` converts each tensor to meta once for all its runs; a tensor replaced under
+    the same name between runs is converted again (the cache holds the tensor it was made from)."""
+    from sqr_fx.trace import _run_for_shapes
+
+    class Lin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = nn.Parameter(T(3, 4)), nn.Parameter(T(3))
+
+        def forward(self, x):
+            return F.linear(x, self.w, self.b).relu()
+
+    gm = fx.symbolic_trace(Lin())
+    on_meta, shapes = {}, []
+
+    def record(n, out):
+        if n.op == "output":
+            shapes.append(tuple(out.shape))
+
+    assert _run_for_shapes(gm, (T(2, 4),), record, on_meta)
+    first = on_meta["w"][1]
+    assert _run_for_shapes(gm, (T(5, 4),), record, on_meta) and on_meta["w"][1] is first
+    gm.w, gm.b = nn.Parameter(T(6, 4)), nn.Parameter(T(6))
+    assert _run_for_shapes(gm, (T(5, 4),), record, on_meta)
+    assert shapes == [(2, 3), (5, 3), (5, 6)]
