@@ -515,6 +515,9 @@ class Analysis:
         # the same positions before the head split (a q/k/v projection's output, the merged heads an output
         # projection reads) follow their per-head dims: H' x D' is aligned when D' is
         heads = {np.unique(i.ids).tobytes() for i in split}  # (a repeated kv head: its ids once)
+        # dims an attention kernel pads at run time (``padded_sdpa``) are not aligned in storage
+        kernel = self._padded_ids()
+        split = [i for i in split if not np.isin(i.ids, kernel).all()]
         out: list[ChanInfo] = []
         for node, family, a in self.weighted:
             info = node.meta.get(META_KEY)
@@ -522,8 +525,23 @@ class Analysis:
                 continue
             src = (node.meta.get(READS) if family in ("linear", "conv", "addmm") else
                    None if family == "embedding" else self.info(a.get("input")))
-            out += [i for i in (info, src) if i is not None and not i.split and np.unique(i.ids).tobytes() not in heads]
+            out += [i for i in (info, src) if i is not None and not i.split and np.unique(i.ids).tobytes() not in heads
+                    and not np.isin(i.ids, kernel).all()]
         return split + out
+
+    def _padded_ids(self) -> np.ndarray:
+        """The ids :meth:`kernel_heads` recorded, and those of the heads their copies were made from (grouped kv
+        heads read through ``enable_gqa`` or ``repeat_kv``): a kv head whose every copy is padded at run time
+        needs no stored alignment either."""
+        ids = set(self.kernel_ids)
+        grown = True
+        while grown:
+            grown = False
+            for copy, src, _ in self.copies:
+                if not set(np.unique(src.ids).tolist()) <= ids and set(np.unique(copy.ids).tolist()) <= ids:
+                    ids.update(np.unique(src.ids).tolist())
+                    grown = True
+        return np.fromiter(ids, dtype=np.int64, count=len(ids))
 
     def _root_costs(self, root_of: np.ndarray) -> np.ndarray:
         """Stored floats that keeping each group costs (weights, biases, attached per-channel tensors):
@@ -579,7 +597,7 @@ class Analysis:
         this with the other steps until nothing changes."""
         n_align = self.align
         changed = False
-        kernel = np.fromiter(self.kernel_ids, dtype=np.int64, count=len(self.kernel_ids))
+        kernel = self._padded_ids()
 
         def keep_cheapest(ids: np.ndarray, gone: np.ndarray, kept: int, target: int) -> None:
             nonlocal changed
@@ -601,8 +619,6 @@ class Analysis:
                 if kept % n_align:
                     keep_cheapest(info.ids, gone, kept, min(-(-kept // n_align) * n_align, n))
                 continue
-            if np.isin(info.ids, kernel).all():
-                continue  # per-head dims the attention kernel pads at run time (``padded_sdpa``): not stored
             gone, ids = info.per_head(gone), info.per_head(info.ids)
             kept = (~gone).sum(1)
             alive = np.flatnonzero(kept > 0)

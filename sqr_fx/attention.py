@@ -105,8 +105,8 @@ def padded_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[T
     return padded_sdpa_ops(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, qk_pad, v_pad)
 
 
-def padded_sdpa_ops(query, key, value, attn_mask, dropout_p: float, is_causal: bool, scale: Optional[float],
-                    enable_gqa: bool, qk_pad: int, v_pad: int):
+def padded_sdpa_ops(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+                    is_causal: bool, scale: Optional[float], enable_gqa: bool, qk_pad: int, v_pad: int) -> Tensor:
     """:func:`padded_sdpa` in plain torch ops (what the portable result holds)."""
     if qk_pad:
         query, key = F.pad(query, (0, qk_pad)), F.pad(key, (0, qk_pad))

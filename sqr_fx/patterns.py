@@ -44,7 +44,8 @@ from torch import fx
 from .rules.registry import op_name
 from .values import shape_of
 
-__all__ = ["fused_slots_from_pattern", "rms_norm_from_pattern", "rotary_from_pattern", "expert_linear_from_pattern"]
+__all__ = ["fused_slots_from_pattern", "rms_norm_from_pattern", "rotary_from_pattern", "expert_linear_from_pattern",
+           "padded_sdpa_from_pattern"]
 
 aten = torch.ops.aten
 
@@ -553,6 +554,111 @@ def expert_linear_from_pattern(gm: fx.GraphModule) -> int:
         node.replace_all_uses_with(new)
         for dead in (node, bmm, g, u):
             gm.graph.erase_node(dead)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+# ---- attention padded at run time (sqr_fx's own portable form of ``padded_sdpa``) ------------------------------
+_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _zero_pad_last(n: Any) -> Optional[tuple[fx.Node, int]]:
+    """(X, p) when ``n`` is X with p > 0 zeros appended on its last axis (``F.pad(X, (0, p))``, constant mode,
+    value 0 or None; ``aten.constant_pad_nd``, ``aten.pad``) and nothing else reads it."""
+    if not _only_user(n) or n.op != "call_function" or n.target not in (F.pad, aten.pad.default,
+                                                                         aten.constant_pad_nd.default):
+        return None
+    names = ("input", "pad", "mode", "value") if n.target is not aten.constant_pad_nd.default else ("input", "pad", "value")
+    if len(n.args) > len(names) or set(n.kwargs) - set(names):
+        return None
+    a = {**dict(zip(names, n.args)), **n.kwargs}
+    pad, x = a.get("pad"), a.get("input")
+    if not isinstance(x, fx.Node) or not isinstance(pad, (list, tuple)) or len(pad) != 2 \
+            or not all(type(p) is int for p in pad) or pad[0] != 0 or pad[1] <= 0 \
+            or a.get("mode", "constant") != "constant" or a.get("value") not in (None, 0, 0.0):
+        return None
+    return x, pad[1]
+
+
+def _last_size_minus(n: Any, of: fx.Node, p: int) -> bool:
+    """``n`` is ``of.shape[-1] - p`` (``getattr(of, 'shape')[-1]``, ``of.size(-1)``, ``aten.sym_size.int``; the
+    last axis by -1 or its index), or the int that is at the traced shape."""
+    s = shape_of(of)
+    if s is None:
+        return False
+    last = (-1, len(s) - 1)
+    if type(n) is int:
+        return n == s[-1] - p
+    if not isinstance(n, fx.Node) or n.op != "call_function" or n.target is not operator.sub or n.kwargs \
+            or len(n.args) != 2 or n.args[1] != p or not isinstance(n.args[0], fx.Node):
+        return False
+    size = n.args[0]
+    if size.op == "call_function" and size.target is operator.getitem and size.args[1] in last:
+        sh = size.args[0]
+        return isinstance(sh, fx.Node) and sh.op == "call_function" and sh.target is getattr \
+            and tuple(sh.args) == (of, "shape")
+    if size.op == "call_method" and size.target == "size" and tuple(size.args) in ((of, -1), (of, len(s) - 1)):
+        return True
+    return size.op == "call_function" and size.target is aten.sym_size.int and size.args[0] is of \
+        and size.args[1] in last
+
+
+def _cut_last(u: fx.Node, of: fx.Node, p: int) -> bool:
+    """``u`` keeps the first ``of.shape[-1] - p`` positions of ``of``'s last axis (``narrow``, ``aten.slice``)."""
+    s = shape_of(of)
+    if s is None or u.op not in ("call_function", "call_method") or u.kwargs:
+        return False
+    last = (-1, len(s) - 1)
+    if op_name(u) == "narrow" and len(u.args) == 4 and u.args[0] is of:
+        return u.args[1] in last and u.args[2] == 0 and _last_size_minus(u.args[3], of, p)
+    if u.target is aten.slice.Tensor and len(u.args) in (4, 5) and u.args[0] is of:
+        return u.args[1] in last and u.args[2] == 0 and (len(u.args) == 4 or u.args[4] == 1) \
+            and _last_size_minus(u.args[3], of, p)
+    return False
+
+
+def padded_sdpa_from_pattern(gm: fx.GraphModule) -> int:
+    """Rewrite ``sdpa(pad(q), pad(k), pad(v))[..., :-p_v]`` (zero dims appended to the head axis of q and k
+    alike and of v, the output cut back: how a portable ``minimize(..., align=N)`` result writes
+    :func:`sqr_fx.attention.padded_sdpa` out) to one ``padded_sdpa`` call, so that minimizing such a result
+    again treats the pads as kernel widths, not as channels (a pad on the channel axis freezes them). The
+    same function by construction: ``padded_sdpa`` runs these ops. Needs ``tensor_meta``; returns how many."""
+    from .attention import padded_sdpa
+
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (F.scaled_dot_product_attention,
+                                                              aten.scaled_dot_product_attention.default):
+            continue
+        if len(node.args) > 6 or set(node.kwargs) - set(_SDPA_NAMES):
+            continue
+        a = {**dict(zip(_SDPA_NAMES, node.args)), **node.kwargs}
+        q, k, v = (a.get(n) for n in _SDPA_NAMES[:3])
+        if not all(isinstance(t, fx.Node) for t in (q, k, v)) or len({q, k, v}) != 3:
+            continue
+        qp, kp, vp = (_zero_pad_last(t) for t in (q, k, v))
+        if (qp is None) != (kp is None) or (qp is not None and qp[1] != kp[1]) or (qp is None and vp is None):
+            continue
+        cut = None
+        if vp is not None:
+            users = list(node.users)
+            if len(users) != 1 or not _cut_last(users[0], node, vp[1]):
+                continue
+            cut = users[0]
+        new_args = {n: a[n] for n in _SDPA_NAMES[3:] if n in a}
+        new_args.update(query=qp[0] if qp else q, key=kp[0] if kp else k, value=vp[0] if vp else v,
+                        qk_pad=qp[1] if qp else 0, v_pad=vp[1] if vp else 0)
+        out = cut if cut is not None else node
+        with gm.graph.inserting_before(out):
+            new = gm.graph.call_function(padded_sdpa, (), new_args)
+        new.meta = dict(out.meta)
+        length = [cut.args[3]] if cut is not None and isinstance(cut.args[3], fx.Node) else []
+        out.replace_all_uses_with(new)
+        for d in [out] + ([node] if cut is not None else []):
+            gm.graph.erase_node(d)
+        _erase_unread(gm, [q, k, v] + length)  # (the pads and the size arithmetic, now unread)
         count += 1
     if count:
         gm.recompile()

@@ -259,17 +259,19 @@ def shared_ties(gm: fx.GraphModule) -> dict[str, list[str]]:
 
 
 def recognize_patterns(gm: fx.GraphModule, example_inputs: tuple) -> int:
-    """Written-out LayerNorms, RMSNorms, rotary embeddings and MoE batched linears become the one call they
-    compute, and slots of a fused projection become gathers (patterns.py, layer_norm_pattern.py)."""
+    """Written-out LayerNorms, RMSNorms, rotary embeddings, MoE batched linears and run-time padded attention
+    become the one call they compute, and slots of a fused projection become gathers (patterns.py,
+    layer_norm_pattern.py)."""
     from .layer_norm_pattern import layer_norm_from_pattern  # (the patterns read the rules' op names)
-    from .patterns import expert_linear_from_pattern, fused_slots_from_pattern, rms_norm_from_pattern, rotary_from_pattern
+    from .patterns import (expert_linear_from_pattern, fused_slots_from_pattern, padded_sdpa_from_pattern,
+                           rms_norm_from_pattern, rotary_from_pattern)
 
     slots = fused_slots_from_pattern(gm)
     if slots:  # new nodes: their shapes (the rotary match reads them)
         propagate_shapes(gm, example_inputs)
     # LayerNorm first: its centred ``d * rsqrt(mean(d ** 2) + eps)`` would also read as an RMSNorm of d
     return (slots + layer_norm_from_pattern(gm, example_inputs) + rms_norm_from_pattern(gm, example_inputs)
-            + rotary_from_pattern(gm, example_inputs) + expert_linear_from_pattern(gm))
+            + rotary_from_pattern(gm, example_inputs) + expert_linear_from_pattern(gm) + padded_sdpa_from_pattern(gm))
 
 
 def fold_constants(gm: fx.GraphModule) -> int:

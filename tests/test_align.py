@@ -7,6 +7,7 @@ tensors align their per-head dims and stay rectangular; ``align=None`` (or 1) is
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -362,3 +363,73 @@ def test_hf_bert_heads_align_and_stay_equal():
     for b, t in [(2, 12), (3, 7), (1, 20)]:
         assert_same(m, small, (_ids(b, t, seed=t),), rtol=1e-9)
     assert_fixpoint(small, (x,), 4)
+
+
+# ---- run-time padded attention: minimized again -------------------------------------------------------
+class _Attn(nn.Module):
+    """q/k/v projections split into heads, sdpa, an output projection (float64)."""
+
+    def __init__(self, c: int = 12, h: int = 4, dq: int = 8, dv: int = 8):
+        super().__init__()
+        self.h = h
+        self.q, self.k = (nn.Linear(c, h * dq, dtype=torch.float64) for _ in range(2))
+        self.v, self.o = nn.Linear(c, h * dv, dtype=torch.float64), nn.Linear(h * dv, c, dtype=torch.float64)
+
+    def forward(self, x):
+        b, t = x.shape[0], x.shape[1]
+        q, k, v = (lin(x).view(b, t, self.h, -1).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        return self.o(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
+
+
+def _planted_attn(**kw) -> nn.Module:
+    torch.manual_seed(0)
+    m = _Attn(**kw).eval()
+    dq = m.q.weight.shape[0] // m.h
+    with torch.no_grad():
+        for h in range(m.h):
+            m.q.weight[h * dq:h * dq + 2], m.q.bias[h * dq:h * dq + 2] = 0, 0  # 2 query/key dims per head
+        m.o.weight[:, m.o.weight.shape[1] // m.h:2 * m.o.weight.shape[1] // m.h] = 0  # head 1 unread
+    return m
+
+
+def test_a_portable_aligned_result_minimizes_again():
+    """The portable result writes the run-time padding out (``F.pad`` + sdpa + ``narrow``); the front end reads
+    it back as ``padded_sdpa``: minimized again it is a fixpoint with the same ``align``, drops the padding
+    without, and a head pruned afterwards still goes (a pad on the head axis alone would freeze them)."""
+    m, x, x2 = _planted_attn(), _x(2, 5, 12, seed=1), _x(3, 7, 12, seed=2)
+    small = minimize(m, (x,), align=8)
+    assert "functional.pad(" in small.code and count_stored_floats(small) == count_stored_floats(minimize(m, (x,)))
+    assert_fixpoint(small, (x,), 8)
+    plain = minimize(small, (x,))
+    assert "functional.pad(" not in plain.code and count_stored_floats(plain) == count_stored_floats(small)
+    check_equivalence(m, plain, (x2,), rtol=RTOL, atol=ATOL)
+    pruned = copy.deepcopy(small)
+    with torch.no_grad():
+        pruned.o.weight[:, :pruned.o.weight.shape[1] // 3] = 0  # one more head unread
+    for align in (None, 8):
+        again = minimize(pruned, (x,), align=align)
+        assert count_stored_floats(again) < count_stored_floats(pruned)
+        check_equivalence(pruned, again, (x2,), rtol=RTOL, atol=ATOL)
+    # the same through an ExportedProgram of the portable result (the aten dialect's pad / slice)
+    ep = torch.export.export(small, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},))
+    back = minimize(ep)
+    assert not any("pad" in str(n.target) for n in back.graph.nodes)
+    check_equivalence(m, back.module(), (x2,), rtol=RTOL, atol=ATOL)
+
+
+def test_padded_helper_form_scripts():
+    m, x = _planted_attn(), _x(2, 5, 12, seed=1)
+    for align in (None, 8):
+        small = minimize(m, (x,), align=align, portable=False)
+        assert ("padded_sdpa" in small.code) == (align is not None)
+        torch.testing.assert_close(torch.jit.script(small)(x), m(x), rtol=RTOL, atol=ATOL)
+
+
+def test_unequal_query_and_value_heads_stay_aligned_in_storage():
+    """q/k heads of 8 dims, v heads of 6: the kernel never saw one head dim, so there is no run-time padding
+    and the per-head widths align in storage as before (zero rows)."""
+    m, x = _planted_attn(dv=6), _x(2, 5, 12, seed=1)
+    small = minimize(m, (x,), align=4)
+    assert "functional.pad(" not in small.code
+    assert small.q.weight.shape[0] == 3 * 8  # 3 kept heads of 6 live query/key dims -> 8
+    check_equivalence(m, small, (_x(3, 7, 12, seed=2),), rtol=RTOL, atol=ATOL)

@@ -97,8 +97,6 @@ def _attend(node: fx.Node, A, iq: ChanInfo, ik: ChanInfo, v: fx.Node, iv: ChanIn
     A.read(iq, iv.ids, same & ~ik.const[None, :])
     A.read(ik, iv.ids, same & ~iq.zero[None, :])
     A.align_heads(iq, ik, iv)
-    if node.target in _SDPA:
-        A.kernel_heads(iq, ik, iv)
     # the output has v's layout: its info in the form v's own producer gave it
     base = out or A.info(v)
     if len(base) != len(iv):  # v's channels repeated over the heads (``_as_heads``): the output has them per head
@@ -163,10 +161,7 @@ def _rewrite(node: fx.Node, R, a):
     return emitted
 
 
-_SDPA = (F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default, padded_sdpa)
-
-
-@rule("sdpa", *_SDPA, names=_NAMES[:8], rewrite=_rewrite, heads=True, per_target={padded_sdpa: _NAMES})
+@rule("sdpa", F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default, padded_sdpa, names=_NAMES[:8], rewrite=_rewrite, heads=True, per_target={padded_sdpa: _NAMES})
 def sdpa(node: fx.Node, A, a) -> ChanInfo | None:
     """See the module docstring: q/k dims coupled and read only where the other side is not
     constant/zero, output = v's channels (constants folded only without a mask)."""
@@ -202,11 +197,12 @@ def sdpa(node: fx.Node, A, a) -> ChanInfo | None:
         r, src_k, src_v = iq.heads // ik.heads, ik, iv
         ik, iv = (A.copy_heads(i, np.arange(i.heads * r) // r, i.head, i.dim) for i in (src_k, src_v))
         node.meta["sqr_fx.sdpa_gqa"] = (src_k, src_v, r, ik, iv)
-        A.kernel_heads(src_k, src_v)  # (the kv heads the copies come from: padded with them)
     kernel = (sq[-1] + a.get("qk_pad", 0), sv[-1] + a.get("v_pad", 0))  # the head dims the kernel sees
     node.meta["sqr_fx.sdpa_d"], node.meta["sqr_fx.sdpa_kernel"] = kernel[0], kernel
     node.meta["sqr_fx.sdpa_heads"] = (iq, iv)
     out = _attend(node, A, iq, ik, v, iv, masked=mask is not None, out=iv if gqa else None)
+    if kernel[0] == kernel[1]:  # one head dim for q, k and v: align pads it at run time (``_kernel_pads``)
+        A.kernel_heads(iq, ik, iv)
     if _kernel_pads(kernel, sq[-1], sv[-1], A.align) != tuple(a.get(p, 0) for p in _PADS):
         A.local_change(node)  # the run-time padding changes even where no dim goes
     return out
