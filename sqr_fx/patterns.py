@@ -31,6 +31,11 @@ whose rule couples each rotation pair ``(i, i + D/2)`` (``rules/rotary.py``). GP
 ``x * cos + stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2) * sin`` (pairs ``(2i, 2i + 1)``) becomes
 one :func:`sqr_fx.attention.rotary_interleaved` call the same way, and so does timm EVA's
 ``stack(...).reshape(x.shape)`` where the reshape gives X's shape on every derived input shape.
+
+Attention padded at run time, as a portable ``minimize(..., align=N)`` result writes it
+(``sdpa(pad(q), pad(k), pad(v)).narrow(-1, 0, size - p_v)``), becomes one
+:func:`sqr_fx.attention.padded_sdpa` call again: minimized once more, the pads are kernel widths, not
+channels.
 """
 from __future__ import annotations
 
