@@ -159,6 +159,8 @@ def test_generators_build_on_the_states_they_claim(produced):
 # minimal recipes of what the long fuzz runs found (benchmarks/results/fuzz_long.txt), rebuilt from their
 # printed Case (a seed alone regenerates another graph once generators are added)
 LONG_RUN_FINDS = {
+    "two functional Swin calls whose qkv tensors live in one module got one name for their q/k/v (session 9, run 14)":
+        "Case(seed=8383026525, layout='hw', C=4, sp=(4, 6), batched=True, B=3, alt_B=1, grow=2, frontend='fx', outputs=1, ops=[ Op('swin', 596292991, {'heads': 1, 'form': 'F', 'window': 2, 'shift': 0, 'plant': 'k_rows'}), Op('swin', 1454608571, {'heads': 4, 'form': 'F', 'window': 4, 'shift': 1, 'plant': 'none'}), Op('linear', 1396931592, {'form': 'nn', 'out': 6, 'bias': False, 'plant': 'cols', 'mask': None}), ])",
     "sqr_fx's padded_sdpa called by position, re-emitted as sdpa with a positional scale (keyword-only) (session 9)":
         "Case(seed=4242012814, layout='seq', C=2, sp=(4,), batched=True, B=3, alt_B=6, grow=2, frontend='fx', outputs=1, ops=[ Op('linear', 1033824521, {'form': 'F_nobias', 'out': 4, 'plant': 'none'}), Op('attention', 336930894, {'heads': 4, 'core': 'sdpa_scale', 'proj': 'fused_chunk', 'split': 'unflatten', 'merge': 'flatten', 'plant': 'none', 'pads': (1, 2, 'pos')}), ])",
     "expand_as rewritten with expand's literal sizes":

@@ -291,3 +291,47 @@ def test_roll_passes_channels_through_unless_it_rolls_them(form, dims, kept):
     s = minimize(m, (randn(2, 3, 6, 6),))
     assert s.get_parameter("c1.weight").shape[0] == kept
     _same(m, s, [(2, 3, 6, 6), (3, 3, 5, 7)])
+
+
+class _TwoFunctionalCalls(nn.Module):
+    """Two ``shifted_window_attention`` calls on tensors held by one module: top-level (``qkv``, ``qkv2``) or
+    in one container (``P.qkv``, ``P.qkv2``). Both calls' q/k/v tensors were named ``<module>.q_weight``:
+    the second overwrote the first (a wrong answer), and a top-level ``qkv`` made ``qkv.q_weight`` (a crash)."""
+
+    def __init__(self, container: bool, C: int = 8, H: int = 2, w: int = 4):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.H, self.w = H, w
+
+        def p(*shape, scale=0.3):
+            return nn.Parameter(torch.randn(*shape, generator=g, dtype=torch.float64) * scale)
+
+        params = {"qkv": p(3 * C, C), "qkvb": p(3 * C), "proj": p(C, C), "projb": p(C), "rpb": p(1, H, w * w, w * w),
+                  "qkv2": p(3 * C, C), "qkvb2": p(3 * C), "proj2": p(C, C), "projb2": p(C), "rpb2": p(1, H, w * w, w * w)}
+        with torch.no_grad():  # key dims 0-2 of each head (call 1) and 1-2 (call 2): constant, removable
+            params["qkv"][C:C + 3] = 0
+            params["qkv"][C + 4:C + 7] = 0
+            params["qkv2"][C + 1:C + 3] = 0
+            params["qkv2"][C + 5:C + 7] = 0
+        self.P = nn.ParameterDict(params) if container else None
+        if not container:
+            for k, v in params.items():
+                setattr(self, k, v)
+
+    def forward(self, x):
+        P = self.P if self.P is not None else self._parameters
+        w, H = [self.w, self.w], self.H
+        y = tvs.shifted_window_attention(x, P["qkv"], P["proj"], P["rpb"], w, H, [1, 1], 0.0, 0.0, P["qkvb"],
+                                         P["projb"], training=False)
+        return tvs.shifted_window_attention(y, P["qkv2"], P["proj2"], P["rpb2"], w, H, [0, 0], 0.0, 0.0, P["qkvb2"],
+                                            P["projb2"], training=False)
+
+
+@pytest.mark.parametrize("container", [True, False])
+def test_two_functional_calls_keep_their_own_projections(container):
+    m = _TwoFunctionalCalls(container).eval()
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    small = minimize(m, (x,))
+    assert count_stored_floats(small) < count_stored_floats(m)
+    for xi in (x, torch.randn(3, 12, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))):
+        check_equivalence(m, small, (xi,), rtol=1e-9, atol=1e-12)

@@ -209,9 +209,11 @@ def _rewrite(node: fx.Node, R, a):
     for p, dims, width in (("q", qdims, wq_), ("k", qdims, wq_), ("v", vdims, wv_)):
         new[f"{p}_weight"], new[f"{p}_bias"] = pack_rows(W[p], B[p], dims, width)
     new["proj_weight"], new["proj_bias"] = pack_cols(Wo, vdims, wv_), bo
-    if node.target is _tv_swa:
-        stem = a["qkv_weight"].target.rsplit(".", 1)[0]
-        names = {f"{p}_{w}": f"{stem}.{p}_{w}" for p in _PROJ for w in ("weight", "bias")}
+    if node.target is _tv_swa:  # beside the qkv weight's name in its module (``qkv.weight`` -> ``qkv.q_weight``);
+        # a top-level tensor ``qkv`` gives ``qkv_q_weight`` (``qkv.q_weight`` would need ``qkv`` to be a module)
+        qkv = a["qkv_weight"].target
+        names = {f"{p}_{w}": f"{qkv.rsplit('.', 1)[0]}.{p}_{w}" if "." in qkv else f"{qkv}_{p}_{w}"
+                 for p in _PROJ for w in ("weight", "bias")}
     else:
         names = {f"{p}_{w}": a[f"{p}_{w}"].target for p in _PROJ for w in ("weight", "bias")}
     names["proj_weight"] = a["proj_weight"].target
