@@ -112,13 +112,6 @@ class Rewriter:
                         return self.graph.get_attr(target)
                 if target not in names:
                     names.append(target)
-        if target in self.attrs and not _same_tensor(self.attrs[target][0], value):
-            # a name another reader's tensor holds already (two Swin calls whose qkv live in one module both
-            # ask for ``<module>.q_weight``): this tensor gets a name of its own, never overwrites that one
-            k = 1
-            while f"{target}_{k}" in self.attrs or _has_attr(self.old, f"{target}_{k}"):
-                k += 1
-            target = f"{target}_{k}"
         self.attrs[target] = (value, is_param)
         return self.graph.get_attr(target)
 
@@ -271,22 +264,6 @@ def _impure(node: fx.Node) -> bool:
     from .normalize import is_inplace
 
     return node.is_impure() or node.target is _assert_is_none or is_inplace(node, node.graph.owning_module)
-
-
-def _same_tensor(a: Any, b: Any) -> bool:
-    """``a`` and ``b`` are one value (the same object, or tensors equal in shape, dtype and every element)."""
-    if a is b:
-        return True
-    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
-        and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-
-
-def _has_attr(root: nn.Module, qualname: str) -> bool:
-    try:
-        fetch_attr(root, qualname)
-        return True
-    except AttributeError:
-        return False
 
 
 def _install(root: nn.Module, qualname: str, obj: Any, buffer: bool, own: set[int]) -> None:

@@ -209,10 +209,12 @@ def _rewrite(node: fx.Node, R, a):
     for p, dims, width in (("q", qdims, wq_), ("k", qdims, wq_), ("v", vdims, wv_)):
         new[f"{p}_weight"], new[f"{p}_bias"] = pack_rows(W[p], B[p], dims, width)
     new["proj_weight"], new["proj_bias"] = pack_cols(Wo, vdims, wv_), bo
-    if node.target is _tv_swa:  # beside the qkv weight's name in its module (``qkv.weight`` -> ``qkv.q_weight``);
-        # a top-level tensor ``qkv`` gives ``qkv_q_weight`` (``qkv.q_weight`` would need ``qkv`` to be a module)
+    if node.target is _tv_swa:  # named after the qkv tensor, one name per tensor: ``attn.qkv.weight`` ->
+        # ``attn.qkv.q_weight`` (its Linear module holds one qkv weight); a tensor of another name, ``P.qkv1``
+        # or a top-level ``qkv``, -> ``P.qkv1_q_weight`` / ``qkv_q_weight`` (two calls whose tensors share a
+        # module once both wrote ``P.q_weight``: the second overwrote the first)
         qkv = a["qkv_weight"].target
-        names = {f"{p}_{w}": f"{qkv.rsplit('.', 1)[0]}.{p}_{w}" if "." in qkv else f"{qkv}_{p}_{w}"
+        names = {f"{p}_{w}": f"{qkv[:-len('weight')]}{p}_{w}" if qkv.endswith(".weight") else f"{qkv}_{p}_{w}"
                  for p in _PROJ for w in ("weight", "bias")}
     else:
         names = {f"{p}_{w}": a[f"{p}_{w}"].target for p in _PROJ for w in ("weight", "bias")}
