@@ -54,6 +54,8 @@ class Rewriter:
         self._aliases: dict[int, str] = {}
         self._sliced: dict[int, list[str]] = {}  # id(original tensor) -> names emitted for it
         self._foreign: Optional[set[int]] = None  # storages the old module reads but does not own
+        self._bound: dict[fx.Node, tuple[Any, str]] = {}  # get_attr made by attr() -> (its value, the node rewritten)
+        self._current = ""
 
     # ---- reading the old graph ---------------------------------------------------------------
     @staticmethod
@@ -113,7 +115,9 @@ class Rewriter:
                 if target not in names:
                     names.append(target)
         self.attrs[target] = (value, is_param)
-        return self.graph.get_attr(target)
+        node = self.graph.get_attr(target)
+        self._bound[node] = (value, self._current)
+        return node
 
     def _captured(self, t: torch.Tensor) -> bool:
         """``t`` shares storage with a tensor the old graph reads that is no parameter or buffer of the
@@ -160,6 +164,7 @@ class Rewriter:
     # ---- driving --------------------------------------------------------------------------------
     def run(self) -> fx.GraphModule:
         for node in self.old.graph.nodes:
+            self._current = node.name
             found = lookup(node, self.old)
             r = found[0] if found else None
             if r is not None and r.rewrite is not None:
@@ -189,10 +194,27 @@ class Rewriter:
         self.graph.owning_module = root  # the purity checks look modules up
         emitted = [n.target for n in self.graph.nodes if n.op in ("get_attr", "call_module")]
         self.graph.eliminate_dead_code(is_impure_node=_impure)
+        self._check_names()
         # the new module takes only what the live graph reads, and compiles once
         gm = fx.GraphModule(root, self.graph, class_name=type(self.old).__name__)
         _order_like(gm, emitted)
         return gm.train(self.old.training)
+
+
+    def _check_names(self) -> None:
+        """Every live ``get_attr`` reads the tensor its rule gave it: a name two rules bound to different tensors
+        (the later write supersedes the earlier only where the earlier reader is dead) is a rule's failure, not
+        a silently shared tensor. Raises :class:`RuleFailure` naming the node whose tensor was lost."""
+        for n in self.graph.nodes:
+            bound = self._bound.get(n) if n.op == "get_attr" else None
+            if bound is None:
+                continue
+            held = self.attrs[n.target][0]
+            if held is not bound[0] and not (isinstance(held, torch.Tensor) and isinstance(bound[0], torch.Tensor)
+                                             and held.shape == bound[0].shape and held.dtype == bound[0].dtype
+                                             and torch.equal(held, bound[0])):
+                raise RuleFailure(bound[1], f"the rewrite of node {bound[1]} named a new tensor {n.target!r}, "
+                                            "which another rewrite gave another tensor")
 
 
 def _view_as_reshape(n: fx.Node) -> None:

@@ -1117,3 +1117,33 @@ def test_an_in_place_op_with_a_second_tensor_stays_in_place():
     out = r(torch.randn(3, 4))
     assert out.dtype == torch.float32
     check_equivalence(m, r, (torch.randn(3, 4),), rtol=1e-5, atol=1e-6)
+
+
+def test_a_name_bound_to_two_live_tensors_is_a_rule_failure():
+    """Rewriter.attr: a later rule writing a name supersedes the earlier tensor, which is right only where the
+    earlier reader is dead (an unchanged get_attr a rule re-emits). Two live readers of one name given two
+    tensors (fuzz run 14's Swin naming bug) raise RuleFailure, which minimize contains (the round is redone with
+    the node frozen), instead of sharing one tensor silently."""
+    import numpy as np
+    from torch import fx
+
+    from sqr_fx.analysis import Plan
+    from sqr_fx.rewrite import Rewriter, RuleFailure
+
+    gm = fx.symbolic_trace(torch.nn.Identity())
+    for both_live in (True, False):
+        R = Rewriter(gm, Plan(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)))
+        x = R.graph.placeholder("x")
+        R._current = "first"
+        a = R.attr("w", torch.ones(2))
+        R._current = "second"
+        b = R.attr("w", torch.zeros(2))
+        out = (R.graph.call_function(torch.add, (x, a)), R.graph.call_function(torch.add, (x, b))) if both_live \
+            else R.graph.call_function(torch.add, (x, b))
+        R.graph.output(out)
+        R.graph.eliminate_dead_code()
+        if both_live:
+            with pytest.raises(RuleFailure, match="node first"):
+                R._check_names()
+        else:
+            R._check_names()
