@@ -624,15 +624,19 @@ def _cut_last(u: fx.Node, of: fx.Node, p: int) -> bool:
     return False
 
 
-def padded_sdpa_from_pattern(gm: fx.GraphModule) -> int:
+def padded_sdpa_from_pattern(gm: fx.GraphModule, example_inputs: tuple = ()) -> int:
     """Rewrite ``sdpa(pad(q), pad(k), pad(v))[..., :-p_v]`` (zero dims appended to the head axis of q and k
     alike and of v, the output cut back: how a portable ``minimize(..., align=N)`` result writes
     :func:`sqr_fx.attention.padded_sdpa` out) to one ``padded_sdpa`` call, so that minimizing such a result
     again treats the pads as kernel widths, not as channels (a pad on the channel axis freezes them). The
-    same function by construction: ``padded_sdpa`` runs these ops. Needs ``tensor_meta``; returns how many."""
+    same function by construction: ``padded_sdpa`` runs these ops, and cuts ``out.shape[-1] - p_v``; a cut
+    written as an int literal is matched only where the output's last axis has that size at every derived input
+    shape (a head axis; a sequence axis there would make the literal another cut). Needs ``tensor_meta``;
+    returns how many."""
     from .attention import padded_sdpa
 
     count = 0
+    literal_ok: Optional[dict[fx.Node, set[int]]] = None
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in (F.scaled_dot_product_attention,
                                                               aten.scaled_dot_product_attention.default):
@@ -652,6 +656,12 @@ def padded_sdpa_from_pattern(gm: fx.GraphModule) -> int:
             if len(users) != 1 or not _cut_last(users[0], node, vp[1]):
                 continue
             cut = users[0]
+            if type(cut.args[3]) is int:
+                if literal_ok is None:  # (one run over the derived shapes for every literal cut of the graph)
+                    literal_ok = _last_dims(gm, {n for n in gm.graph.nodes if n.target in (
+                        F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default)}, example_inputs)
+                if not example_inputs or literal_ok.get(node, set()) - {shape_of(node)[-1]}:
+                    continue
         new_args = {n: a[n] for n in _SDPA_NAMES[3:] if n in a}
         new_args.update(query=qp[0] if qp else q, key=kp[0] if kp else k, value=vp[0] if vp else v,
                         qk_pad=qp[1] if qp else 0, v_pad=vp[1] if vp else 0)

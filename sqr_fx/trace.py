@@ -271,7 +271,7 @@ def recognize_patterns(gm: fx.GraphModule, example_inputs: tuple) -> int:
         propagate_shapes(gm, example_inputs)
     # LayerNorm first: its centred ``d * rsqrt(mean(d ** 2) + eps)`` would also read as an RMSNorm of d
     return (slots + layer_norm_from_pattern(gm, example_inputs) + rms_norm_from_pattern(gm, example_inputs)
-            + rotary_from_pattern(gm, example_inputs) + expert_linear_from_pattern(gm) + padded_sdpa_from_pattern(gm))
+            + rotary_from_pattern(gm, example_inputs) + expert_linear_from_pattern(gm) + padded_sdpa_from_pattern(gm, example_inputs))
 
 
 def fold_constants(gm: fx.GraphModule) -> int:

@@ -433,3 +433,22 @@ def test_unequal_query_and_value_heads_stay_aligned_in_storage():
     assert "functional.pad(" not in small.code
     assert small.q.weight.shape[0] == 3 * 8  # 3 kept heads of 6 live query/key dims -> 8
     check_equivalence(m, small, (_x(3, 7, 12, seed=2),), rtol=RTOL, atol=ATOL)
+
+
+def test_guard_a_literal_cut_of_a_sequence_axis_is_not_read_as_padded_attention():
+    """``sdpa(pad(q), pad(k), pad(v)).narrow(-1, 0, 5)`` where v's last axis is the sequence: the literal 5 is
+    another cut at another length, so the front end leaves the ops as they are (read as ``padded_sdpa``, which
+    cuts ``size - 2``, the result would differ at other lengths)."""
+    import torch.nn.functional as F
+
+    class SeqLast(nn.Module):
+        def forward(self, q, k, v):
+            o = F.scaled_dot_product_attention(F.pad(q, (0, 2)), F.pad(k, (0, 2)), F.pad(v, (0, 2)), scale=0.5)
+            return o.narrow(-1, 0, 5)
+
+    m = SeqLast().eval()
+    q, k, v = _x(2, 3, 4, 6, seed=1), _x(2, 3, 5, 6, seed=2), _x(2, 3, 5, 5, seed=3)
+    small = minimize(m, (q, k, v), portable=False)
+    assert not any(n.target is sqr_fx.attention.padded_sdpa for n in small.graph.nodes)
+    v7 = _x(2, 3, 5, 7, seed=4)
+    torch.testing.assert_close(small(q, k, v7), m(q, k, v7), rtol=RTOL, atol=ATOL)
