@@ -575,7 +575,7 @@ def _zero_pad_last(n: Any) -> Optional[tuple[fx.Node, int]]:
     if not _only_user(n) or n.op != "call_function" or n.target not in (F.pad, aten.pad.default,
                                                                          aten.constant_pad_nd.default):
         return None
-    names = ("input", "pad", "mode", "value") if n.target is not aten.constant_pad_nd.default else ("input", "pad", "value")
+    names = ("input", "pad", "value") if n.target is aten.constant_pad_nd.default else ("input", "pad", "mode", "value")
     if len(n.args) > len(names) or set(n.kwargs) - set(names):
         return None
     a = {**dict(zip(names, n.args)), **n.kwargs}

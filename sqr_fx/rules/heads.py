@@ -161,7 +161,8 @@ def _rewrite(node: fx.Node, R, a):
     return emitted
 
 
-@rule("sdpa", F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default, padded_sdpa, names=_NAMES[:8], rewrite=_rewrite, heads=True, per_target={padded_sdpa: _NAMES})
+@rule("sdpa", F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default, padded_sdpa,
+      names=_NAMES[:8], rewrite=_rewrite, heads=True, per_target={padded_sdpa: _NAMES})
 def sdpa(node: fx.Node, A, a) -> ChanInfo | None:
     """See the module docstring: q/k dims coupled and read only where the other side is not
     constant/zero, output = v's channels (constants folded only without a mask)."""
