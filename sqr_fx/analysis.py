@@ -422,8 +422,9 @@ class Analysis:
         unaligned = None
         if self.align > 1 and removed.any():
             unaligned = removed.copy()
-            cost, widths = self._root_costs(root_of), self._widths()
-            while (self._align_widths(removed, root_of, cost, widths) | self._keep_one_channel(removed, root_of)
+            kernel = self._padded_ids()
+            cost, widths = self._root_costs(root_of), self._widths(kernel)
+            while (self._align_widths(removed, root_of, cost, widths, kernel) | self._keep_one_channel(removed, root_of)
                    | self._keep_heads_rectangular(removed, root_of) | self._keep_copies_even(removed, root_of)):
                 pass  # only keeps more: ends aligned, or with every width as it was
         return Plan(root_of, removed, ~used, list(self.unknown), list(self.local), list(self.declined),
@@ -505,18 +506,18 @@ class Analysis:
         return changed
 
     # ---- align=N: latency-aware widths -----------------------------------------------------------
-    def _widths(self) -> list[ChanInfo]:
+    def _widths(self, kernel: np.ndarray) -> list[ChanInfo]:
         """The tensor axes whose width sets a kernel's cost: every weight-reading op's output channels and
         the input channels it reads (Linear / conv / addmm / attention projections; an embedding's output
-        channels), and every head-split tensor (its per-head dim: see :meth:`_align_widths`)."""
+        channels), and every head-split tensor (its per-head dim: see :meth:`_align_widths`); but none whose ids
+        are all in ``kernel`` (:meth:`_padded_ids`: padded at run time instead)."""
         from .rules.weighted import READS
 
         split = [i for n in self.gm.graph.nodes if (i := n.meta.get(META_KEY)) is not None and i.split]
         # the same positions before the head split (a q/k/v projection's output, the merged heads an output
         # projection reads) follow their per-head dims: H' x D' is aligned when D' is
         heads = {np.unique(i.ids).tobytes() for i in split}  # (a repeated kv head: its ids once)
-        # dims an attention kernel pads at run time (``padded_sdpa``) are not aligned in storage
-        kernel = self._padded_ids()
+        # dims an attention kernel pads at run time (``kernel``: ``padded_sdpa``) are not aligned in storage
         split = [i for i in split if not np.isin(i.ids, kernel).all()]
         out: list[ChanInfo] = []
         for node, family, a in self.weighted:
@@ -587,7 +588,7 @@ class Analysis:
         return cost
 
     def _align_widths(self, removed: np.ndarray, root_of: np.ndarray, cost: np.ndarray,
-                      widths: list[ChanInfo]) -> bool:
+                      widths: list[ChanInfo], kernel: np.ndarray) -> bool:
         """Every reduced width a multiple of ``align``: keep back the cheapest removed groups of each
         width that is not (a width the plan leaves whole stays as it is; one that cannot reach a multiple
         ends whole). A head-split tensor aligns its per-head dim: each kept head keeps the same count
@@ -597,7 +598,6 @@ class Analysis:
         this with the other steps until nothing changes."""
         n_align = self.align
         changed = False
-        kernel = self._padded_ids()
 
         def keep_cheapest(ids: np.ndarray, gone: np.ndarray, kept: int, target: int) -> None:
             nonlocal changed

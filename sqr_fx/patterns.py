@@ -567,6 +567,7 @@ def expert_linear_from_pattern(gm: fx.GraphModule) -> int:
 
 # ---- attention padded at run time (sqr_fx's own portable form of ``padded_sdpa``) ------------------------------
 _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA = (F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default)
 
 
 def _zero_pad_last(n: Any) -> Optional[tuple[fx.Node, int]]:
@@ -638,8 +639,7 @@ def padded_sdpa_from_pattern(gm: fx.GraphModule, example_inputs: tuple = ()) -> 
     count = 0
     literal_ok: Optional[dict[fx.Node, set[int]]] = None
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in (F.scaled_dot_product_attention,
-                                                              aten.scaled_dot_product_attention.default):
+        if node.op != "call_function" or node.target not in _SDPA:
             continue
         if len(node.args) > 6 or set(node.kwargs) - set(_SDPA_NAMES):
             continue
@@ -658,8 +658,7 @@ def padded_sdpa_from_pattern(gm: fx.GraphModule, example_inputs: tuple = ()) -> 
             cut = users[0]
             if type(cut.args[3]) is int:
                 if literal_ok is None:  # (one run over the derived shapes for every literal cut of the graph)
-                    literal_ok = _last_dims(gm, {n for n in gm.graph.nodes if n.target in (
-                        F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default)}, example_inputs)
+                    literal_ok = _last_dims(gm, {n for n in gm.graph.nodes if n.target in _SDPA}, example_inputs)
                 if not example_inputs or literal_ok.get(node, set()) - {shape_of(node)[-1]}:
                     continue
         new_args = {n: a[n] for n in _SDPA_NAMES[3:] if n in a}

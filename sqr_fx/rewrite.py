@@ -108,8 +108,7 @@ class Rewriter:
             if isinstance(orig, torch.Tensor):  # a tied tensor sliced alike for every name stays ONE tensor
                 names = self._sliced.setdefault(id(orig), [])
                 for other in names:
-                    v = self.attrs[other][0]
-                    if other != target and v.shape == value.shape and v.dtype == value.dtype and torch.equal(v, value):
+                    if other != target and _same_value(self.attrs[other][0], value):
                         self.attrs[target] = self.attrs[other]
                         return self.graph.get_attr(target)
                 if target not in names:
@@ -200,7 +199,6 @@ class Rewriter:
         _order_like(gm, emitted)
         return gm.train(self.old.training)
 
-
     def _check_names(self) -> None:
         """Every live ``get_attr`` reads the tensor its rule gave it: a name two rules bound to different tensors
         (the later write supersedes the earlier only where the earlier reader is dead) is a rule's failure, not
@@ -210,11 +208,15 @@ class Rewriter:
             if bound is None:
                 continue
             held = self.attrs[n.target][0]
-            if held is not bound[0] and not (isinstance(held, torch.Tensor) and isinstance(bound[0], torch.Tensor)
-                                             and held.shape == bound[0].shape and held.dtype == bound[0].dtype
-                                             and torch.equal(held, bound[0])):
+            if held is not bound[0] and not _same_value(held, bound[0]):
                 raise RuleFailure(bound[1], f"the rewrite of node {bound[1]} named a new tensor {n.target!r}, "
                                             "which another rewrite gave another tensor")
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Two tensors of one shape and dtype, equal in every element."""
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
+        and a.dtype == b.dtype and torch.equal(a, b)
 
 
 def _view_as_reshape(n: fx.Node) -> None:

@@ -271,7 +271,8 @@ def recognize_patterns(gm: fx.GraphModule, example_inputs: tuple) -> int:
         propagate_shapes(gm, example_inputs)
     # LayerNorm first: its centred ``d * rsqrt(mean(d ** 2) + eps)`` would also read as an RMSNorm of d
     return (slots + layer_norm_from_pattern(gm, example_inputs) + rms_norm_from_pattern(gm, example_inputs)
-            + rotary_from_pattern(gm, example_inputs) + expert_linear_from_pattern(gm) + padded_sdpa_from_pattern(gm, example_inputs))
+            + rotary_from_pattern(gm, example_inputs) + expert_linear_from_pattern(gm)
+            + padded_sdpa_from_pattern(gm, example_inputs))
 
 
 def fold_constants(gm: fx.GraphModule) -> int:
@@ -661,8 +662,9 @@ def _meta_shape(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
         return torch.empty(tuple(x.shape[:-1]) + (w.shape[0],), dtype=x.dtype, device="meta")
     if target in (F.scaled_dot_product_attention, _aten.scaled_dot_product_attention.default, padded_sdpa):
         q, k, v = (args[i] if len(args) > i else kwargs.get(name) for i, name in enumerate(("query", "key", "value")))
-        if len(args) > (10 if target is padded_sdpa else 6) or kwargs.get("enable_gqa") or not all(isinstance(t, torch.Tensor) and t.dim() >= 2
-                                                                for t in (q, k, v)):
+        positional = 10 if target is padded_sdpa else 6  # (sdpa's scale and enable_gqa are keyword-only)
+        if len(args) > positional or kwargs.get("enable_gqa") or not all(isinstance(t, torch.Tensor) and t.dim() >= 2
+                                                                         for t in (q, k, v)):
             return None  # (grouped heads: the op's own meta kernel)
         mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
         try:  # [..., L, E] x [..., S, E] x [..., S, Ev] -> [broadcast of the leading axes, L, Ev]

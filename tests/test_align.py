@@ -54,6 +54,15 @@ def assert_keeps_more(unaligned: nn.Module, aligned: nn.Module) -> None:
         assert all(y >= x for x, y in zip(s, b[name])), f"{name}: unaligned {s}, aligned {b[name]}"
 
 
+def kernel_shapes(small: nn.Module, *inputs) -> list[list[tuple[int, ...]]]:
+    """The q, k, v shapes each sdpa kernel of ``small`` sees on ``inputs`` (after any run-time padding)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    ShapeProp(small).propagate(*inputs)
+    return [[tuple(a.meta["tensor_meta"].shape) for a in n.args[:3]] for n in small.graph.nodes
+            if "scaled_dot_product_attention" in str(n.target)]
+
+
 def assert_fixpoint(small, inputs, align):
     again = minimize(small, inputs, align=align)
     assert again.sqr_report.rounds == 0, "a second minimize still removed something"
@@ -143,12 +152,9 @@ def test_sdpa_transformer_aligns_per_head_dims_and_stays_rectangular():
         assert s[f"{blk}.attn.o.weight"] == p[f"{blk}.attn.o.weight"]
         assert (p[f"{blk}.mlp.fc1.weight"][0], s[f"{blk}.mlp.fc1.weight"][0]) == (27, 32)
     # the per-head width the attention kernel sees: every head the same, aligned, number of dims
-    from torch.fx.passes.shape_prop import ShapeProp
-    ShapeProp(small).propagate(x)
-    sdpa = [n for n in small.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
-    assert len(sdpa) == 2
-    for n, width in zip(sdpa, (8, 16)):
-        q, k, v = (a.meta["tensor_meta"].shape for a in n.args[:3])
+    kernels = kernel_shapes(small, x)
+    assert len(kernels) == 2
+    for (q, k, v), width in zip(kernels, (8, 16)):
         assert q[1] == k[1] == v[1] == 2 and q[-1] == k[-1] == v[-1] == width
     assert_fixpoint(small, (x,), 8)
 
@@ -178,12 +184,9 @@ def test_torchvision_vit_self_attention_aligns_per_head_widths():
         assert s[f"{blk}.self_attention.out_proj.weight"] == p[f"{blk}.self_attention.out_proj.weight"]
         units = p[f"{blk}.mlp.0.weight"][0]
         assert units % 8 and s[f"{blk}.mlp.0.weight"][0] == -(-units // 8) * 8
-    from torch.fx.passes.shape_prop import ShapeProp
-    ShapeProp(small).propagate(x)
-    sdpa = [n for n in small.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
-    assert len(sdpa) == 2
-    for n, width in zip(sdpa, (8, 16)):
-        q, k, v = (a.meta["tensor_meta"].shape for a in n.args[:3])
+    kernels = kernel_shapes(small, x)
+    assert len(kernels) == 2
+    for (q, k, v), width in zip(kernels, (8, 16)):
         assert q[1] == k[1] == v[1] == 4 and q[-1] == k[-1] == v[-1] == width
     assert small.sqr_report.align_floats > 0  # (the MLP units)
     # the padded attention is plain torch: it scripts and exports like the rest
@@ -354,12 +357,10 @@ def test_hf_bert_heads_align_and_stay_equal():
             name = pre + (f"attention.self.{w}.weight" if w != "output.dense" else "attention.output.dense.weight")
             assert s[name].shape == p[name].shape
         assert (p[pre + "intermediate.dense.weight"].shape[0], s[pre + "intermediate.dense.weight"].shape[0]) == (83, 84)
-    from torch.fx.passes.shape_prop import ShapeProp
-    ShapeProp(small).propagate(x)
-    sdpa = [n for n in small.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
-    assert len(sdpa) == 2
-    for n in sdpa:
-        assert [a.meta["tensor_meta"].shape[1:] for a in n.args[:3]] == [(3, 12, 12)] * 3
+    kernels = kernel_shapes(small, x)
+    assert len(kernels) == 2
+    for shapes in kernels:
+        assert [sh[1:] for sh in shapes] == [(3, 12, 12)] * 3
     for b, t in [(2, 12), (3, 7), (1, 20)]:
         assert_same(m, small, (_ids(b, t, seed=t),), rtol=1e-9)
     assert_fixpoint(small, (x,), 4)

@@ -125,11 +125,12 @@ def inline_helpers(gm: fx.GraphModule, model: Optional[nn.Module] = None, recomp
     originals = _original_params(model)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is padded_sdpa:  # (called with keywords: bound by name)
-            names = list(inspect.signature(padded_sdpa).parameters.values())
-            if len(node.args) <= len(names) and set(node.kwargs) <= {p.name for p in names[len(node.args):]}:
-                bound = list(node.args) + [node.kwargs.get(p.name, p.default) for p in names[len(node.args):]]
-                if not any(b is inspect.Parameter.empty for b in bound):
-                    _trace_into(gm, node, padded_sdpa_ops, tuple(bound))
+            try:
+                bound = inspect.signature(padded_sdpa).bind(*node.args, **node.kwargs)
+            except TypeError:
+                continue
+            bound.apply_defaults()
+            _trace_into(gm, node, padded_sdpa_ops, tuple(bound.args))
             continue
         if node.op != "call_function" or node.kwargs:
             continue

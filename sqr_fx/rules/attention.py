@@ -82,7 +82,8 @@ def _analyze(node: fx.Node, A, a) -> ChanInfo | None:
         return None
     layout = _layout(nzq, _nonzero(T["q_bias"]), nzk, nzv, nzo, H)
     dq, dv = nzq.shape[0] // H, nzv.shape[0] // H
-    if shrinks(layout, H, dq, dv) or kernel_pads(layout, a, dq, dv, A.align) != (a.get("qk_pad", 0), a.get("v_pad", 0)):
+    pads = (a.get("qk_pad", 0), a.get("v_pad", 0))
+    if shrinks(layout, H, dq, dv) or _call_pads(a, layout, dq, dv, A.align) != pads:
         A.local_change(node)  # heads or per-head dims to drop, whatever the channel plan says
     out_val = (_np(bo) if bo is not None else 0.0) + _matvec(T["out_weight"], np.where(v_const, v_val, 0.0))
     return ChanInfo(len(out_s) - 1, out_ids, row_const, np.where(row_const, out_val, 0.0))
@@ -135,16 +136,20 @@ def head_layout(qk_live: np.ndarray, v_live: np.ndarray, H: int, align: int = 1)
     return heads, qdims, vdims, wq_, wv_
 
 
-def kernel_pads(layout, a, dq: int, dv: int, align: int) -> tuple[int, int]:
-    """(q/k, v) zero dims the attention kernel appends to every head at run time for ``align`` > 1: where
-    the call's kernel saw one head dim D for q, k and v (``dq``/``dv``: the stored widths, plus the call's
-    pads ``a``), the kept widths are padded to one width, a multiple of ``align`` (at most D)."""
-    _, _, _, wq_, wv_ = layout
-    D = dq + a.get("qk_pad", 0)
-    if align <= 1 or D != dv + a.get("v_pad", 0):
+def kernel_pads(kernel: tuple[int, int], wq: int, wv: int, align: int) -> tuple[int, int]:
+    """(q/k, v) zero dims an attention kernel appends to every head at run time for ``align`` > 1: where the
+    kernel saw one head dim D for q, k and v (``kernel``: its q/k and v widths, the stored ones plus the call's
+    pads), the kept widths ``wq`` / ``wv`` are padded to one width, a multiple of ``align`` (at most D)."""
+    if align <= 1 or kernel[0] != kernel[1]:
         return 0, 0
-    width = min(-(-max(wq_, wv_) // align) * align, D)
-    return width - wq_, width - wv_
+    width = min(-(-max(wq, wv) // align) * align, kernel[0])
+    return width - wq, width - wv
+
+
+def _call_pads(a, layout, dq: int, dv: int, align: int) -> tuple[int, int]:
+    """:func:`kernel_pads` of a ``self_attention`` call (``a``) with stored per-head widths ``dq`` / ``dv``."""
+    kernel = (dq + a.get("qk_pad", 0), dv + a.get("v_pad", 0))
+    return kernel_pads(kernel, layout[3], layout[4], align)
 
 
 def shrinks(layout, H: int, dq: int, dv: int) -> bool:
@@ -192,7 +197,7 @@ def _rewrite(node: fx.Node, R, a) -> fx.Node:
     H = int(a["num_heads"])
     layout = _layout(nzq, bias64["q"] != 0, nzk, nzv, nzo, H)  # (the stored widths: minimal)
     heads, qdims, vdims, wq_, wv_ = layout
-    pads = kernel_pads(layout, a, T["q_weight"].shape[0] // H, T["v_weight"].shape[0] // H, R.plan.align)
+    pads = _call_pads(a, layout, T["q_weight"].shape[0] // H, T["v_weight"].shape[0] // H, R.plan.align)
     b = {p: torch.as_tensor(bias64[p]).to(dtype) for p in _PROJ}
     Wq2, bq2 = pack_rows(T["q_weight"], b["q"], qdims, wq_)
     Wk2, bk2 = pack_rows(T["k_weight"], b["k"], qdims, wq_)

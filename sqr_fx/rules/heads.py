@@ -39,6 +39,7 @@ from torch import fx
 
 from ..attention import padded_sdpa
 from ..values import ChanInfo
+from .attention import kernel_pads
 from .registry import method, op_name, rule
 from .shape import head_widths, kept_copies
 
@@ -46,15 +47,6 @@ aten = torch.ops.aten
 
 _NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa", "qk_pad", "v_pad")
 _PADS = ("qk_pad", "v_pad")
-
-
-def _kernel_pads(kernel: tuple[int, int], wq: int, wv: int, align: int) -> tuple[int, int]:
-    """(q/k, v) zero dims appended per head at run time: where the kernel saw one head dim D for q, k and v
-    (``kernel``: its widths), the kept widths ``wq``/``wv`` padded to one, a multiple of ``align`` (<= D)."""
-    if align <= 1 or kernel[0] != kernel[1]:
-        return 0, 0
-    width = min(-(-max(wq, wv) // align) * align, kernel[0])
-    return width - wq, width - wv
 
 
 def _as_heads(info: ChanInfo | None, shape, at: int = -1) -> ChanInfo | None:
@@ -119,7 +111,7 @@ def _rewrite(node: fx.Node, R, a):
     iq, iv = node.meta.get("sqr_fx.sdpa_heads", (None, None))
     if out is None:
         return R.copy(node)
-    pads = _kernel_pads(node.meta["sqr_fx.sdpa_kernel"], head_widths(R.keep(iq), iq)[1],
+    pads = kernel_pads(node.meta["sqr_fx.sdpa_kernel"], head_widths(R.keep(iq), iq)[1],
                         head_widths(R.keep(iv), iv)[1], R.plan.align)
     if R.keep(iq).all() and R.keep(iv).all() and pads == tuple(a.get(p, 0) for p in _PADS):
         return R.copy(node)
@@ -202,9 +194,9 @@ def sdpa(node: fx.Node, A, a) -> ChanInfo | None:
     node.meta["sqr_fx.sdpa_d"], node.meta["sqr_fx.sdpa_kernel"] = kernel[0], kernel
     node.meta["sqr_fx.sdpa_heads"] = (iq, iv)
     out = _attend(node, A, iq, ik, v, iv, masked=mask is not None, out=iv if gqa else None)
-    if kernel[0] == kernel[1]:  # one head dim for q, k and v: align pads it at run time (``_kernel_pads``)
+    if kernel[0] == kernel[1]:  # one head dim for q, k and v: align pads it at run time (``kernel_pads``)
         A.kernel_heads(iq, ik, iv)
-    if _kernel_pads(kernel, sq[-1], sv[-1], A.align) != tuple(a.get(p, 0) for p in _PADS):
+    if kernel_pads(kernel, sq[-1], sv[-1], A.align) != tuple(a.get(p, 0) for p in _PADS):
         A.local_change(node)  # the run-time padding changes even where no dim goes
     return out
 

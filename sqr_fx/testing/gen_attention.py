@@ -125,8 +125,8 @@ def attention(c: Ctx, st: State) -> State:
     fill = c.buffer(torch.ones(T, T, dtype=torch.bool).triu(1), "fill") if core == "manual_fill" else None
     scale = 0.3 if core == "sdpa_scale" else 1.0 / math.sqrt(D)
     # sqr_fx's own padded form (what align=N emits), keywords or positions
-    pads = c.pick("pads", [None, (0, 0, "kw"), (1, 1, "kw"), (2, 0, "pos"), (0, 3, "kw"), (1, 2, "pos"),
-                           (2, 2, "written"), (1, 3, "written_int"), (0, 2, "written")]) if core == "sdpa_scale" else None
+    pads = c.pick("pads", [None, (0, 0, "kw"), (1, 1, "kw"), (2, 0, "pos"), (0, 3, "kw"), (1, 2, "pos"), (2, 2, "written"),
+                           (1, 3, "written_int"), (0, 2, "written")]) if core == "sdpa_scale" else None
     matmul = {"op": lambda x, y: x @ y, "torch": torch.matmul, "method": lambda x, y: x.matmul(y)}.get(mm)
     softmax = {"F": lambda s: F.softmax(s, dim=-1), "torch": lambda s: torch.softmax(s, -1),
                "method": lambda s: s.softmax(-1)}.get(sm)
