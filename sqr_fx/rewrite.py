@@ -23,7 +23,7 @@ from .analysis import Plan
 from .normalize import OUT_OF_PLACE_OPERATORS
 from .rules import lookup
 from .rules.registry import _functional_overload
-from .trace import fetch_attr
+from .trace import fetch_attr, lazy_graph_module
 from .values import META_KEY, ChanInfo
 
 __all__ = ["Rewriter", "rewrite", "RuleFailure"]
@@ -194,8 +194,8 @@ class Rewriter:
         emitted = [n.target for n in self.graph.nodes if n.op in ("get_attr", "call_module")]
         self.graph.eliminate_dead_code(is_impure_node=_impure)
         self._check_names()
-        # the new module takes only what the live graph reads, and compiles once
-        gm = fx.GraphModule(root, self.graph, class_name=type(self.old).__name__)
+        # the new module takes only what the live graph reads, and compiles once, when it is first run
+        gm = lazy_graph_module(root, self.graph, class_name=type(self.old).__name__)
         _order_like(gm, emitted)
         return gm.train(self.old.training)
 

@@ -281,6 +281,45 @@ def fold_constants(gm: fx.GraphModule) -> int:
     return fold(gm)
 
 
+# ---- one compile per pass ------------------------------------------------------------------------------
+# The pass edits and rebuilds graphs several times (trace, in-place resolution, one rewrite per round) but
+# runs them only through interpreters: their Python code is needed once, on the result. Inside the pass they
+# are torch's ``_LazyGraphModule``, which compiles on first call (or ``.code``) instead of on every edit;
+# :func:`compiled` makes the result an ordinary ``GraphModule`` (jit.script refuses the lazy class).
+try:
+    from torch.fx._lazy_graph_module import _LazyGraphModule, _use_lazy_graph_module
+except ImportError:  # pragma: no cover - an older torch: every module compiles eagerly
+    _LazyGraphModule = None
+
+
+def lazy_graph_module(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """``fx.GraphModule(root, graph, class_name)``, compiled on first call (see above)."""
+    cls = _LazyGraphModule if _LazyGraphModule is not None else fx.GraphModule
+    return cls(root, graph, class_name=class_name)
+
+
+def _lazily(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` with the GraphModules torch makes inside it lazy (``symbolic_trace``'s)."""
+    if _LazyGraphModule is None:
+        return fn(*args, **kwargs)
+    with _use_lazy_graph_module(True):
+        return fn(*args, **kwargs)
+
+
+def compiled(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` as an ordinary ``GraphModule``, its code generated from its graph as it is now. A lazy one
+    becomes a plain one over the same modules, tensors and graph (its ``__dict__``, so non-persistent
+    buffers, hooks and container types stay as they are); a plain one is recompiled in place."""
+    if _LazyGraphModule is None or not isinstance(gm, _LazyGraphModule):
+        gm.recompile()
+        return gm
+    out = fx.GraphModule.__new__(fx.GraphModule)  # (its own class, as every GraphModule has)
+    out.__dict__.update(gm.__dict__)
+    type(out).__name__ = type(gm).__name__
+    out.graph = gm.graph  # (the setter owns the graph and compiles it)
+    return out
+
+
 _SPECIALIZED = (type(None), bool, int, float, str)
 
 
@@ -295,13 +334,13 @@ def _trace_at_defaults(model: nn.Module, n_inputs: int) -> fx.GraphModule:
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
-        return fx.symbolic_trace(model)
+        return _lazily(fx.symbolic_trace, model)
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     fixed = {p.name: p.default for p in params[n_inputs:]
              if p.kind in named and type(p.default) in _SPECIALIZED}
     if not fixed or any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
-        return fx.symbolic_trace(model)
-    gm = fx.symbolic_trace(model, concrete_args=fixed)
+        return _lazily(fx.symbolic_trace, model)
+    gm = _lazily(fx.symbolic_trace, model, concrete_args=fixed)
     order = [p.name for p in params if p.kind in named]
     for node, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"], order):
         node.target = name  # FX renames a fixed argument (``attn_mask_1``): callers use the original name
@@ -502,7 +541,7 @@ class _NamingShapeProp(fx.Interpreter):
             nonlocal found
             if isinstance(x, torch.Tensor):
                 found = True
-                return _extract_tensor_metadata(x)
+                return _extract_tensor_metadata(x, include_contiguity=False)  # (3 stride checks a tensor: unused)
             return x
 
         tensor_meta = fx.node.map_aggregate(result, meta)

@@ -55,6 +55,7 @@ from torch import fx, nn
 from .common import _original_params, sqr_fx_references
 from .guards import _picklable_guards
 from .inline import inline_helpers
+from ..trace import compiled
 from .modules import _fold_biases_to_buffers, restore_modules
 from .ops import (group_norm_ops, layer_norm_ops, ones_map_ops, rms_norm_ops, rotary_interleaved_ops, rotary_ops,
                   self_attention_ops, window_attention_ops)
@@ -80,7 +81,7 @@ def finish(gm: fx.GraphModule, model: Optional[nn.Module] = None, *, portable: b
     _picklable_guards(gm)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
-    gm.recompile()
+    gm = compiled(gm)  # (the pass's graph modules compile lazily: this is the result's one compile)
     # the function minimize preserves is the eval-mode one (a graph from torch.export may say
     # training=True: it was traced in eval form): the result is returned in eval mode
     return gm.eval()
