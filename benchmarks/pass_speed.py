@@ -6,7 +6,8 @@ propagation forward at the example size, a copy of the graph and a recompile. Pe
 floor's and ``minimize(..., verify=False)``'s CPU seconds (medians of ``--repeats``, interleaved in
 one process) and their ratio; the self-check's seconds (``report.verify_seconds`` of one
 ``verify=True`` run) separately; the peak RSS of one ``verify=False`` run in a fresh process
-(``resource.getrusage``, with the RSS after building the model for scale). Then a depth series: a
+(``resource.getrusage``, with the RSS after building the model for scale); the pass's CPU seconds by phase
+(``report.phase_seconds`` of the last run). Then a depth series: a
 Linear/ReLU chain of 64 ... 512 blocks (width 64, a quarter of the units planted dead).
 Prints a table and writes ``benchmarks/results/pass_speed.json``.
 
@@ -80,7 +81,7 @@ def measure(name: str, repeats: int, self_check: bool) -> dict:
         passes.append(t)
     row = {"model": name, "floor_s": statistics.median(floors), "minimize_s": statistics.median(passes),
            "floor_runs": floors, "minimize_runs": passes, "size_ratio": small.sqr_report.ratio,
-           "rounds": small.sqr_report.rounds}
+           "rounds": small.sqr_report.rounds, "phases_s": dict(small.sqr_report.phase_seconds)}
     row["ratio"] = row["minimize_s"] / row["floor_s"]
     if self_check:
         checked = sqr_fx.minimize(model, (x,), verify=True)
@@ -158,6 +159,7 @@ def main(argv=None) -> None:
         v = f"{r['verify_s']:>6.2f}s" if "verify_s" in r else f"{'-':>7}"
         mem = f"{r['model_rss_mib']:>6.0f} MiB {r['run_peak_rss_mib']:>5.0f} MiB" if rss else ""
         print(f"{name:<14} {r['floor_s']:>6.3f}s {r['minimize_s']:>8.3f}s {r['ratio']:>5.1f}x {v} {mem}")
+        print(f"{'':<14} CPU s by phase (last run): " + ", ".join(f"{k} {t:.3f}" for k, t in r["phases_s"].items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "cpu_seconds": "time.process_time, one thread, medians of interleaved runs in one process",

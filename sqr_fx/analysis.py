@@ -433,9 +433,15 @@ class Analysis:
     # Keeping a removable group is always exact: a constant one is simply not folded, an unused one
     # is read by no kept reader whatever it holds. The steps below only ever keep more.
     def _keep_one_channel(self, removed: np.ndarray, root_of: np.ndarray) -> bool:
-        """No tensor loses every channel (torch ops reject zero-width inputs): keep its first group."""
+        """No tensor loses every channel (torch ops reject zero-width inputs): keep its first group.
+
+        Tensors are visited in the order of the data flow, the graph's own tensors (``get_attr``) last: they share
+        their groups with the activations they meet, and where a graph places them is not part of its function
+        (a result traced again has them elsewhere). So a rewritten graph makes the same choices again: the
+        first kept group of each tensor is the one chosen before, and the result is a fixpoint."""
         changed = False
-        for node in self.gm.graph.nodes:
+        nodes = self.gm.graph.nodes
+        for node in chain((n for n in nodes if n.op != "get_attr"), (n for n in nodes if n.op == "get_attr")):
             i = node.meta.get(META_KEY)
             if i is not None and len(i) and removed[root_of[i.ids]].all():
                 removed[root_of[i.ids[0]]] = False

@@ -7,6 +7,7 @@ outputs unread, so rounds repeat until a plan removes nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import gc
@@ -87,6 +88,21 @@ def _record(gm: fx.GraphModule, plan: Plan, rows: dict[str, LayerRow]) -> int:
         if is_input and node.meta.get(META_KEY) is not None:
             dropped += int(plan.removed_at(node.meta[META_KEY]).sum())
     return dropped
+
+
+class _Phases:
+    """``with phase("name"):`` adds the block's CPU seconds (``time.process_time``) to ``seconds["name"]``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.process_time() - t0
 
 
 def _older_objects_frozen(fn: Callable) -> Callable:
@@ -194,14 +210,16 @@ def minimize(
     if isinstance(example_inputs, dict):  # keyword inputs, as torch.export takes them
         model, example_inputs = keyword_adapter(model, example_inputs)
     example_inputs = _check_inputs(example_inputs)
-    gm, frontend = to_graph(model, example_inputs, strict=strict)
+    phase = _Phases()
+    with phase("trace"):
+        gm, frontend = to_graph(model, example_inputs, strict=strict)
     rows: dict[str, LayerRow] = {}
     for node, a in _weighted_nodes(gm):
         shape, n = _layer_params(gm, a)
         fam = lookup(node, gm)[0].family
         rows[a["weight"].target] = LayerRow(a["weight"].target.rsplit(".", 1)[0], fam, shape, params_before=n)
     report = MinimizeReport(frontend, params_before=count_parameters(model), floats_before=count_stored_floats(model),
-                            align=align)
+                            align=align, phase_seconds=phase.seconds)
     frozen: list[str] = []
     traced = gm
     set_aside: set[str] = set()  # nodes whose rule failed: frozen in every later analysis
@@ -212,7 +230,8 @@ def minimize(
     for _ in range(max_rounds):
         try:
             if gm is not shaped:  # a rewritten graph: shapes from meta tensors, no real forward
-                propagate_shapes_meta(gm, example_inputs)
+                with phase("shapes"):
+                    propagate_shapes_meta(gm, example_inputs)
                 shaped = gm
         except ShapeFailure as e:
             if previous is None:
@@ -232,9 +251,11 @@ def minimize(
         for node in gm.graph.nodes:
             if node.name in set_aside:
                 node.meta[OPAQUE] = True
-        analysis = Analysis(gm, strict=strict, drop_inputs=drop_inputs, example_inputs=other_sizes,
-                            align=align, gqa_heads=gqa_heads).run()
-        plan = analysis.plan()
+        with phase("analysis"):
+            analysis = Analysis(gm, strict=strict, drop_inputs=drop_inputs, example_inputs=other_sizes,
+                                align=align, gqa_heads=gqa_heads).run()
+        with phase("plan"):
+            plan = analysis.plan()
         frozen = plan.frozen_nodes
         report.declined = plan.declined
         report.tied_tensors = sorted(analysis.tied)
@@ -244,7 +265,8 @@ def minimize(
                 report.align_floats = _alignment_cost(gm, plan, rows)
             break
         try:
-            new = rewrite(gm, plan)
+            with phase("rewrite"):
+                new = rewrite(gm, plan)
         except RuleFailure as e:  # the rule could not emit its node: redo this round with it frozen
             if strict or e.node in set_aside:
                 raise SqrFxError(str(e)) from e.__cause__
@@ -266,7 +288,8 @@ def minimize(
     if changed:  # (the front end runs the model's forward on a copy that shares its parameters)
         raise SqrFxError(f"the model's forward writes into its parameters in place ({', '.join(changed[:3])}): "
                          "its function changes with every call, so no smaller model computes it")
-    gm = finish(gm, model, portable=portable)  # modules, train/eval, fold buffers, torch-only graph (sqr_fx/portable/)
+    with phase("finish"):
+        gm = finish(gm, model, portable=portable)  # modules, train/eval, fold buffers, torch-only graph (sqr_fx/portable/)
     report.params_after, report.floats_after = count_parameters(gm), count_stored_floats(gm)
     report.frozen_ops = frozen
     if verify:

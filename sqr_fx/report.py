@@ -47,6 +47,10 @@ class MinimizeReport:
     verified_on: list[str] = field(default_factory=list)  # input variants the self-check compared
     fixed_shapes: list[str] = field(default_factory=list)  # variants the traced program itself refuses
     verify_seconds: float = 0.0  # CPU seconds of the self-check
+    #: CPU seconds per phase of the pass: ``trace`` (front end: trace, normalization, and the trace check's run of
+    #: the model and of the graph on the example inputs), ``shapes`` (meta-tensor shapes of rewritten graphs),
+    #: ``analysis`` (every round's, with its other-size shape runs), ``plan``, ``rewrite``, ``finish``
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     set_aside: list[str] = field(default_factory=list)  # rules that failed to rewrite their node: frozen
     align: int = 1  # minimize(..., align=N): every reduced width a multiple of N
     align_floats: int = 0  # stored floats the alignment keeps (one unaligned rewrite of the result smaller)
@@ -105,6 +109,8 @@ class MinimizeReport:
         if self.declined:
             shown = "; ".join(self.declined[:6]) + (" ..." if len(self.declined) > 6 else "")
             lines.append(f"ops outside their rule's preconditions (their channels kept): {shown}")
+        if self.phase_seconds:
+            lines.append("CPU seconds by phase: " + ", ".join(f"{k} {v:.2f}" for k, v in self.phase_seconds.items()))
         if self.verified_on:
             lines.append(f"self-check passed on: {'; '.join(self.verified_on)} ({self.verify_seconds:.2f} s CPU)")
         if self.fixed_shapes:

@@ -457,3 +457,64 @@ def test_an_aten_group_norm_stays_functional_where_nn_group_norm_would_refuse_th
     s = minimize(ep, (_x(2, 3, 1),))
     x = _x(1, 3, 1, seed=1)
     torch.testing.assert_close(s(x), ep(x), rtol=RTOL, atol=ATOL)
+
+
+class _Scaled(nn.Module):
+    """A container of its own type with a non-persistent buffer, read through ``get_attr``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("scale", torch.full((3,), 2.0), persistent=False)
+
+
+def test_the_pass_compiles_once_and_returns_a_plain_graph_module():
+    """Inside the pass graph modules compile lazily (torch's ``_LazyGraphModule``); ``compiled`` turns the
+    result into an ordinary GraphModule over the SAME modules: container types, non-persistent buffers and
+    the graph stay, the code is the graph's as it is now, and it scripts and pickles."""
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    from sqr_fx.trace import compiled, lazy_graph_module
+
+    root = nn.Module()
+    root.c = _Scaled()
+    g = fx.Graph()
+    x = g.placeholder("x")
+    y = g.call_function(F.linear, (x, g.get_attr("c.lin.weight"), g.get_attr("c.lin.bias")))
+    g.output(g.call_function(torch.mul, (y, g.get_attr("c.scale"))))
+    lazy = lazy_graph_module(root, g, "Net")
+    assert isinstance(lazy, _LazyGraphModule)
+    lazy.c = root.c  # (GraphModule's constructor copies containers as plain Modules: the pass installs its own)
+    with g.inserting_before(g.output_node()):  # an edit after construction: the code must follow it
+        z = g.call_function(torch.relu, (g.output_node().args[0],))
+    g.output_node().args = (z,)
+    lazy.recompile()
+    out = compiled(lazy)
+    assert type(out).__name__ == "Net" and not isinstance(out, _LazyGraphModule)
+    assert type(out.c) is _Scaled and out.c.lin is root.c.lin and out.graph is g
+    assert "scale" not in out.state_dict() and "c.scale" not in out.state_dict()
+    assert "relu" in out.code
+    inp = torch.randn(2, 4)
+    want = torch.relu(F.linear(inp, root.c.lin.weight, root.c.lin.bias) * 2)
+    torch.testing.assert_close(out(inp), want)
+    torch.testing.assert_close(torch.jit.script(out)(inp), want)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(out))(inp), want)
+
+    m = masked_torchvision("resnet18")
+    small = minimize(m, (torch.randn(1, 3, 64, 64, dtype=torch.float64),))
+    assert not isinstance(small, _LazyGraphModule) and isinstance(small, fx.GraphModule)
+    assert type(small).forward is not _LazyGraphModule._lazy_forward
+
+
+def test_the_report_gives_the_pass_cpu_seconds_by_phase():
+    import time
+
+    m = masked_torchvision("resnet18")
+    t0 = time.process_time()
+    small = minimize(m, (torch.randn(1, 3, 64, 64, dtype=torch.float64),), verify=False)
+    total = time.process_time() - t0
+    ph = small.sqr_report.phase_seconds
+    assert small.sqr_report.rounds >= 1
+    assert {"trace", "analysis", "plan", "rewrite", "shapes", "finish"} <= set(ph)
+    assert all(v >= 0 for v in ph.values()) and ph["trace"] > 0 and sum(ph.values()) <= total
+    assert "CPU seconds by phase: trace" in str(small.sqr_report)
