@@ -52,10 +52,10 @@ from typing import Optional
 
 from torch import fx, nn
 
+from ..trace import compiled
 from .common import _original_params, sqr_fx_references
 from .guards import _picklable_guards
 from .inline import inline_helpers
-from ..trace import compiled
 from .modules import _fold_biases_to_buffers, restore_modules
 from .ops import (group_norm_ops, layer_norm_ops, ones_map_ops, rms_norm_ops, rotary_interleaved_ops, rotary_ops,
                   self_attention_ops, window_attention_ops)
