@@ -809,6 +809,35 @@ def test_channels_last_input_axis_is_not_gathered():
     minimize_exact(m, [(torch.randn(2, 4, 4, 5, dtype=torch.float64),), (torch.randn(2, 7, 8, 5, dtype=torch.float64),)])
 
 
+
+class SignalAttention(nn.Module):
+    """An unbatched [C, L] signal, its last step cropped, attended over time and averaged: the output's shape
+    does not depend on L, its value does."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(7, 1)
+
+    def forward(self, x):
+        y = x[:, :-1].t()
+        return self.mha(y, y, y)[0].mean(0)
+
+
+def test_signal_axis_is_not_gathered_when_the_front_end_rewrites_a_module():
+    """Input axis 1 of a [C, L] signal is time, which the model takes at any length: the front end probes that
+    on its copy of the model. It used to probe after making the attention functional, which takes
+    ``in_proj_weight`` off the copy's module: the probe failed, axis 1 counted as channels, and the unread last
+    step was gathered away by position: at another length the result averaged 8 fixed steps (silently wrong
+    with ``verify=False``; fuzz run 17, case 2020006721)."""
+    torch.manual_seed(0)
+    m = SignalAttention().double().eval()
+    x9, x12 = (torch.randn(7, n, dtype=torch.float64) for n in (9, 12))
+    s = minimize(m, (x9,), verify=False)
+    assert s.sqr_report.input_features_dropped == 0
+    check_equivalence(m, s, (x12,))
+    check_equivalence(m, minimize(m, (x9,)), (x12,))
+
+
 # ---- found by the long fuzz run ---------------------------------------------------------------------
 class DimRead(nn.Module):
     """x.dim() reads the graph input: the input gather must still be recognized (no new gather per round)."""

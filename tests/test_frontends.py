@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+import torchvision
+from torch import fx, nn
 from torch.nn.utils import parametrize, prune
 
 from sqr_fx import check_equivalence, minimize
@@ -136,3 +137,55 @@ def test_lower_precision_has_its_own_tolerance(dtype, tol):
     s = minimize(m, (x,))
     assert next(s.parameters()).dtype == dtype
     check_equivalence(m, s, (x,), rtol=tol, atol=tol)
+
+
+def _same_copy(a, b, path="model"):
+    """``b`` is a deep copy of ``a`` as ``copy.deepcopy`` makes it: same types and state, nothing shared
+    (a GraphModule has a class of its own per instance: the same base)."""
+    assert type(a) is type(b) or (isinstance(a, fx.GraphModule) and type(a).__bases__ == type(b).__bases__), path
+    if isinstance(a, nn.Module):
+        assert a is not b and list(vars(a)) == list(vars(b)), path
+        for k in vars(a):
+            _same_copy(vars(a)[k], vars(b)[k], f"{path}.{k}")
+    elif isinstance(a, dict):
+        assert a is not b and list(a) == list(b), path
+        for k in a:
+            _same_copy(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b) and (a is not b or isinstance(a, tuple)), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_copy(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr() and type(a) is type(b), path
+    elif isinstance(a, (set, int, float, str, bool, type(None), torch.dtype, torch.device)):
+        assert a == b, path
+
+
+def test_the_private_copy_is_a_deep_copy():
+    """``trace.deepcopy_modules`` copies plain modules without ``copy``'s generic path: the same tree as
+    ``copy.deepcopy`` (types, every attribute, hooks, aliasing between modules and tables), sharing nothing
+    mutable with the original; classes that customise copying (a parametrized layer, a GraphModule) go
+    through ``copy.deepcopy`` itself."""
+    from sqr_fx.trace import deepcopy_modules
+
+    class Mask(nn.Module):
+        def forward(self, w):
+            return w * 1.0
+
+    shared = nn.Linear(3, 3)
+    m = nn.Sequential(shared, nn.ReLU(), shared, nn.BatchNorm1d(3), torchvision.models.resnet18(num_classes=3))
+    m.notes = {"calls": [1, 2]}
+    m.also = m.notes  # one dict under two names
+    m[1].register_forward_hook(lambda mod, i, o: o)
+    parametrize.register_parametrization(m[3], "weight", Mask())
+    m.traced = fx.symbolic_trace(nn.Sequential(nn.Linear(3, 3)))
+    ref, got = copy.deepcopy(m), deepcopy_modules(m, {})
+    _same_copy(ref, got)
+    assert got[0] is got[2] and got.notes is got.also and got.notes is not m.notes
+    assert len(got[1]._forward_hooks) == 1 and got[1]._forward_hooks is not m[1]._forward_hooks
+    assert type(got[3]) is type(m[3]) and parametrize.is_parametrized(got[3], "weight")
+    got.notes["calls"].append(3)
+    got[1]._forward_pre_hooks[0] = print
+    assert m.notes == {"calls": [1, 2]} and not m[1]._forward_pre_hooks
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(got.traced(x), m.traced(x))

@@ -159,6 +159,8 @@ def test_generators_build_on_the_states_they_claim(produced):
 # minimal recipes of what the long fuzz runs found (benchmarks/results/fuzz_long.txt), rebuilt from their
 # printed Case (a seed alone regenerates another graph once generators are added)
 LONG_RUN_FINDS = {
+    "an unbatched signal's time axis gathered as input channels: the axis-1 probe ran on a copy whose MHA the front end had made functional (session 10, run 17)":
+        "Case(seed=2020006721, layout='sig', C=7, sp=(9,), batched=False, B=3, alt_B=6, grow=3, frontend='fx', outputs=1, ops=[ Op('slice', 1282370754, {'what': 'sp_crop', 'axis': 0, 'crop': slice(None, -1, None)}), Op('permute', 1486309561, {'form': 'torch_t'}), Op('mha', 79850387, {'heads': 1, 'form': 'unpack', 'plant': 'none'}), ])",
     "keep-one-channel chose by where get_attr nodes sit, which a result traced again changes (session 10, run 16)":
         "Case(seed=9191028019, layout='vol', C=5, sp=(4, 4, 4), batched=True, B=3, alt_B=1, grow=3, frontend='export', outputs=1, ops=[ Op('cat', 157362343, {'what': 'dense', 'form': 'cat_tuple', 'dim': -4, 'a': 5, 'branch1': 'nn3', 'plant1': 'none'}), Op('split', 1795191301, {'along': 'ch', 'form': 'with_sizes', 'c1': 4, 'dim': 1, 'then': 'cat_swapped'}), Op('batch_norm', 912750801, {'form': 'nn_noaffine', 'gamma0': False, 'eps': 1e-05}), Op('conv', 1536800697, {'form': 'nn', 'groups': 1, 'out': 5, 'k': 1, 'stride': 1, 'dil': 1, 'pad': 2, 'bias': True, 'plant': 'none', 'tuple': True, 'mask': None}), Op('conv', 1069342383, {'form': 'F', 'groups': 1, 'out': 1, 'k': 2, 'stride': 2, 'dil': 2, 'pad': 1, 'bias': True, 'plant': 'rc+rand'}), ])",
     "two functional Swin calls whose qkv tensors live in one module got one name for their q/k/v (session 9, run 14)":
