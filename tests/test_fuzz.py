@@ -159,6 +159,8 @@ def test_generators_build_on_the_states_they_claim(produced):
 # minimal recipes of what the long fuzz runs found (benchmarks/results/fuzz_long.txt), rebuilt from their
 # printed Case (a seed alone regenerates another graph once generators are added)
 LONG_RUN_FINDS = {
+    "an in-place aten op written out of place with the overload of the same name, not the same arguments (aten.pow_.Scalar -> pow.Scalar; session 10, run 18: a contained crash)":
+        "Case(seed=5050018135, layout='seq', C=3, sp=(6,), batched=True, B=2, alt_B=5, grow=3, frontend='fx', outputs=1, ops=[ Op('linear', 1826919534, {'form': 'F_bias_kw', 'out': 3, 'bias': False, 'plant': 'none'}), Op('binary', 1598296070, {'op': 'sub', 'form': 'torch_alpha', 'rhs': 'param_bcast'}), Op('unary', 1478605686, {'name': 'pow', 'form': 'stmt_'}), Op('slice', 1300523678, {'what': 'ch_step', 'step': slice(1, None, 2)}), ])",
     "an unbatched signal's time axis gathered as input channels: the axis-1 probe ran on a copy whose MHA the front end had made functional (session 10, run 17)":
         "Case(seed=2020006721, layout='sig', C=7, sp=(9,), batched=False, B=3, alt_B=6, grow=3, frontend='fx', outputs=1, ops=[ Op('slice', 1282370754, {'what': 'sp_crop', 'axis': 0, 'crop': slice(None, -1, None)}), Op('permute', 1486309561, {'form': 'torch_t'}), Op('mha', 79850387, {'heads': 1, 'form': 'unpack', 'plant': 'none'}), ])",
     "keep-one-channel chose by where get_attr nodes sit, which a result traced again changes (session 10, run 16)":

@@ -55,3 +55,23 @@ def test_every_rule_names_its_arguments_by_schema_slot():
         if not ok:
             bad.append(f"{r.family}: {key} names {names}")
     assert not bad, "rules whose argument names do not match the schema slots:\n" + "\n".join(bad)
+
+
+def test_in_place_aten_ops_map_to_the_functional_overload_with_the_same_arguments():
+    """``aten.foo_.X`` is read (and written out of place) as the functional overload whose arguments have the same
+    names AND types, whatever its overload name: ``pow_.Scalar`` is ``pow_(Tensor self, Scalar exponent)``, whose
+    functional form is ``pow.Tensor_Scalar`` (``pow.Scalar`` takes a Scalar base)."""
+    from sqr_fx.rules.registry import _functional_overload
+
+    aten = torch.ops.aten
+    assert _functional_overload(aten.pow_.Scalar) is aten.pow.Tensor_Scalar
+    assert _functional_overload(aten.add_.Tensor) is aten.add.Tensor
+    assert _functional_overload(aten.relu_.default) is aten.relu.default
+    for name in ("pow_", "add_", "mul_", "sub_", "div_", "clamp_", "hardtanh_", "fill_", "masked_fill_", "relu_"):
+        packet = getattr(aten, name)
+        for overload in packet.overloads():
+            op = getattr(packet, overload)
+            f = _functional_overload(op)
+            if f is not None:
+                assert [(a.name, str(a.type)) for a in f._schema.arguments] == \
+                    [(a.name, str(a.type)) for a in op._schema.arguments], (op, f)

@@ -151,7 +151,14 @@ def _functional_overload(op: "torch._ops.OpOverload") -> Optional["torch._ops.Op
     if not name.endswith("_") or name.startswith("_") or not op._schema.is_mutable:
         return None
     packet = getattr(torch.ops.aten, name[:-1], None)
-    func = getattr(packet, op._overloadname, None) if packet is not None else None
-    if func is None or [a.name for a in func._schema.arguments] != [a.name for a in op._schema.arguments]:
+    if packet is None:
         return None
-    return func
+    # the overload with the same arguments, names AND types: overload names do not pair up (``pow_.Scalar`` is
+    # ``pow_(Tensor self, Scalar exponent)``, ``pow.Scalar`` is ``pow(Scalar self, Tensor exponent)``; the
+    # functional form is ``pow.Tensor_Scalar``)
+    want = [(a.name, str(a.type)) for a in op._schema.arguments]
+    for overload in [op._overloadname] + [o for o in packet.overloads() if o != op._overloadname]:
+        func = getattr(packet, overload, None)
+        if func is not None and [(a.name, str(a.type)) for a in func._schema.arguments] == want:
+            return func
+    return None
