@@ -289,7 +289,7 @@ def minimize(
         raise SqrFxError(f"the model's forward writes into its parameters in place ({', '.join(changed[:3])}): "
                          "its function changes with every call, so no smaller model computes it")
     with phase("finish"):
-        gm = finish(gm, model, portable=portable)  # modules, train/eval, fold buffers, torch-only graph (sqr_fx/portable/)
+        gm = finish(gm, model, portable=portable)  # modules, train/eval, fold buffers, torch-only graph (portable/)
     report.params_after, report.floats_after = count_parameters(gm), count_stored_floats(gm)
     report.frozen_ops = frozen
     if verify:

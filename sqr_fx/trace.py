@@ -208,7 +208,8 @@ def deepcopy_modules(obj: Any, memo: dict[int, Any]) -> Any:
     ``__getstate__``/``__setstate__``, ``__new__``, slots or copyreg entry of its own), this does the same
     steps directly: ``cls.__new__``, the memo entry first, every ``__getstate__`` entry deep-copied with the
     shared memo (an empty hook table becomes a new empty table of its type, memoized like deepcopy's, so
-    aliasing stays as it was), child modules likewise, then ``__setstate__``. Anything else goes to ``copy.deepcopy``."""
+    aliasing stays as it was), child modules likewise, then ``__setstate__``. Anything else goes to
+    ``copy.deepcopy``."""
     if not isinstance(obj, nn.Module):
         return copy.deepcopy(obj, memo)
     found = memo.get(id(obj), _NIL)
@@ -477,7 +478,7 @@ def to_graph(model: nn.Module, example_inputs: tuple, strict: bool = False) -> t
                              f"torch.export's program computes another function ({problem})")
         _guard_sizes_of_one(model, gm, example_inputs)
         recognize_patterns(gm, example_inputs)
-    if frontend == "export":  # the inputs the RESULT will accept: the program's (its guards may fix what the model left free)
+    if frontend == "export":  # what the RESULT accepts is the program's (its guards may fix what the model left free)
         varying = _varying_axis1(gm, example_inputs)
     _mark_varying_axis1(gm, varying)
     shared = shared_ties(gm)
