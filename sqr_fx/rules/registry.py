@@ -8,6 +8,7 @@ entry gets ``None`` and the analysis freezes every channel it touches.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -144,8 +145,9 @@ def lookup(node: fx.Node, root: nn.Module) -> Optional[tuple[OpRule, Args]]:
     return r, Args(node, r.names[key])
 
 
+@functools.lru_cache(maxsize=None)  # (asked on every lookup of the node: the search runs once per op)
 def _functional_overload(op: "torch._ops.OpOverload") -> Optional["torch._ops.OpOverload"]:
-    """``aten.foo_.overload`` -> ``aten.foo.overload`` (same argument names). ``resolve_inplace`` has
+    """``aten.foo_.X`` -> the ``aten.foo`` overload with the same argument names and types. ``resolve_inplace`` has
     re-pointed every later reader to the in-place op's output, so it is the functional op on a fresh tensor."""
     name = op._schema.name.split("::")[-1]
     if not name.endswith("_") or name.startswith("_") or not op._schema.is_mutable:
